@@ -39,7 +39,7 @@ def build_info() -> dict[str, Any]:
     """What the native library was built with, and what this process can run.
 
     Keys: ``torch`` (version built against), ``cuda`` (CUDA version compiled for, or None),
-    ``cuda_arch`` (list of CMake CUDA architectures, e.g. ``["80-real", "90"]``), ``compiler``,
+    ``cuda_arch`` (GPU code compiled in, e.g. ``["sm_80", "sm_90", "compute_90"]``: machine code and PTX), ``compiler``,
     ``build_type``, ``library`` (path), ``ops`` (registered ``torch.ops.tbg`` operators) and
     ``cuda_available`` (whether this process sees a GPU the kernels can run on).
     """

@@ -206,7 +206,7 @@ class EGNN(nn.Module):
             return _Flat(x, features, t[molecule_index(mol_ptr)].unsqueeze(1), mol_ptr, None)
         n_mol, n_atoms = x.shape[:2]
         mask = None if node_mask is None else node_mask.reshape(-1, 1).to(x.dtype)
-        return _Flat(x.reshape(-1, 3), features.expand(n_mol, n_atoms, -1).reshape(n_mol * n_atoms, -1),
+        return _Flat(x.reshape(-1, 3), features.expand(n_mol, n_atoms, -1).reshape(n_mol * n_atoms, self.n_features),
                      t.repeat_interleave(n_atoms).unsqueeze(1),
                      torch.arange(n_mol + 1, device=x.device) * n_atoms, mask)
 
