@@ -1,0 +1,127 @@
+"""Importance reweighting of flow samples to the Boltzmann distribution.
+
+For a sample x = flow(z) with exact log-det ``dlogp = int_0^1 div v dt`` the flow density is
+log q(x) = log q0(z) - dlogp, so the unnormalised log importance weight against exp(-u(x)) is
+
+    log w = -u(x) + prior_energy(z) + dlogp          (constants dropped, tbg-model.md)
+
+with u the reduced energy (U / kT) and prior_energy(z) = 0.5 |z - mean z|^2. Everything here works in
+log space (logsumexp) so that weights spanning hundreds of orders of magnitude stay exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "log_importance_weights",
+    "kish_ess",
+    "normalized_weights",
+    "weighted_mean",
+    "clip_log_weights",
+]
+
+
+def _as_tensor(a: Tensor | np.ndarray | list | float, name: str) -> Tensor:
+    t = torch.as_tensor(a)
+    if not (t.is_floating_point()):
+        t = t.to(torch.float64)
+    return t
+
+
+def _check_log_w(log_w: Tensor | np.ndarray) -> Tensor:
+    lw = _as_tensor(log_w, "log_w").to(torch.float64)
+    if lw.dim() != 1:
+        raise ValueError(f"log_w must be 1-D [n], got shape {tuple(lw.shape)}")
+    if torch.isnan(lw).any() or torch.isposinf(lw).any():
+        raise ValueError("log_w contains NaN or +inf; use log_importance_weights to map broken samples to -inf")
+    if lw.numel() == 0 or torch.isneginf(lw).all():
+        raise ValueError("no sample has a positive weight (log_w empty or all -inf)")
+    return lw
+
+
+def log_importance_weights(
+    reduced_energy: Tensor | np.ndarray, prior_energy: Tensor | np.ndarray, dlogp: Tensor | np.ndarray
+) -> Tensor:
+    """log w = -u(x) + prior_energy(z) + dlogp, float64 [n].
+
+    Samples whose reduced energy is +inf or NaN (broken geometry, failed energy evaluation) or whose
+    prior energy / log-det is not finite get log w = -inf, i.e. weight 0.
+    """
+    u = _as_tensor(reduced_energy, "reduced_energy").to(torch.float64).reshape(-1)
+    pe = _as_tensor(prior_energy, "prior_energy").to(torch.float64).reshape(-1)
+    dl = _as_tensor(dlogp, "dlogp").to(torch.float64).reshape(-1)
+    if not (u.shape == pe.shape == dl.shape):
+        raise ValueError(
+            f"shape mismatch: reduced_energy {tuple(u.shape)}, prior_energy {tuple(pe.shape)}, dlogp {tuple(dl.shape)}"
+        )
+    pe, dl = pe.to(u.device), dl.to(u.device)
+    log_w = -u + pe + dl
+    bad = ~torch.isfinite(u) | ~torch.isfinite(pe) | ~torch.isfinite(dl)
+    # u = -inf would give +inf weight: that is an energy bug, not a broken sample -> refuse.
+    if torch.isneginf(u).any():
+        raise ValueError("reduced_energy contains -inf")
+    return torch.where(bad, torch.full_like(log_w, -math.inf), log_w)
+
+
+def normalized_weights(log_w: Tensor | np.ndarray) -> Tensor:
+    """Self-normalised weights w_i / sum_j w_j (float64, sum 1), computed as exp(log_w - logsumexp)."""
+    lw = _check_log_w(log_w)
+    return torch.exp(lw - torch.logsumexp(lw, 0))
+
+
+def kish_ess(log_w: Tensor | np.ndarray) -> float:
+    """Kish effective sample size as a fraction of n: (sum w)^2 / (n sum w^2) in [0, 1].
+
+    Computed as exp(2 lse(log w) - lse(2 log w) - log n). Zero-weight samples (-inf) count in n.
+    """
+    lw = _check_log_w(log_w)
+    n = lw.numel()
+    val = 2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0) - math.log(n)
+    return float(min(1.0, math.exp(float(val))))
+
+
+def weighted_mean(
+    values: Tensor | np.ndarray, log_w: Tensor | np.ndarray
+) -> tuple[float | Tensor, float | Tensor]:
+    """Self-normalised importance-sampling estimate of E_p[f] with its standard error.
+
+    ``values`` is [n] (returns floats) or [n, ...] (returns tensors of shape [...]). The standard error is
+    the delta-method estimate of the self-normalised estimator,
+        se^2 = sum_i wbar_i^2 (f_i - mu)^2,     wbar = normalised weights,
+    which reduces to std/sqrt(n) for uniform weights and grows like 1/sqrt(ESS) otherwise. Samples with
+    weight 0 may carry non-finite values (they are ignored); a non-finite value with positive weight is
+    an error.
+    """
+    wbar = normalized_weights(log_w)
+    f = _as_tensor(values, "values").to(torch.float64).to(wbar.device)
+    if f.shape[:1] != wbar.shape:
+        raise ValueError(f"values has leading dim {tuple(f.shape[:1])}, log_w has {tuple(wbar.shape)}")
+    w = wbar.reshape(-1, *([1] * (f.dim() - 1)))
+    pos = w > 0
+    if (~torch.isfinite(f) & pos).any():
+        raise ValueError("values contains NaN/inf for samples with positive weight")
+    f = torch.where(pos, f, torch.zeros_like(f))
+    mu = (w * f).sum(0)
+    se = torch.sqrt((w**2 * (f - mu) ** 2).sum(0))
+    if f.dim() == 1:
+        return float(mu), float(se)
+    return mu, se
+
+
+def clip_log_weights(log_w: Tensor | np.ndarray, quantile: float = 0.999) -> Tensor:
+    """Clip the largest log weights at their ``quantile`` (among samples with positive weight).
+
+    Trades bias for variance: report the clipped estimate separately from the unclipped one. -inf
+    (zero-weight) entries stay -inf.
+    """
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    lw = _check_log_w(log_w)
+    finite = lw[torch.isfinite(lw)]
+    cap = torch.quantile(finite, quantile)
+    return torch.minimum(lw, cap)
