@@ -1,0 +1,29 @@
+"""Evaluation of generated samples: chemical validity, reweighting diagnostics, free energies, reports."""
+
+from tbg.evaluate.metrics import (
+    backbone_torsions,
+    basin_free_energy_difference,
+    circular_wasserstein,
+    free_energy_profile,
+    wasserstein_1d,
+)
+from tbg.evaluate.plots import FIGURE_PIXELS
+from tbg.evaluate.report import REPORT_FILE, evaluate, summary_table
+from tbg.evaluate.validity import ValidityChecker, ValidityResult, bond_cutoffs, bond_pairs, chirality_signs
+
+__all__ = [
+    "FIGURE_PIXELS",
+    "REPORT_FILE",
+    "ValidityChecker",
+    "ValidityResult",
+    "backbone_torsions",
+    "basin_free_energy_difference",
+    "bond_cutoffs",
+    "bond_pairs",
+    "chirality_signs",
+    "circular_wasserstein",
+    "evaluate",
+    "free_energy_profile",
+    "summary_table",
+    "wasserstein_1d",
+]
