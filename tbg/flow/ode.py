@@ -1,0 +1,187 @@
+"""Integrating the flow dx/dt = v(t, x) with and without its log-determinant.
+
+Everything here is written against the small ``Dynamics`` protocol (``dyn(t, x) -> v`` and
+``dyn.divergence(t, x) -> (v, div)`` with x [B, D], div [B]), so the solver code is tested on toy fields
+with analytic answers and used unchanged on ``tbg.nn.BoundDynamics``.
+
+Two ways to get the exact log-likelihood of x(1) = flow(z):
+
+* ``integrate(..., likelihood=True)`` (published): one ODE on the augmented state (x, l) with
+  dl/dt = div v(t, x); the adaptive solver controls the error of both components, and every function
+  evaluation pays for a divergence.
+* ``decoupled_likelihood``: solve for x alone (cheap evaluations of v only), read x(t) at the K
+  Gauss-Legendre nodes of [t0, t1] from the solver's dense output (torchdiffeq interpolates inside
+  its accepted steps, so asking for these times adds no evaluations), then
+  l = sum_k w_k div v(t_k, x(t_k)): K divergences instead of one per stage. div v along a smooth path is
+  smooth in t, so the quadrature converges fast in K; the residual error is measured in the benchmark.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchdiffeq import odeint
+
+__all__ = [
+    "Dynamics",
+    "SolverConfig",
+    "FlowResult",
+    "integrate",
+    "decoupled_likelihood",
+    "AutogradDivergence",
+    "as_dynamics",
+]
+
+ADAPTIVE = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
+FIXED = ("rk4", "midpoint", "euler")
+
+
+@runtime_checkable
+class Dynamics(Protocol):
+    """A vector field on flat states x [B, D]."""
+
+    def __call__(self, t: Tensor, x: Tensor) -> Tensor: ...
+
+    def divergence(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+class AutogradDivergence:
+    """Wrap a plain field ``f(t, x)`` with an exact divergence by one backward pass per coordinate.
+
+    This is the published method's brute-force trace; it works for any differentiable field (toy fields
+    in tests, custom fields) but costs D backward passes.
+    """
+
+    def __init__(self, field: "callable") -> None:
+        self.field = field
+
+    def __call__(self, t: Tensor, x: Tensor) -> Tensor:
+        return self.field(t, x)
+
+    def divergence(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            v = self.field(t, xr)
+            div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+            for i in range(x.shape[1]):
+                (g,) = torch.autograd.grad(v[:, i].sum(), xr, retain_graph=i + 1 < x.shape[1])
+                div = div + g[:, i]
+        return v.detach(), div.detach()
+
+
+def as_dynamics(dyn: object) -> Dynamics:
+    """``dyn`` itself if it has a ``divergence`` method, else wrapped in ``AutogradDivergence``."""
+    if callable(getattr(dyn, "divergence", None)):
+        return dyn  # type: ignore[return-value]
+    if not callable(dyn):
+        raise TypeError(f"dynamics must be callable as dyn(t, x), got {type(dyn).__name__}")
+    return AutogradDivergence(dyn)
+
+
+@dataclass
+class SolverConfig:
+    """ODE solver options. Adaptive methods use atol/rtol (published: dopri5, 1e-4); fixed-step
+    methods (rk4, midpoint, euler) take ``n_steps`` equal steps."""
+
+    method: str = "dopri5"
+    atol: float = 1e-4
+    rtol: float = 1e-4
+    n_steps: int = 20
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in ADAPTIVE + FIXED:
+            raise ValueError(f"unknown ODE method {self.method!r}; choose from {ADAPTIVE + FIXED}")
+        if self.method in FIXED and self.n_steps < 1:
+            raise ValueError(f"n_steps must be >= 1, got {self.n_steps}")
+        if self.atol <= 0 or self.rtol <= 0:
+            raise ValueError(f"atol and rtol must be positive, got {self.atol}, {self.rtol}")
+
+    def odeint_kwargs(self, t0: float, t1: float) -> dict:
+        if self.method in FIXED:
+            return {"method": self.method, "options": {"step_size": abs(t1 - t0) / self.n_steps, **self.options}}
+        return {"method": self.method, "atol": self.atol, "rtol": self.rtol, "options": dict(self.options)}
+
+
+@dataclass
+class FlowResult:
+    """x(t1) [B, D]; dlogp = int_{t0}^{t1} div v dt [B] (None without likelihood); evaluation counts."""
+
+    x: Tensor
+    dlogp: Tensor | None
+    nfe_velocity: int = 0
+    nfe_divergence: int = 0
+
+
+class _Counted:
+    """The ODE right-hand sides, counting evaluations."""
+
+    def __init__(self, dyn: Dynamics) -> None:
+        self.dyn, self.nfe_velocity, self.nfe_divergence = dyn, 0, 0
+
+    def velocity(self, t: Tensor, x: Tensor) -> Tensor:
+        self.nfe_velocity += 1
+        return self.dyn(t, x)
+
+    def augmented(self, t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        self.nfe_divergence += 1
+        v, div = self.dyn.divergence(t, state[0])
+        return v, div.to(state[1].dtype)
+
+
+def _check_state(x: Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"the flow state must be [B, D], got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("the initial state contains NaN or inf")
+
+
+def integrate(dyn: Dynamics | object, x0: Tensor, *, t0: float = 0.0, t1: float = 1.0, likelihood: bool = True,
+              solver: SolverConfig | None = None) -> FlowResult:
+    """Solve dx/dt = v from t0 to t1 (t1 < t0 integrates backwards), jointly with
+    dlogp = int_{t0}^{t1} div v dt when ``likelihood``. Runs without building autograd graphs."""
+    solver = solver or SolverConfig()
+    _check_state(x0)
+    rhs = _Counted(as_dynamics(dyn) if likelihood else dyn)
+    ts = torch.tensor([t0, t1], dtype=x0.dtype, device=x0.device)
+    kw = solver.odeint_kwargs(t0, t1)
+    with torch.no_grad():
+        if likelihood:
+            l0 = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
+            xs, ls = odeint(rhs.augmented, (x0, l0), ts, **kw)
+            x, dlogp = xs[-1], ls[-1]
+        else:
+            x, dlogp = odeint(rhs.velocity, x0, ts, **kw)[-1], None
+    return FlowResult(x, dlogp, rhs.nfe_velocity, rhs.nfe_divergence)
+
+
+def gauss_legendre(n_nodes: int, t0: float, t1: float) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights of the n-point Gauss-Legendre rule on [t0, t1] (signed: t1 < t0 flips the sign)."""
+    if n_nodes < 1:
+        raise ValueError(f"need at least one quadrature node, got {n_nodes}")
+    u, w = np.polynomial.legendre.leggauss(n_nodes)
+    return t0 + (u + 1) * (t1 - t0) / 2, w * (t1 - t0) / 2
+
+
+def decoupled_likelihood(dyn: Dynamics | object, x0: Tensor, *, n_nodes: int = 16, t0: float = 0.0,
+                         t1: float = 1.0, solver: SolverConfig | None = None) -> FlowResult:
+    """Flow x0 from t0 to t1 and approximate dlogp by Gauss-Legendre quadrature of div v along the
+    solver's dense-output path at ``n_nodes`` nodes (see module docstring)."""
+    solver = solver or SolverConfig()
+    _check_state(x0)
+    rhs = _Counted(as_dynamics(dyn))
+    nodes, weights = gauss_legendre(n_nodes, t0, t1)
+    order = np.argsort(nodes) if t1 > t0 else np.argsort(-nodes)
+    ts = torch.tensor(np.concatenate([[t0], nodes[order], [t1]]), dtype=x0.dtype, device=x0.device)
+    with torch.no_grad():
+        path = odeint(rhs.velocity, x0, ts, **solver.odeint_kwargs(t0, t1))
+        dlogp = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
+        for k, i in enumerate(order):
+            rhs.nfe_divergence += 1
+            _, div = rhs.dyn.divergence(ts[k + 1], path[k + 1])
+            dlogp = dlogp + float(weights[i]) * div.to(dlogp.dtype)
+    return FlowResult(path[-1], dlogp, rhs.nfe_velocity, rhs.nfe_divergence)
