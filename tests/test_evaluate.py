@@ -1,0 +1,375 @@
+"""Validity checks and the one-call report of tbg.evaluate, on alanine dipeptide MD frames."""
+from __future__ import annotations
+
+import json
+import math
+import struct
+import warnings
+from pathlib import Path
+
+import mdtraj as md
+import networkx as nx
+import numpy as np
+import openmm
+import openmm.app as app
+import openmm.unit as unit
+import pytest
+
+from tbg.evaluate import FIGURE_PIXELS, ValidityChecker, bond_pairs, evaluate
+from tbg.evaluate import validity as V
+
+# Alanine dipeptide (Ace-Ala-Nme), 22 atoms, Angstrom.
+ALA2_PDB = """\
+ATOM      1 HH31 ACE     1       2.000   1.000  -0.000  1.00  0.00           H
+ATOM      2  CH3 ACE     1       2.000   2.090   0.000  1.00  0.00           C
+ATOM      3 HH32 ACE     1       1.486   2.454   0.890  1.00  0.00           H
+ATOM      4 HH33 ACE     1       1.486   2.454  -0.890  1.00  0.00           H
+ATOM      5  C   ACE     1       3.427   2.641  -0.000  1.00  0.00           C
+ATOM      6  O   ACE     1       4.391   1.877  -0.000  1.00  0.00           O
+ATOM      7  N   ALA     2       3.555   3.970  -0.000  1.00  0.00           N
+ATOM      8  H   ALA     2       2.733   4.556  -0.000  1.00  0.00           H
+ATOM      9  CA  ALA     2       4.853   4.614  -0.000  1.00  0.00           C
+ATOM     10  HA  ALA     2       5.408   4.316   0.890  1.00  0.00           H
+ATOM     11  CB  ALA     2       5.661   4.221  -1.232  1.00  0.00           C
+ATOM     12  HB1 ALA     2       5.123   4.521  -2.131  1.00  0.00           H
+ATOM     13  HB2 ALA     2       6.630   4.719  -1.206  1.00  0.00           H
+ATOM     14  HB3 ALA     2       5.809   3.141  -1.241  1.00  0.00           H
+ATOM     15  C   ALA     2       4.713   6.129   0.000  1.00  0.00           C
+ATOM     16  O   ALA     2       3.601   6.653   0.000  1.00  0.00           O
+ATOM     17  N   NME     3       5.846   6.835   0.000  1.00  0.00           N
+ATOM     18  H   NME     3       6.737   6.359  -0.000  1.00  0.00           H
+ATOM     19  CH3 NME     3       5.846   8.284   0.000  1.00  0.00           C
+ATOM     20 HH31 NME     3       4.819   8.648   0.000  1.00  0.00           H
+ATOM     21 HH32 NME     3       6.360   8.648   0.890  1.00  0.00           H
+ATOM     22 HH33 NME     3       6.360   8.648  -0.890  1.00  0.00           H
+END
+"""
+TEMPERATURE = 300.0
+
+
+class Ala2:
+    """Topology, reference structure, MD frames and a reduced-energy function of alanine dipeptide."""
+
+    def __init__(self, tmp: Path):
+        path = tmp / "ala2.pdb"
+        path.write_text(ALA2_PDB)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traj = md.load(str(path))
+        self.topology: md.Topology = traj.topology
+        pdb = app.PDBFile(str(path))
+        system = app.ForceField("amber14-all.xml").createSystem(pdb.topology, nonbondedMethod=app.NoCutoff)
+        integrator = openmm.LangevinMiddleIntegrator(TEMPERATURE, 1.0, 0.001)
+        integrator.setRandomNumberSeed(7)
+        sim = app.Simulation(pdb.topology, system, integrator, openmm.Platform.getPlatformByName("CPU"))
+        sim.context.setPositions(pdb.positions)
+        sim.minimizeEnergy()
+        self.reference_nm = sim.context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(
+            unit.nanometer)
+        frames = []
+        for _ in range(120):
+            integrator.step(50)
+            frames.append(sim.context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(
+                unit.nanometer))
+        self.frames = np.asarray(frames)
+        self._context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"))
+        self._kT = (unit.MOLAR_GAS_CONSTANT_R * TEMPERATURE * unit.kelvin).value_in_unit(unit.kilojoule_per_mole)
+
+    def reduced_energy(self, x: np.ndarray) -> np.ndarray:
+        out = np.empty(len(x))
+        for k, pos in enumerate(x):
+            self._context.setPositions(pos)
+            out[k] = self._context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(
+                unit.kilojoule_per_mole) / self._kT
+        return out
+
+    def index(self, residue: str, name: str) -> int:
+        return next(a.index for a in self.topology.atoms if a.residue.name == residue and a.name == name)
+
+
+@pytest.fixture(scope="module")
+def ala2(tmp_path_factory) -> Ala2:
+    return Ala2(tmp_path_factory.mktemp("ala2"))
+
+
+@pytest.fixture(scope="module")
+def checker(ala2) -> ValidityChecker:
+    return ValidityChecker(ala2.topology, ala2.reference_nm)
+
+
+def swapped(x: np.ndarray, *pairs: tuple[int, int]) -> np.ndarray:
+    idx = np.arange(x.shape[-2])
+    for a, b in pairs:
+        idx[a], idx[b] = idx[b], idx[a]
+    return x[..., idx, :]
+
+
+def flip_centre(x: np.ndarray, centre: int, adjacency: np.ndarray, elements: list[str]) -> np.ndarray:
+    """Invert one chirality centre: reflect it and its hydrogens through the plane of its three heavy
+    neighbours. Distances to those neighbours and to its own hydrogens are unchanged, so the bond graph
+    stays the same while the sign of the centre flips."""
+    nbrs = np.flatnonzero(adjacency[centre])
+    heavy = [a for a in nbrs if elements[a] != "H"][:3]
+    hyd = [a for a in nbrs if elements[a] == "H"]
+    p0, p1, p2 = x[heavy]
+    normal = np.cross(p1 - p0, p2 - p0)
+    normal /= np.linalg.norm(normal)
+    y = x.copy()
+    for a in [centre, *hyd]:
+        y[a] = x[a] - 2 * np.dot(x[a] - p0, normal) * normal
+    return y
+
+
+def element_graph(x: np.ndarray, elements: list[str]) -> nx.Graph:
+    g = nx.Graph()
+    g.add_nodes_from((k, {"element": e}) for k, e in enumerate(elements))
+    g.add_edges_from(bond_pairs(x, elements))
+    return g
+
+
+# ---------------------------------------------------------------------------------------------- validity
+def test_md_frames_are_valid(ala2, checker):
+    res = checker.check(ala2.frames)
+    assert res.rate >= 0.99
+    assert not res.mirrored.any()
+    assert res.n_graphs_searched == 0  # all on the fast path
+    np.testing.assert_array_equal(res.permutation[res.valid], np.arange(22)[None].repeat(res.valid.sum(), 0))
+    np.testing.assert_array_equal(res.samples_nm[res.valid], ala2.frames[res.valid])
+
+
+def test_reference_has_one_chiral_centre(ala2, checker):
+    assert checker.chiral_centres.tolist() == [ala2.index("ALA", "CA")]
+
+
+def test_swapped_heavy_atoms_invalid(ala2, checker):
+    x = ala2.frames[0]
+    c_ace, n_ala, o_ace = ala2.index("ACE", "C"), ala2.index("ALA", "N"), ala2.index("ACE", "O")
+    ca, cb = ala2.index("ALA", "CA"), ala2.index("ALA", "CB")
+    samples = np.stack([swapped(x, (c_ace, n_ala)), swapped(x, (o_ace, n_ala)), swapped(x, (ca, n_ala))])
+    res = checker.check(samples)
+    assert not res.valid.any()
+    assert all(r in (V.REASON_GRAPH, V.REASON_HYDROGEN) for r in res.reasons)
+    # Swapping two atoms of the SAME element only relabels the molecule: valid, and put back in order.
+    res = checker.check(swapped(x, (ca, cb))[None])
+    assert res.valid[0] and res.n_graphs_searched == 1
+    np.testing.assert_array_equal(res.samples_nm[0], x)
+
+
+def test_broken_bonds_invalid(ala2, checker):
+    x = ala2.frames[0]
+    cb = ala2.index("ALA", "CB")
+    methyl = [cb, *[ala2.index("ALA", f"HB{k}") for k in (1, 2, 3)]]
+    ca = ala2.index("ALA", "CA")
+    stretched = x.copy()
+    direction = (x[cb] - x[ca]) / np.linalg.norm(x[cb] - x[ca])
+    stretched[methyl] += 0.05 * direction  # CA-CB 0.153 -> 0.203 nm > 0.18
+    h_far = x.copy()
+    h_far[ala2.index("ALA", "HA")] += np.array([0.0, 0.0, 0.08])
+    res = checker.check(np.stack([stretched, h_far]))
+    assert res.valid.tolist() == [False, False]
+    assert res.reasons == [V.REASON_GRAPH, V.REASON_HYDROGEN]
+
+
+def test_mirrored_sample_is_fixed(ala2, checker):
+    x = ala2.frames[:5]
+    res = checker.check(-x)
+    assert res.valid.all() and res.mirrored.all()
+    np.testing.assert_allclose(res.samples_nm, x, atol=0)
+
+
+def test_single_centre_flip_is_mirror_equivalent(ala2, checker):
+    # Ala2 has one centre, so flipping it flips "all" centres: the rule mirrors the sample, and the
+    # mirrored sample has the reference chirality.
+    x = ala2.frames[0]
+    ca = ala2.index("ALA", "CA")
+    y = flip_centre(x, ca, checker.reference_adjacency, checker.elements)
+    assert set(bond_pairs(y, checker.elements)) == set(bond_pairs(x, checker.elements))
+    res = checker.check(y[None])
+    assert res.valid[0] and res.mirrored[0]
+    np.testing.assert_allclose(res.samples_nm[0], -y)
+    signs = V.chirality_signs(res.samples_nm, checker.chiral_centres, checker._chiral_neighbours)
+    np.testing.assert_array_equal(signs[0], checker.reference_signs)
+
+
+def test_methyl_hydrogens_reordered(ala2, checker):
+    x = ala2.frames[3]
+    ace_h = [ala2.index("ACE", f"H{k}") for k in (1, 2, 3)]
+    ala_hb = [ala2.index("ALA", f"HB{k}") for k in (1, 2, 3)]
+    nme_h = [ala2.index("NME", f"H{k}") for k in (1, 2, 3)]
+    # Hydrogens exchanged between methyl groups: each sits on the "wrong" carbon in the given order.
+    sample = swapped(x, (ace_h[0], ala_hb[1]), (ala_hb[2], nme_h[0]))
+    res = checker.check(sample[None])
+    assert res.valid[0] and not res.mirrored[0]
+    np.testing.assert_array_equal(res.samples_nm[0], x)  # hydrogens back in their reference slots
+    # A permutation within one methyl group leaves the graph unchanged: nothing to reorder.
+    within = swapped(x, (ace_h[0], ace_h[2]))
+    res = checker.check(within[None])
+    assert res.valid[0] and res.n_graphs_searched == 0
+    np.testing.assert_array_equal(res.samples_nm[0], within)
+
+
+def test_equivalent_heavy_groups_reordered(ala2, checker):
+    # Ace and Nme methyl groups exchanged together with their hydrogens; needs the isomorphism search.
+    x = ala2.frames[5]
+    groups = [("ACE", "CH3", "NME", "C")] + [("ACE", f"H{k}", "NME", f"H{k}") for k in (1, 2, 3)]
+    pairs = [(ala2.index(r1, a1), ala2.index(r2, a2)) for r1, a1, r2, a2 in groups]
+    sample = swapped(x, *pairs)
+    # Ace's methyl binds the carbonyl C, Nme's the amide N, so in the given order the graph differs from
+    # the reference; relabelling the two groups restores it.
+    res = checker.check(np.stack([sample] * 4))
+    assert res.valid.all()
+    assert res.n_graphs_searched == 1  # identical graphs are matched once
+    np.testing.assert_array_equal(res.samples_nm, np.stack([x] * 4))
+
+
+def test_random_corruptions_agree_with_networkx(ala2, checker):
+    """Oracle: valid-or-chirality-rejected <=> full bond graph isomorphic with elements (networkx)."""
+    rng = np.random.default_rng(0)
+    elements = checker.elements
+    ref_graph = element_graph(ala2.reference_nm, elements)
+    hyd = np.flatnonzero(np.array(elements) == "H")
+    samples = []
+    for k in range(150):
+        x = ala2.frames[k % len(ala2.frames)].copy()
+        kind = k % 5
+        if kind == 0:  # random hydrogen permutation
+            p = np.arange(22)
+            p[hyd] = rng.permutation(hyd)
+            x = x[p]
+        elif kind == 1:  # random permutation of all atoms
+            x = x[rng.permutation(22)]
+        elif kind == 2:  # noise that breaks some bonds
+            x = x + rng.normal(0, 0.02, x.shape)
+        elif kind == 3:  # swap two random atoms of the same element
+            same = [(a, b) for a in range(22) for b in range(a + 1, 22) if elements[a] == elements[b]]
+            x = swapped(x, same[rng.integers(len(same))])
+        else:
+            x = -x[rng.permutation(22)]
+        samples.append(x)
+    samples = np.stack(samples)
+    res = checker.check(samples)
+    for s, x in enumerate(samples):
+        iso = nx.is_isomorphic(element_graph(x, elements), ref_graph,
+                               node_match=lambda a, b: a["element"] == b["element"])
+        accepted = res.valid[s] or res.reasons[s] in (V.REASON_CHIRALITY, V.REASON_DEGENERATE)
+        assert accepted == iso, (s, res.reasons[s])
+        if res.valid[s]:
+            # Reordered: the bond graph in reference order IS the reference graph, and the output is a
+            # relabelling (+- mirror) of the input.
+            assert set(bond_pairs(res.samples_nm[s], elements)) == set(ref_graph.edges)
+            sign = -1.0 if res.mirrored[s] else 1.0
+            np.testing.assert_array_equal(res.samples_nm[s], sign * x[res.permutation[s]])
+            assert [elements[a] for a in res.permutation[s]] == elements
+    assert 0 < res.valid.sum() < len(samples)
+
+
+def test_timeout_counts_invalid(ala2, checker):
+    x = ala2.frames[0]
+    pairs = [(ala2.index("ACE", "CH3"), ala2.index("NME", "C"))] + [
+        (ala2.index("ACE", f"H{k}"), ala2.index("NME", f"H{k}")) for k in (1, 2, 3)]
+    res = checker.check(swapped(x, *pairs)[None], timeout_s=1e-9)
+    assert not res.valid[0] and res.reasons[0] == V.REASON_TIMEOUT and res.n_timeouts == 1
+
+
+def test_nonfinite_and_bad_input(ala2, checker):
+    x = ala2.frames[:2].copy()
+    x[1, 4, 0] = np.nan
+    res = checker.check(x)
+    assert res.valid.tolist() == [True, False] and res.reasons[1] == V.REASON_NONFINITE
+    with pytest.raises(ValueError, match=r"\[n, 22, 3\]"):
+        checker.check(x[:, :21])
+    with pytest.raises(TypeError):
+        checker.check(ala2.frames[:2].astype(np.int64))
+    with pytest.raises(ValueError, match="bonds"):
+        ValidityChecker(ala2.topology, ala2.reference_nm * 10)  # Angstrom instead of nm
+    empty = checker.check(np.zeros((0, 22, 3)))
+    assert empty.valid.shape == (0,) and empty.rate == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- report
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+REPORT_KEYS = {
+    "n_samples", "n_valid", "correct_configuration_rate", "n_mirrored", "invalid_reasons",
+    "n_graphs_searched", "n_isomorphism_timeouts", "md_n_frames", "md_correct_configuration_rate",
+    "ess", "energy", "torsions", "free_energy", "delta_f", "plots", "timings_s",
+}
+NESTED_KEYS = {
+    "ess": {"kish_fraction", "kish_n", "n_weighted", "clip_quantile", "kish_fraction_clipped"},
+    "energy": {"md_mean", "model_mean", "reweighted_mean", "reweighted_stderr", "model_n_nonfinite",
+               "wasserstein_model", "wasserstein_reweighted"},
+    "delta_f": {"torsion", "basin_rad", "definition", "MD", "model", "reweighted"},
+    "free_energy": {"bins", "phi", "psi"},
+    "torsions": {"phi", "psi"},
+}
+
+
+def test_report(ala2, tmp_path):
+    rng = np.random.default_rng(3)
+    frames = ala2.frames
+    samples = frames[rng.integers(0, len(frames), 80)] + rng.normal(0, 0.002, (80, 22, 3))
+    samples[:10] *= -1  # mirrored: fixed by the checker
+    samples[10:15] = swapped(samples[10:15], (4, 6))  # C <-> N: invalid
+    prior_energy = rng.normal(30, 1, 80)
+    dlogp = rng.normal(0, 1, 80)
+    report, table = evaluate(samples, topology=ala2.topology, reference_positions_nm=ala2.reference_nm,
+                             md_positions_nm=frames, out_dir=tmp_path, energy_fn=ala2.reduced_energy,
+                             prior_energy=prior_energy, dlogp=dlogp, clip_quantile=0.99, n_bootstrap=20)
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk == report
+    assert set(report) == REPORT_KEYS
+    for key, sub in NESTED_KEYS.items():
+        assert set(report[key]) == sub, key
+    for name in ("phi", "psi"):
+        assert set(report["torsions"][name]) == {"atoms", "wasserstein_model", "wasserstein_reweighted"}
+        assert set(report["free_energy"][name]) == {"MD", "model", "reweighted"}
+        assert len(report["free_energy"][name]["model"]) == len(report["free_energy"]["bins"]) == 60
+    assert report["n_samples"] == 80 and report["n_valid"] == 75 and report["n_mirrored"] == 10
+    assert report["correct_configuration_rate"] == pytest.approx(75 / 80)
+    assert report["md_correct_configuration_rate"] == 1.0
+    # log w = -u + prior_energy + dlogp on the valid (reordered, mirrored back) samples.
+    valid = np.ones(80, bool)
+    valid[10:15] = False
+    fixed = samples[valid].copy()
+    fixed[:10] *= -1
+    u = ala2.reduced_energy(fixed)
+    lw = -u + prior_energy[valid] + dlogp[valid]
+    w = np.exp(lw - lw.max())
+    assert report["ess"]["kish_fraction"] == pytest.approx(w.sum() ** 2 / (len(w) * (w**2).sum()), rel=1e-9)
+    assert report["energy"]["model_mean"] == pytest.approx(u.mean(), rel=1e-9)
+    assert report["energy"]["md_mean"] == pytest.approx(ala2.reduced_energy(frames).mean(), rel=1e-9)
+    for stat in ("wasserstein_model", "wasserstein_reweighted"):
+        assert report["energy"][stat] > 0
+        assert 0 <= report["torsions"]["phi"][stat] <= math.pi
+    assert set(report["plots"]) == {"energy_histogram", "ramachandran", "free_energy_phi", "free_energy_psi",
+                                    "log_weights"}
+    for name, file in report["plots"].items():
+        path = tmp_path / file
+        assert path.stat().st_size > 1000
+        kind = "free_energy" if name.startswith("free_energy") else name
+        assert png_size(path) == FIGURE_PIXELS[kind]
+    assert "correct configurations" in table and "ESS" in table
+
+
+def test_report_uniform_weights_and_no_energy(ala2, tmp_path):
+    samples = ala2.frames[:40]
+    report, _ = evaluate(samples, topology=ala2.topology, reference_positions_nm=ala2.reference_nm,
+                         md_positions_nm=ala2.frames, out_dir=tmp_path, log_weights=np.zeros(40),
+                         n_bootstrap=10)
+    assert report["ess"]["kish_fraction"] == pytest.approx(1.0)
+    assert all(v is None for k, v in report["energy"].items())
+    assert "energy_histogram" not in report["plots"]
+    # Equal weights: reweighted statistics equal the unweighted ones.
+    for name in ("phi", "psi"):
+        fe = report["free_energy"][name]
+        assert fe["reweighted"] == fe["model"]
+    assert report["delta_f"]["reweighted"] == report["delta_f"]["model"]
+    assert report["torsions"]["phi"]["wasserstein_reweighted"] == pytest.approx(
+        report["torsions"]["phi"]["wasserstein_model"], rel=1e-9)
+    with pytest.raises(ValueError, match="together"):
+        evaluate(samples, topology=ala2.topology, reference_positions_nm=ala2.reference_nm,
+                 md_positions_nm=ala2.frames, out_dir=tmp_path, prior_energy=np.zeros(40))
