@@ -146,6 +146,24 @@ class EGNN(nn.Module):
         v = self._reference_velocity(flat)
         return v if mol_ptr is not None else v.reshape(x.shape)
 
+    def divergence(self, t: Tensor | float, x: Tensor, features: Tensor, *, node_mask: Tensor | None = None,
+                   mol_ptr: Tensor | None = None, method: str = "exact", n_probes: int = 1,
+                   probe: str = "rademacher", generator: torch.Generator | None = None,
+                   backend: Backend = "auto", tangent_chunk: int | None = None) -> tuple[Tensor, Tensor]:
+        """(v, div): the field as ``forward`` and div [B] = tr(dv/dx) per molecule.
+
+        method "exact" (3 n_b unit tangents per molecule, ``tangent_chunk`` at a time) or
+        "hutchinson" (``n_probes`` random probes, "rademacher" or "gaussian", drawn from
+        ``generator``: unbiased). Padded atoms take no part. The fused ops have no gradient: with
+        grad mode on and parameters (or x) requiring grad the differentiable reference path runs,
+        so call under ``torch.no_grad()`` when no gradient is needed. See ``tbg.nn.divergence``.
+        """
+        from tbg.nn.divergence import module_divergence  # noqa: PLC0415 - registers fake kernels
+
+        t = self._check_inputs(t, x, features, node_mask, mol_ptr)
+        return module_divergence(self, t, x, features, node_mask, mol_ptr, method=method, n_probes=n_probes,
+                                 probe=probe, generator=generator, backend=backend, tangent_chunk=tangent_chunk)
+
     def _reference_velocity(self, flat: _Flat) -> Tensor:
         row, col = ragged_edges(flat.mol_ptr)
         edge_mask = None if flat.node_mask is None else flat.node_mask[row] * flat.node_mask[col]
@@ -257,3 +275,10 @@ class BoundDynamics(nn.Module):
         v = self.egnn(t, self._dense(x), self.features, node_mask=self.node_mask, mol_ptr=self.mol_ptr,
                       backend=self.backend)
         return v.reshape(x.shape)
+
+    def divergence(self, t: Tensor | float, x: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
+        """(v, div [B]) with v shaped like x; keyword arguments as ``EGNN.divergence``."""
+        kwargs.setdefault("backend", self.backend)
+        v, div = self.egnn.divergence(t, self._dense(x), self.features, node_mask=self.node_mask,
+                                      mol_ptr=self.mol_ptr, **kwargs)
+        return v.reshape(x.shape), div
