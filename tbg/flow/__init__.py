@@ -1,5 +1,33 @@
-"""Boltzmann-generator layer around the EGNN vector field: prior, flow matching, sampling, reweighting."""
+"""Boltzmann-generator layer around the EGNN vector field.
 
+- prior: ``MeanFreeGaussian`` (one molecule, z [B, 3N]) and ragged helpers (``sample_ragged``,
+  ``log_prob_ragged``, ``prior_energy_ragged``, ``center_ragged``).
+- ODE: ``integrate`` (x, optionally jointly with dlogp = int div v dt), ``decoupled_likelihood``
+  (x path + Gauss-Legendre quadrature of div v), ``SolverConfig``; written against the ``Dynamics``
+  protocol ``dyn(t, x) -> v``, ``dyn.divergence(t, x) -> (v, div)``.
+- training: ``train`` (conditional flow matching, ragged batches, resumable, DDP under torchrun) with
+  ``TrainConfig``, ``RaggedLoader``, ``flow_matching_loss``.
+- sampling: ``sample`` (chunked, resumable, sharded over ranks) with ``SampleConfig``.
+- reweighting: ``log_importance_weights``, ``kish_ess``, ``normalized_weights``, ``weighted_mean``,
+  ``clip_log_weights``.
+"""
+
+from tbg.flow.ode import (
+    AutogradDivergence,
+    Dynamics,
+    FlowResult,
+    SolverConfig,
+    as_dynamics,
+    decoupled_likelihood,
+    integrate,
+)
+from tbg.flow.prior import (
+    MeanFreeGaussian,
+    center_ragged,
+    log_prob_ragged,
+    prior_energy_ragged,
+    sample_ragged,
+)
 from tbg.flow.reweight import (
     clip_log_weights,
     kish_ess,
@@ -7,11 +35,35 @@ from tbg.flow.reweight import (
     normalized_weights,
     weighted_mean,
 )
+from tbg.flow.sample import SampleConfig, batch_size_for_budget, chunk_seed, sample
+from tbg.flow.train import RaggedLoader, TrainConfig, TrainResult, flow_matching_loss, latest_checkpoint, train
 
 __all__ = [
+    "AutogradDivergence",
+    "Dynamics",
+    "FlowResult",
+    "MeanFreeGaussian",
+    "RaggedLoader",
+    "SampleConfig",
+    "SolverConfig",
+    "TrainConfig",
+    "TrainResult",
+    "as_dynamics",
+    "batch_size_for_budget",
+    "center_ragged",
+    "chunk_seed",
     "clip_log_weights",
+    "decoupled_likelihood",
+    "flow_matching_loss",
+    "integrate",
     "kish_ess",
+    "latest_checkpoint",
     "log_importance_weights",
+    "log_prob_ragged",
     "normalized_weights",
+    "prior_energy_ragged",
+    "sample",
+    "sample_ragged",
+    "train",
     "weighted_mean",
 ]
