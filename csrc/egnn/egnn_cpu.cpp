@@ -1,0 +1,273 @@
+// CPU kernels of tbg::egnn_forward and tbg::egnn_backward (schemas in ../ops.cpp).
+//
+// Design: the WHOLE STACK PER MOLECULE. One thread runs all L layers of a molecule (forward, and
+// in backward the recomputation plus the gradients) while everything the molecule touches stays
+// in its L2 cache: h, x, the node products and one receiver's edge tile are a few hundred KiB at
+// most for the published sizes (N <= 51, H <= 128). Molecules are spread over threads with
+// at::parallel_for, so one parallel region per call instead of one per layer, no races (every
+// sender/receiver update of a molecule happens on one thread) and no padding work in the ragged
+// layout. The price is that a batch of one molecule runs on one thread.
+//
+// Algebra: W1 [h_i, h_j, r, a] + b1 = P_i + Q_j + w_r r + w_a a with P = h W1a^T + b1 and
+// Q = h W1b^T computed once per atom (node-level GEMMs), so the first edge linear costs ~H per
+// edge instead of (2H + 2) H. What remains per edge are the two H x H products (W2, Wc1), done as
+// GEMMs over one receiver's n - 1 edges at a time (a [n - 1, Hp] tile in L1/L2) with a register-
+// blocked 6 x 16 microkernel; SiLU, the attention gate, the coordinate head and the sums over
+// senders are fused around them. The last layer's node update is skipped (its h only feeds the
+// unused h_out). Backward recomputes each layer's edge tile once per receiver from the saved
+// layer inputs h_states/x_states and back-propagates right away (4 more tile GEMMs: the input
+// gradients through W2/Wc1 and their weight gradients), so memory is O(M H) plus per-thread
+// scratch; weight gradients go to per-thread accumulators that are summed at the end.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "common/egnn_args.h"
+
+namespace tbg {
+namespace egnn_cpu {
+
+#define TBG_EGNN_ISA base
+#include "egnn/egnn_cpu_kernels.h"
+#undef TBG_EGNN_ISA
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define TBG_EGNN_ISA avx2
+#include "egnn/egnn_cpu_kernels.h"
+#undef TBG_EGNN_ISA
+#pragma GCC pop_options
+#define TBG_EGNN_HAVE_AVX2 1
+
+bool use_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+constexpr int64_t kPad = 16;  // hidden width padded to the microkernel's 16-float panel
+
+// The weights re-laid out for the kernels (see LayerW); the tensors own the memory.
+template <typename T>
+struct PackedWeights {
+  std::vector<at::Tensor> keep;
+  Net<T> net;
+
+  PackedWeights(const EGNNWeights& w, double range) {
+    const int64_t L = w.n_layers, H = w.hidden, Hp = (H + kPad - 1) / kPad * kPad;
+    net.L = L, net.H = H, net.Hp = Hp, net.range = static_cast<T>(range);
+    const auto opts = w.w1.options();
+    // [L, out, in] -> padded [L, Hp, Hp], as is or transposed to [L, in, out].
+    auto mat = [&](const at::Tensor& m, bool transpose) {
+      at::Tensor out = at::zeros({L, Hp, Hp}, opts);
+      const at::Tensor src = transpose ? m.transpose(1, 2) : m;
+      out.narrow(1, 0, src.size(1)).narrow(2, 0, src.size(2)).copy_(src);
+      keep.push_back(out);
+      return out.data_ptr<T>();
+    };
+    auto vec = [&](const at::Tensor& v) {
+      at::Tensor out = at::zeros({L, Hp}, opts);
+      out.narrow(1, 0, H).copy_(v);
+      keep.push_back(out);
+      return out.data_ptr<T>();
+    };
+    const at::Tensor w1a = w.w1.narrow(2, 0, H), w1b = w.w1.narrow(2, H, H);
+    const at::Tensor wn1a = w.wn1.narrow(2, 0, H), wn1b = w.wn1.narrow(2, H, H);
+    T *w1aT = mat(w1a, true), *w1bT = mat(w1b, true), *w1a_ = mat(w1a, false), *w1b_ = mat(w1b, false);
+    T *wr = vec(w.w1.select(2, 2 * H)), *wa = vec(w.w1.select(2, 2 * H + 1)), *b1 = vec(w.b1);
+    T *w2T = mat(w.w2, true), *w2 = mat(w.w2, false), *b2 = vec(w.b2), *watt = vec(w.watt);
+    T *wc1T = mat(w.wc1, true), *wc1 = mat(w.wc1, false), *bc1 = vec(w.bc1), *wc2 = vec(w.wc2);
+    T *wn1aT = mat(wn1a, true), *wn1bT = mat(wn1b, true), *wn1a_ = mat(wn1a, false), *wn1b_ = mat(wn1b, false);
+    T *bn1 = vec(w.bn1), *wn2T = mat(w.wn2, true), *wn2 = mat(w.wn2, false), *bn2 = vec(w.bn2);
+    const at::Tensor batt = w.batt.contiguous();
+    const T* batt_p = batt.data_ptr<T>();
+    net.w.resize(L);
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t m = l * Hp * Hp, v = l * Hp;
+      net.w[l] = {w1aT + m, w1bT + m, w1a_ + m, w1b_ + m, wr + v, wa + v, b1 + v,
+                  w2T + m, w2 + m, b2 + v, watt + v, batt_p[l],
+                  wc1T + m, wc1 + m, bc1 + v, wc2 + v,
+                  wn1aT + m, wn1bT + m, wn1a_ + m, wn1b_ + m, bn1 + v, wn2T + m, wn2 + m, bn2 + v};
+    }
+  }
+};
+
+int64_t max_molecule(const int64_t* ptr, int64_t B) {
+  int64_t n = 0;
+  for (int64_t b = 0; b < B; ++b) n = std::max(n, ptr[b + 1] - ptr[b]);
+  return n;
+}
+
+template <typename T>
+at::Tensor poisoned(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  // Every element is overwritten by the kernel; NaN makes a missed one impossible to overlook.
+  return at::full(sizes, std::numeric_limits<T>::quiet_NaN(), opts);
+}
+
+template <typename T, typename Ns>
+void forward_impl(const PackedWeights<T>& pw, const int64_t* ptr, int64_t B, const T* x, const T* h0,
+                  T* v, T* hs, T* xs, int64_t M) {
+  const Net<T>& net = pw.net;
+  const int64_t nmax = max_molecule(ptr, B), H = net.H;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    Scratch<T> ws(nmax, net.Hp, kForwardNodes, kForwardTiles);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t s = ptr[b], n = ptr[b + 1] - s;
+      if (n == 0) continue;
+      ws.reset();
+      Ns::forward_molecule(net, n, x + 3 * s, h0 + H * s, v + 3 * s, hs + H * s, M * H, xs + 3 * s, M * 3, ws);
+    }
+  });
+}
+
+template <typename T, typename Ns>
+void backward_impl(const PackedWeights<T>& pw, const int64_t* ptr, int64_t B, const T* x, const T* gv,
+                   const T* hs, const T* xs, int64_t M, T* gx, T* gh0,
+                   std::vector<std::vector<T>>& thread_grads) {
+  const Net<T>& net = pw.net;
+  const int64_t nmax = max_molecule(ptr, B), H = net.H;
+  std::vector<GradAcc<T>> acc(at::get_num_threads());
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    auto& G = acc[at::get_thread_num()];
+    if (G.buf.empty()) G.init(net.L, net.Hp);
+    Scratch<T> ws(nmax, net.Hp, kBackwardNodes, kBackwardTiles);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t s = ptr[b], n = ptr[b + 1] - s;
+      if (n == 0) continue;
+      ws.reset();
+      Ns::backward_molecule(net, G, n, x + 3 * s, gv + 3 * s, hs + H * s, M * H, xs + 3 * s, M * 3, gx + 3 * s,
+                            gh0 + H * s, ws);
+    }
+  });
+  for (auto& G : acc)
+    if (!G.buf.empty()) thread_grads.push_back(std::move(G.buf));
+}
+
+// Adapters naming each ISA build's two entry points, so the drivers above are written once.
+#define TBG_EGNN_NS_ADAPTER(NS)                                                                  \
+  struct NS##_ns {                                                                               \
+    template <typename... A>                                                                     \
+    static void forward_molecule(A&&... a) { NS::forward_molecule(std::forward<A>(a)...); }      \
+    template <typename... A>                                                                     \
+    static void backward_molecule(A&&... a) { NS::backward_molecule(std::forward<A>(a)...); }    \
+  };
+TBG_EGNN_NS_ADAPTER(base)
+#ifdef TBG_EGNN_HAVE_AVX2
+TBG_EGNN_NS_ADAPTER(avx2)
+#endif
+
+EGNNWeights weights(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                    const at::Tensor& watt, const at::Tensor& batt, const at::Tensor& wc1, const at::Tensor& bc1,
+                    const at::Tensor& wc2, const at::Tensor& wn1, const at::Tensor& bn1, const at::Tensor& wn2,
+                    const at::Tensor& bn2) {
+  return {w1, b1, w2, b2, watt, batt, wc1, bc1, wc2, wn1, bn1, wn2, bn2};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> egnn_forward(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& mol_ptr, const at::Tensor& w1,
+    const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& watt,
+    const at::Tensor& batt, const at::Tensor& wc1, const at::Tensor& bc1, const at::Tensor& wc2,
+    const at::Tensor& wn1, const at::Tensor& bn1, const at::Tensor& wn2, const at::Tensor& bn2,
+    double coords_range) {
+  const EGNNWeights w = check_egnn_args("tbg::egnn_forward", x, h0, mol_ptr,
+                                        weights(w1, b1, w2, b2, watt, batt, wc1, bc1, wc2, wn1, bn1, wn2, bn2));
+  const int64_t M = x.size(0), H = w.hidden, L = w.n_layers, B = mol_ptr.size(0) - 1;
+  at::Tensor v, hs, xs;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "egnn_forward_cpu", [&] {
+    v = poisoned<scalar_t>({M, 3}, x.options());
+    hs = poisoned<scalar_t>({L, M, H}, x.options());
+    xs = poisoned<scalar_t>({L, M, 3}, x.options());
+    const PackedWeights<scalar_t> pw(w, coords_range);
+    const auto args = std::make_tuple(std::cref(pw), mol_ptr.data_ptr<int64_t>(), B, x.data_ptr<scalar_t>(),
+                                      h0.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(),
+                                      xs.data_ptr<scalar_t>(), M);
+#ifdef TBG_EGNN_HAVE_AVX2
+    if (use_avx2()) return std::apply(forward_impl<scalar_t, avx2_ns>, args);
+#endif
+    std::apply(forward_impl<scalar_t, base_ns>, args);
+  });
+  return {v, hs, xs};
+}
+
+std::vector<at::Tensor> egnn_backward(
+    const at::Tensor& grad_v, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& mol_ptr,
+    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+    const at::Tensor& watt, const at::Tensor& batt, const at::Tensor& wc1, const at::Tensor& bc1,
+    const at::Tensor& wc2, const at::Tensor& wn1, const at::Tensor& bn1, const at::Tensor& wn2,
+    const at::Tensor& bn2, const at::Tensor& h_states, const at::Tensor& x_states, double coords_range) {
+  const char* op = "tbg::egnn_backward";
+  const EGNNWeights w = check_egnn_args(op, x, h0, mol_ptr,
+                                        weights(w1, b1, w2, b2, watt, batt, wc1, bc1, wc2, wn1, bn1, wn2, bn2));
+  const int64_t M = x.size(0), H = w.hidden, L = w.n_layers, B = mol_ptr.size(0) - 1;
+  auto check_like = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+    TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device(), op, ": ", name,
+                " must match x in dtype and device");
+    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  };
+  check_like(grad_v, "grad_v", {M, 3});
+  check_like(h_states, "h_states", {L, M, H});
+  check_like(x_states, "x_states", {L, M, 3});
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "egnn_backward_cpu", [&] {
+    using T = scalar_t;
+    at::Tensor gx = poisoned<T>({M, 3}, x.options()), gh0 = poisoned<T>({M, H}, x.options());
+    const PackedWeights<T> pw(w, coords_range);
+    std::vector<std::vector<T>> thread_grads;
+    const auto args = std::make_tuple(std::cref(pw), mol_ptr.data_ptr<int64_t>(), B, x.data_ptr<T>(),
+                                      grad_v.data_ptr<T>(), h_states.data_ptr<T>(), x_states.data_ptr<T>(), M,
+                                      gx.data_ptr<T>(), gh0.data_ptr<T>(), std::ref(thread_grads));
+    bool done = false;
+#ifdef TBG_EGNN_HAVE_AVX2
+    if (use_avx2()) std::apply(backward_impl<T, avx2_ns>, args), done = true;
+#endif
+    if (!done) std::apply(backward_impl<T, base_ns>, args);
+    // Sum the per-thread accumulators, then cut the padded [L, ...] blocks to the weights' shapes
+    // (same carving order as GradAcc::init).
+    const int64_t Hp = pw.net.Hp, stride = GradAcc<T>::layer_size(Hp);
+    at::Tensor sum = at::zeros({L, stride}, x.options());
+    for (auto& g : thread_grads) sum.add_(at::from_blob(g.data(), {L, stride}, x.options()));
+    int64_t off = 0;
+    auto mat = [&]() { auto t = sum.narrow(1, off, Hp * Hp).view({L, Hp, Hp}).narrow(1, 0, H).narrow(2, 0, H); off += Hp * Hp; return t; };
+    auto vec = [&]() { auto t = sum.narrow(1, off, Hp).narrow(1, 0, H); off += Hp; return t; };
+    const at::Tensor gw1a = mat(), gw1b = mat(), gw2 = mat(), gwc1 = mat(), gwn1a = mat(), gwn1b = mat(), gwn2 = mat();
+    const at::Tensor gwr = vec(), gwa = vec(), gb1 = vec(), gb2 = vec(), gwatt = vec(), gbc1 = vec(), gwc2 = vec(),
+                     gbn1 = vec(), gbn2 = vec(), gbatt = vec().select(1, 0);
+    const at::Tensor gw1 = at::cat({gw1a, gw1b, gwr.unsqueeze(2), gwa.unsqueeze(2)}, 2);
+    const at::Tensor gwn1 = at::cat({gwn1a, gwn1b}, 2);
+    out = {gx, gh0, gw1, gb1.contiguous(), gw2.contiguous(), gb2.contiguous(), gwatt.contiguous(), gbatt.contiguous(),
+           gwc1.contiguous(), gbc1.contiguous(), gwc2.contiguous(), gwn1, gbn1.contiguous(), gwn2.contiguous(),
+           gbn2.contiguous()};
+  });
+  return out;
+}
+
+}  // namespace egnn_cpu
+
+TORCH_LIBRARY_IMPL(tbg, CPU, m) {
+  m.impl("egnn_forward", &egnn_cpu::egnn_forward);
+  m.impl("egnn_backward", [](const at::Tensor& grad_v, const at::Tensor& x, const at::Tensor& h0,
+                             const at::Tensor& mol_ptr, const at::Tensor& w1, const at::Tensor& b1,
+                             const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& watt,
+                             const at::Tensor& batt, const at::Tensor& wc1, const at::Tensor& bc1,
+                             const at::Tensor& wc2, const at::Tensor& wn1, const at::Tensor& bn1,
+                             const at::Tensor& wn2, const at::Tensor& bn2, const at::Tensor& h_states,
+                             const at::Tensor& x_states, double coords_range) {
+    const auto g = egnn_cpu::egnn_backward(grad_v, x, h0, mol_ptr, w1, b1, w2, b2, watt, batt, wc1, bc1, wc2,
+                                           wn1, bn1, wn2, bn2, h_states, x_states, coords_range);
+    return std::make_tuple(g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11], g[12],
+                           g[13], g[14]);
+  });
+}
+
+}  // namespace tbg
