@@ -73,8 +73,13 @@ class _PairGeometry:
 
     def bonded(self, x: np.ndarray) -> np.ndarray:
         """x [n, N, 3] nm -> bool [n, P] over the candidate pairs."""
-        d = x[:, self.i, :] - x[:, self.j, :]
-        return np.einsum("npk,npk->np", d, d) < self.cut2
+        # One coordinate at a time: contiguous [n, N] gathers are ~2x faster than gathering [n, P, 3].
+        xt = np.ascontiguousarray(x.transpose(2, 0, 1))
+        d2 = np.zeros((x.shape[0], len(self.i)))
+        for c in xt:
+            d = c[:, self.i] - c[:, self.j]
+            d2 += d * d
+        return d2 < self.cut2
 
 
 def bond_pairs(positions_nm: np.ndarray, elements: list[str]) -> list[tuple[int, int]]:
