@@ -1,0 +1,86 @@
+"""Force fields and OpenMM systems as used for the published TBG data (see tbg-model.md).
+
+Dipeptides: amber14-all + implicit solvent OBC1, CutoffNonPeriodic with a 2 nm cutoff, no constraints,
+310 K. Alanine dipeptide: the same force field at 300 K.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+
+import openmm
+import openmm.app as app
+import openmm.unit as u
+
+logger = logging.getLogger("tbg")
+
+DIPEPTIDE_TEMPERATURE: float = 310.0
+ALANINE_DIPEPTIDE_TEMPERATURE: float = 300.0
+DEFAULT_FORCEFIELD_FILES: tuple[str, ...] = ("amber14-all.xml", "implicit/obc1.xml")
+
+_CONSTRAINTS = {None: None, "none": None, "hbonds": app.HBonds, "allbonds": app.AllBonds,
+                "hangles": app.HAngles}
+
+
+@functools.lru_cache(maxsize=8)
+def forcefield(files: tuple[str, ...] = DEFAULT_FORCEFIELD_FILES) -> app.ForceField:
+    """Cached OpenMM ForceField (parsing the XML files takes ~1 s)."""
+    return app.ForceField(*files)
+
+
+def create_system(topology: app.Topology, *, forcefield_files: Sequence[str] = DEFAULT_FORCEFIELD_FILES,
+                  cutoff_nm: float = 2.0, constraints: str | None = None) -> openmm.System:
+    """OpenMM System for ``topology``: CutoffNonPeriodic at ``cutoff_nm`` as published.
+
+    ``constraints``: None (published), "hbonds", "allbonds" or "hangles".
+    """
+    key = constraints.lower() if isinstance(constraints, str) else constraints
+    if key not in _CONSTRAINTS:
+        raise ValueError(f"constraints must be one of {sorted(k for k in _CONSTRAINTS if k)} or None, "
+                         f"got {constraints!r}")
+    if not cutoff_nm > 0:
+        raise ValueError(f"cutoff_nm must be positive, got {cutoff_nm}")
+    ff = forcefield(tuple(forcefield_files))
+    return ff.createSystem(topology, nonbondedMethod=app.CutoffNonPeriodic,
+                           nonbondedCutoff=cutoff_nm * u.nanometer, constraints=_CONSTRAINTS[key])
+
+
+def platform(name: str | None = None) -> openmm.Platform:
+    """The OpenMM platform ``name``, or the fastest available: CUDA, then OpenCL, then CPU."""
+    if name is not None:
+        try:
+            return openmm.Platform.getPlatformByName(name)
+        except Exception as err:  # OpenMMException carries the list of known platforms
+            available = [openmm.Platform.getPlatform(i).getName()
+                         for i in range(openmm.Platform.getNumPlatforms())]
+            raise ValueError(f"OpenMM platform {name!r} not available; have {available}") from err
+    for candidate in ("CUDA", "OpenCL", "CPU", "Reference"):
+        try:
+            plat = openmm.Platform.getPlatformByName(candidate)
+        except Exception:
+            continue
+        if candidate in ("CUDA", "OpenCL") and not _usable(plat):
+            continue
+        logger.debug("OpenMM platform: %s", candidate)
+        return plat
+    raise RuntimeError("no OpenMM platform available")
+
+
+@functools.lru_cache(maxsize=4)
+def _usable(plat: openmm.Platform) -> bool:
+    """A GPU platform can be registered without a device; try a one-particle context."""
+    system = openmm.System()
+    system.addParticle(1.0)
+    try:
+        openmm.Context(system, openmm.VerletIntegrator(0.001), plat)
+    except Exception:
+        return False
+    return True
+
+
+def platform_properties(plat: openmm.Platform, threads: int | None = None) -> dict[str, str]:
+    """Context properties: CPU thread count when given (keep worker processes from oversubscribing)."""
+    if plat.getName() == "CPU" and threads is not None:
+        return {"Threads": str(int(threads))}
+    return {}
