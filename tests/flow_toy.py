@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 import tbg
+import tbg.flow
+import tbg.nn
 from tbg.nn.layout import mol_ptr_from_sizes
 
 A = 16.0
@@ -119,7 +121,7 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--checkpoint-every", type=int, default=10)
-    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--n-samples", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--model")
     p.add_argument("--sleep", type=float, default=0.0)
@@ -132,7 +134,7 @@ def main() -> None:
     else:
         egnn = tbg.nn.load_egnn(a.model) if a.model else model()
         dyn = SlowDynamics(tbg.flow.as_dynamics(tbg.nn.BoundDynamics(egnn, FEATURES)), a.sleep)
-        cfg = tbg.flow.SampleConfig(n_samples=a.n, batch_size=a.batch, likelihood="joint", progress=False,
+        cfg = tbg.flow.SampleConfig(n_samples=a.n_samples, batch_size=a.batch, likelihood="joint", progress=False,
                                     solver=tbg.flow.SolverConfig(method="rk4", n_steps=4))
         tbg.flow.sample(dyn, 2, a.out, cfg)
 

@@ -8,10 +8,12 @@
 - training: ``train`` (conditional flow matching, ragged batches, resumable, DDP under torchrun) with
   ``TrainConfig``, ``RaggedLoader``, ``flow_matching_loss``.
 - sampling: ``sample`` (chunked, resumable, sharded over ranks) with ``SampleConfig``.
+- training by energy: ``train_by_energy`` (reverse KL or importance-weighted) with ``EnergyTrainConfig``.
 - reweighting: ``log_importance_weights``, ``kish_ess``, ``normalized_weights``, ``weighted_mean``,
   ``clip_log_weights``.
 """
 
+from tbg.flow.energy import EnergyTrainConfig, train_by_energy
 from tbg.flow.ode import (
     AutogradDivergence,
     Dynamics,
@@ -40,6 +42,7 @@ from tbg.flow.train import RaggedLoader, TrainConfig, TrainResult, flow_matching
 
 __all__ = [
     "AutogradDivergence",
+    "EnergyTrainConfig",
     "Dynamics",
     "FlowResult",
     "MeanFreeGaussian",
@@ -65,5 +68,6 @@ __all__ = [
     "sample",
     "sample_ragged",
     "train",
+    "train_by_energy",
     "weighted_mean",
 ]

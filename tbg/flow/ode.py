@@ -63,14 +63,17 @@ class AutogradDivergence:
         return self.field(t, x)
 
     def divergence(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        # Under grad mode the trace stays differentiable (create_graph), for training by energy.
+        create = torch.is_grad_enabled()
         with torch.enable_grad():
-            xr = x.detach().requires_grad_(True)
+            xr = x if create and x.requires_grad else x.detach().requires_grad_(True)
             v = self.field(t, xr)
             div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
             for i in range(x.shape[1]):
-                (g,) = torch.autograd.grad(v[:, i].sum(), xr, retain_graph=i + 1 < x.shape[1])
+                (g,) = torch.autograd.grad(v[:, i].sum(), xr, retain_graph=create or i + 1 < x.shape[1],
+                                           create_graph=create)
                 div = div + g[:, i]
-        return v.detach(), div.detach()
+        return (v, div) if create else (v.detach(), div.detach())
 
 
 def as_dynamics(dyn: object) -> Dynamics:
@@ -141,15 +144,17 @@ def _check_state(x: Tensor) -> None:
 
 
 def integrate(dyn: Dynamics | object, x0: Tensor, *, t0: float = 0.0, t1: float = 1.0, likelihood: bool = True,
-              solver: SolverConfig | None = None) -> FlowResult:
+              solver: SolverConfig | None = None, differentiable: bool = False) -> FlowResult:
     """Solve dx/dt = v from t0 to t1 (t1 < t0 integrates backwards), jointly with
-    dlogp = int_{t0}^{t1} div v dt when ``likelihood``. Runs without building autograd graphs."""
+    dlogp = int_{t0}^{t1} div v dt when ``likelihood``. Runs without building autograd graphs unless
+    ``differentiable`` (training by energy: backpropagation through the solver's steps; the field's
+    divergence must then be differentiable, e.g. the EGNN's reference path or Hutchinson)."""
     solver = solver or SolverConfig()
     _check_state(x0)
     rhs = _Counted(as_dynamics(dyn) if likelihood else dyn)
     ts = torch.tensor([t0, t1], dtype=x0.dtype, device=x0.device)
     kw = solver.odeint_kwargs(t0, t1)
-    with torch.no_grad():
+    with torch.set_grad_enabled(differentiable):
         if likelihood:
             l0 = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
             xs, ls = odeint(rhs.augmented, (x0, l0), ts, **kw)

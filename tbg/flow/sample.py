@@ -49,6 +49,7 @@ class SampleConfig:
     memory_budget_gb: float | None = None
     seed: int = 0
     dtype: str = "float32"
+    device: str | None = None  # where latents go; default: the EGNN's device for tbg dynamics, else the CPU
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -88,7 +89,7 @@ def _write_npz(path: Path, **arrays: np.ndarray) -> None:
 
 def _manifest(cfg: SampleConfig, n_atoms: int, batch_size: int) -> dict:
     keep = asdict(cfg)
-    for k in ("progress", "memory_budget_gb"):
+    for k in ("progress", "memory_budget_gb", "device"):
         keep.pop(k)
     return {**keep, "batch_size": batch_size, "n_atoms": n_atoms}
 
@@ -124,7 +125,10 @@ def sample(dyn: Dynamics, n_atoms: int, out_dir: str | Path, config: SampleConfi
 
     prior = MeanFreeGaussian(n_atoms)
     dtype = getattr(torch, cfg.dtype)
-    device = egnn.embedding.weight.device if egnn is not None else torch.device("cpu")
+    if cfg.device is not None:
+        device = torch.device(cfg.device)
+    else:
+        device = egnn.embedding.weight.device if egnn is not None else torch.device("cpu")
     n_chunks = math.ceil(cfg.n_samples / batch)
     mine = [c for c in range(rank, n_chunks, world) if not (out / "chunks" / f"chunk_{c:06d}.npz").exists()]
     for c in tqdm(mine, disable=not cfg.progress or rank != 0, desc=f"sample (rank {rank}/{world})"):

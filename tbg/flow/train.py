@@ -275,8 +275,10 @@ def train(model: EGNN, train_data: Iterable[Any], out_dir: str | Path, config: T
 
     net: Callable[..., Tensor] = model
     if world > 1:
+        # find_unused_parameters: the published network computes embedding_out and the last layer's
+        # node update, which the vector field never uses, so they get no gradient.
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
     csv_log = _CsvLog(out / "train_log.csv", step) if rank == 0 else None
     history: list[dict[str, Any]] = []
