@@ -2,23 +2,591 @@
 
 Every subcommand takes its options from flags and, optionally, from a TOML config file
 (`--config run.toml`, keys named like the long flags with dashes or underscores); flags win over
-the file. Jobs that produce files write them into `--out` together with the resolved config.
+the file, the file wins over the built-in defaults. Jobs that produce files write them into `--out`
+together with the resolved config (config.json). The jobs themselves live in the library (tbg.chem,
+tbg.flow, tbg.evaluate); this module only turns options into calls.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
+import shutil
+import subprocess
 import sys
+import time
 import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("tbg")
 
+ALA2_DATA = Path(__file__).resolve().parent / "data" / "alanine-dipeptide"  # shipped MD data (tbg.chem.data)
+TRANSFER_FEATURES = 76  # [2 residue positions, 20 amino acids, 54 atom types] (tbg-model.md)
+PUBLISHED_ALA2_FEATURES = 21  # the published alanine-dipeptide one-hot width (see tbg.chem.encoding)
+
 
 class UsageError(Exception):
-    """Bad input from the user: reported as one line, exit status 2."""
+    """Bad input from the user: reported as one line with the command's usage, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Options. Every option's default lives in DEFAULTS (the published alanine-dipeptide settings where
+# the paper fixes them); argparse defaults are None so that "not given" can be told apart from
+# "given with the default value" when a config file or a demo preset fills in the rest.
+DEFAULTS: dict[str, Any] = {
+    # model and training (published alanine dipeptide: H = 64, L = 5, Adam 5e-4, batch 256)
+    "hidden": 64, "layers": 5, "steps": 1000, "epochs": None, "batch_size": 256, "lr": 5e-4,
+    "lr_milestones": [], "ema": None, "val_fraction": 0.1, "checkpoint_every": 100, "encoding": "auto",
+    "backend": "auto",
+    # sampling (published: dopri5, atol = rtol = 1e-4, batches of 500)
+    "n": 1000, "sample_batch_size": 500, "likelihood": "joint", "method": "dopri5", "atol": 1e-4, "rtol": 1e-4,
+    "ode_steps": 20, "quadrature": 16, "dtype": "float32",
+    # evaluation
+    "md_frames": 5000, "temperature": None, "clip_quantile": None, "bins": 60, "bootstrap": 200,
+    # simulation (published: 0.5 fs Langevin, frames every 10000 steps)
+    "frames": 1000, "frame_interval": 10000, "equilibration": 20000, "timestep_fs": 0.5,
+}
+
+# `tbg demo` presets, applied over DEFAULTS. "default" is tuned to finish within ~15 minutes on a
+# 2-core CPU (see README); "full" is the published alanine-dipeptide setup for a GPU.
+DEMO_PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {"hidden": 16, "layers": 2, "steps": 40, "batch_size": 32, "checkpoint_every": 20, "n": 48,
+              "sample_batch_size": 48, "likelihood": "decoupled", "quadrature": 4, "method": "rk4",
+              "ode_steps": 4, "md_frames": 300, "bootstrap": 20, "out": "tbg-demo-quick"},
+    "default": {"hidden": 32, "layers": 3, "steps": 1200, "batch_size": 64, "checkpoint_every": 100,
+                "lr_milestones": [900], "n": 1000, "sample_batch_size": 250, "likelihood": "decoupled",
+                "quadrature": 8, "atol": 1e-3, "rtol": 1e-3, "md_frames": 2000, "out": "tbg-demo"},
+    "full": {"epochs": 1000, "n": 100_000, "md_frames": 20_000, "out": "tbg-demo-full"},
+}
+
+
+def _opt(p: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, help: str, **kw: Any) -> None:
+    """Add an option whose default lives in DEFAULTS, quoting that default in the help text."""
+    key = flag.lstrip("-").replace("-", "_")
+    if key in DEFAULTS and DEFAULTS[key] not in (None, []):
+        help = f"{help} (default: {DEFAULTS[key]})"
+    p.add_argument(flag, default=None, help=help, **kw)
+
+
+def _common(p: argparse.ArgumentParser, out_help: str | None) -> None:
+    if out_help is not None:
+        p.add_argument("--out", metavar="DIR", help=out_help)
+    p.add_argument("--device", metavar="DEV", default=None,
+                   help="torch device: cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    p.add_argument("--no-progress", action="store_true", default=None, help="hide progress bars")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and training")
+    _opt(g, "--hidden", "hidden size H of the EGNN", type=int, metavar="H")
+    _opt(g, "--layers", "number of EGNN layers L", type=int, metavar="L")
+    _opt(g, "--steps", "optimizer steps", type=int, metavar="N")
+    _opt(g, "--epochs", "train for this many passes over the data instead of --steps", type=int, metavar="E")
+    _opt(g, "--batch-size", "molecules per training batch", type=int, metavar="B")
+    _opt(g, "--lr", "Adam learning rate", type=float)
+    _opt(g, "--lr-milestones", "steps at which the learning rate is divided by 10", type=int, nargs="*",
+         metavar="STEP")
+    _opt(g, "--ema", "exponential moving average of the weights, e.g. 0.999 (default: off)", type=float,
+         metavar="DECAY")
+    _opt(g, "--val-fraction", "fraction of the MD frames held out for validation", type=float, metavar="F")
+    _opt(g, "--checkpoint-every", "steps between checkpoints (the run resumes from the newest)", type=int,
+         metavar="N")
+    _opt(g, "--encoding", "atom features: 'atoms' (one class per atom, alanine-dipeptide model), 'transfer' "
+         "(76-wide transferable encoding), 'auto' = atoms for one molecule, transfer for several",
+         choices=["auto", "atoms", "transfer"])
+    _opt(g, "--backend", "EGNN implementation: auto (fused kernels when available), fused, reference",
+         choices=["auto", "fused", "reference"])
+
+
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    _opt(g, "--n", "number of samples", type=int, metavar="N")
+    _opt(g, "--sample-batch-size", "samples integrated together (one resumable chunk each)", type=int,
+         metavar="B")
+    _opt(g, "--likelihood", "joint: exact dlogp on the augmented ODE (published); decoupled: x path, then "
+         "Gauss-Legendre quadrature of the exact divergence (cheaper); none: samples only",
+         choices=["joint", "decoupled", "none"])
+    g.add_argument("--no-likelihood", action="store_true", default=None,
+                   help="samples only, no dlogp (same as --likelihood none)")
+    _opt(g, "--method", "ODE solver: dopri5 (adaptive) or a fixed-step rk4/midpoint/euler", metavar="NAME")
+    _opt(g, "--atol", "absolute tolerance of adaptive solvers", type=float)
+    _opt(g, "--rtol", "relative tolerance of adaptive solvers", type=float)
+    _opt(g, "--ode-steps", "steps of fixed-step solvers", type=int, metavar="N")
+    _opt(g, "--quadrature", "quadrature nodes of --likelihood decoupled", type=int, metavar="K")
+    _opt(g, "--dtype", "floating-point type of the integration", choices=["float32", "float64"])
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation")
+    _opt(g, "--md-frames", "MD frames compared against (evenly thinned; energies are computed for each)",
+         type=int, metavar="N")
+    _opt(g, "--temperature", "temperature in K for the energies (default: 300 for capped peptides such as "
+         "alanine dipeptide, 310 otherwise)", type=float, metavar="K")
+    _opt(g, "--clip-quantile", "clip log weights above this quantile for the reweighted estimates, e.g. "
+         "0.999 (default: no clipping)", type=float, metavar="Q")
+    _opt(g, "--bins", "histogram bins of the free-energy profiles", type=int)
+    _opt(g, "--bootstrap", "bootstrap resamples for the free-energy error bars", type=int, metavar="N")
+
+
+def _resolve(args: argparse.Namespace, *presets: dict[str, Any]) -> None:
+    """Fill every option still None from the presets (later wins) and then DEFAULTS."""
+    for key, value in vars(args).items():
+        if value is None and not key.startswith("_"):
+            for source in (*reversed(presets), DEFAULTS):
+                if key in source:
+                    setattr(args, key, source[key])
+                    break
+    if args.seed is None:
+        args.seed = 0
+    if getattr(args, "no_likelihood", None):
+        args.likelihood = "none"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers shared by the subcommands.
+
+def _device(args: argparse.Namespace):  # -> torch.device
+    import torch
+
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"--device {name!r} is not a torch device ({err}); use cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this torch has no usable CUDA device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _out_dir(args: argparse.Namespace, *, record: bool = True) -> Path:
+    """The --out folder, checked, with the resolved options in config.json (unless the job records them
+    itself after further checks)."""
+    if not args.out:
+        raise UsageError("--out DIR is required: the folder that receives this run's files")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder; choose another path")
+    if record:
+        write_resolved_config(args, out)
+    return out
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.no_progress
+
+
+@dataclass
+class MDData:
+    """One molecule's MD data in the published layout: {name}-traj-state0.pdb + {name}-traj-arrays.npz."""
+
+    name: str
+    pdb: Path
+    arrays: Path
+
+
+def _md_data(paths: list[str]) -> list[MDData]:
+    """Resolve --data arguments: folders (every *-traj-arrays.npz in them) or single arrays files."""
+    found: list[MDData] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            arrays = sorted(path.glob("*-traj-arrays.npz"))
+            if not arrays:
+                raise UsageError(f"--data {path}: no *-traj-arrays.npz files in this folder; run "
+                                 f"`tbg simulate --out {path}` first or point to the MD data folder")
+        elif path.is_file() and path.name.endswith("-traj-arrays.npz"):
+            arrays = [path]
+        else:
+            raise UsageError(f"--data {path}: expected a folder with MD data or a file named "
+                             f"NAME-traj-arrays.npz (with NAME-traj-state0.pdb beside it)")
+        for a in arrays:
+            name = a.name[: -len("-traj-arrays.npz")]
+            pdb = a.with_name(f"{name}-traj-state0.pdb")
+            if not pdb.is_file():
+                raise UsageError(f"{a} has no topology {pdb.name} beside it")
+            found.append(MDData(name, pdb, a))
+    return found
+
+
+def _features(n_features: int, topology, encoding: str = "auto"):  # -> torch.Tensor [N, F]
+    """Atom features of ``topology`` for a model whose embedding takes ``n_features`` (+ time) inputs.
+
+    The encoding is chosen by width: 76 = transfer encoding; N (the number of atoms) = one class per atom
+    (our alanine-dipeptide style models); 21 for 22 atoms = the published alanine-dipeptide encoding.
+    """
+    from tbg.chem import encoding as enc
+
+    n_atoms = topology.getNumAtoms()
+    if encoding == "transfer" or (encoding == "auto" and n_features == TRANSFER_FEATURES):
+        return enc.encode_transfer(topology)
+    if encoding == "atoms" or (encoding == "auto" and n_features == n_atoms):
+        return enc.encode_atoms(topology, n_classes=n_features)
+    if encoding == "auto" and n_features == PUBLISHED_ALA2_FEATURES and n_atoms == 22:
+        log.warning("using the published alanine-dipeptide encoding: valid only for the openmmtools atom "
+                    "order of Ace-Ala-Nme (the order of the published data)")
+        return enc.published_alanine_dipeptide_encoding()
+    raise UsageError(
+        f"the checkpoint expects {n_features} atom features, which fits neither the transfer encoding "
+        f"({TRANSFER_FEATURES}) nor the per-atom encoding of this {n_atoms}-atom molecule ({n_atoms}); "
+        f"check that --peptide/--pdb names the molecule the model was trained on")
+
+
+def _load_pdb(path: Path):  # -> openmm.app.PDBFile
+    import openmm.app as app
+
+    if not path.is_file():
+        raise UsageError(f"topology file not found: {path}")
+    return app.PDBFile(str(path))
+
+
+def _solver(args: argparse.Namespace):
+    from tbg.flow import SolverConfig
+
+    return SolverConfig(method=args.method, atol=args.atol, rtol=args.rtol, n_steps=args.ode_steps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The jobs (each used by its subcommand and by `demo`).
+
+def run_train(args: argparse.Namespace, data: list[MDData], out: Path) -> Path:
+    """Flow-matching training on MD data; returns the final model path (out/model.pt)."""
+    import torch
+    from torch.utils.data import Subset
+
+    from tbg.chem.data import PeptideDataset
+    from tbg.flow import RaggedLoader, TrainConfig, train
+    from tbg.nn import EGNN
+
+    device = _device(args)
+    encoding = args.encoding if args.encoding != "auto" else ("atoms" if len(data) == 1 else "transfer")
+    if encoding == "atoms" and len(data) > 1:
+        raise UsageError("--encoding atoms describes one molecule; use --encoding transfer for several")
+    if not 0 <= args.val_fraction < 1:
+        raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    frames = PeptideDataset([d.arrays for d in data], encoding=encoding)
+    # A fixed random subset of frames is held out for the validation loss.
+    order = torch.randperm(len(frames), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    n_val = int(args.val_fraction * len(frames))
+    train_set, val_set = Subset(frames, order[n_val:]), Subset(frames, order[:n_val])
+    if len(train_set) == 0:
+        raise UsageError(f"no training frames left after holding out --val-fraction {args.val_fraction}")
+    loader = RaggedLoader(train_set, args.batch_size, seed=args.seed, drop_last=len(train_set) >= args.batch_size)
+    val = RaggedLoader(val_set, args.batch_size, shuffle=False) if n_val else None
+    n_steps = args.steps if args.epochs is None else args.epochs * len(loader)
+    n_features = frames.features[frames.names[0]].shape[1]
+    torch.manual_seed(args.seed)
+    model = EGNN(n_features, hidden=args.hidden, n_layers=args.layers).to(device)
+    # Beside the weights: the topology and encoding, so `tbg sample --checkpoint` needs nothing else.
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"encoding": encoding, "n_features": n_features, "hidden": args.hidden, "layers": args.layers,
+            "molecules": [d.name for d in data]}
+    meta_file = out / "model.json"
+    if meta_file.is_file() and json.loads(meta_file.read_text()) != meta:
+        raise UsageError(f"{out} holds a training run with other settings ({meta_file.read_text().strip()}); "
+                         f"rerun with those settings to resume it, or choose a new --out")
+    meta_file.write_text(json.dumps(meta, indent=1) + "\n")
+    write_resolved_config(args, out)
+    shutil.copyfile(data[0].pdb, out / "topology.pdb")
+    config = TrainConfig(n_steps=n_steps, lr=args.lr, lr_milestones=tuple(args.lr_milestones), seed=args.seed,
+                         checkpoint_every=args.checkpoint_every, validate_every=args.checkpoint_every,
+                         ema_decay=args.ema, backend=args.backend, progress=_progress(args))
+    log.info("training %s on %d train / %d validation frames of %s for %d steps on %s",
+             model.extra_repr(), len(train_set), len(val_set), ", ".join(d.name for d in data), n_steps, device)
+    result = train(model, loader, out, config, val_data=val)
+    if result.history:
+        log.info("trained to step %d: loss %.4g, validation loss %s -> %s", result.step, result.train_loss,
+                 "-" if result.val_loss is None else f"{result.val_loss:.4g}", result.model_path)
+    return result.model_path
+
+
+def run_sample(args: argparse.Namespace, checkpoint: Path, topology_pdb: Path, out: Path,
+               encoding: str = "auto") -> Path:
+    """Sample a checkpoint (published or ours) for the molecule in ``topology_pdb``; returns samples.npz."""
+    import torch
+
+    from tbg.flow import SampleConfig, sample
+    from tbg.nn import load_published
+    from tbg.nn.checkpoint import egnn_state, infer_config, read_checkpoint
+
+    device = _device(args)
+    pdb = _load_pdb(topology_pdb)
+    n_features = infer_config(egnn_state(read_checkpoint(checkpoint)))["n_features"]
+    features = _features(n_features, pdb.topology, encoding).to(device)
+    dyn = load_published(checkpoint, features.to(getattr(torch, args.dtype)), backend=args.backend)
+    out.mkdir(parents=True, exist_ok=True)
+    if topology_pdb.resolve() != (out / "topology.pdb").resolve():
+        shutil.copyfile(topology_pdb, out / "topology.pdb")
+    config = SampleConfig(n_samples=args.n, batch_size=args.sample_batch_size, likelihood=args.likelihood,
+                          solver=_solver(args), n_quadrature=args.quadrature, seed=args.seed, dtype=args.dtype,
+                          device=str(device), progress=_progress(args))
+    log.info("sampling %d configurations of %s (%d atoms) with likelihood=%s, %s", args.n, topology_pdb.name,
+             dyn.n_atoms, args.likelihood, config.solver)
+    return sample(dyn, dyn.n_atoms, out, config)
+
+
+def run_evaluate(args: argparse.Namespace, samples_npz: Path, md: MDData, out: Path) -> tuple[dict, str]:
+    """Validity, energies, reweighting and free energies of samples against MD; writes report + plots."""
+    import mdtraj
+    import numpy as np
+
+    from tbg.chem.energy import EnergyModel
+    from tbg.chem.forcefield import ALANINE_DIPEPTIDE_TEMPERATURE, DIPEPTIDE_TEMPERATURE
+    from tbg.chem.units import SCALE
+    from tbg.evaluate import evaluate
+
+    if not samples_npz.is_file():
+        raise UsageError(f"samples file not found: {samples_npz}; run `tbg sample` first")
+    with np.load(samples_npz) as f:
+        if "samples" not in f:
+            raise UsageError(f"{samples_npz} has no 'samples' array (keys: {', '.join(f.files)})")
+        arrays = {k: f[k] for k in ("samples", "prior_energy", "dlogp") if k in f}
+    pdb = _load_pdb(md.pdb)
+    topology = mdtraj.Topology.from_openmm(pdb.topology)
+    n_atoms = topology.n_atoms
+    x = arrays["samples"]
+    if x.ndim != 2 or x.shape[1] != 3 * n_atoms:
+        raise UsageError(f"{samples_npz}: samples have shape {list(x.shape)}, but {md.pdb.name} has {n_atoms} "
+                         f"atoms ([n, {3 * n_atoms}] expected); evaluate against the molecule that was sampled")
+    with np.load(md.arrays) as f:
+        md_x = f["positions"]
+    md_x = md_x[np.unique(np.linspace(0, len(md_x) - 1, min(args.md_frames, len(md_x))).astype(int))]
+    capped = any(r.name in ("ACE", "NME") for r in pdb.topology.residues())
+    temperature = args.temperature or (ALANINE_DIPEPTIDE_TEMPERATURE if capped else DIPEPTIDE_TEMPERATURE)
+    weights = {"prior_energy": arrays["prior_energy"], "dlogp": arrays["dlogp"]} if "dlogp" in arrays else {}
+    if not weights:
+        log.warning("%s has no dlogp (sampled without likelihood): no reweighting", samples_npz)
+    with EnergyModel(pdb.topology, temperature=temperature) as energy:
+        return evaluate(x.reshape(len(x), n_atoms, 3) / SCALE, topology=topology,
+                        reference_positions_nm=np.asarray(pdb.getPositions(asNumpy=True)._value),
+                        md_positions_nm=md_x, out_dir=out,
+                        energy_fn=lambda pos: energy.reduced_energy(pos, unit="nm"),
+                        clip_quantile=args.clip_quantile, bins=args.bins, n_bootstrap=args.bootstrap,
+                        seed=args.seed, **weights)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Subcommands.
+
+def _configure_simulate(p: argparse.ArgumentParser) -> None:
+    _common(p, "folder for NAME-traj-state0.pdb and NAME-traj-arrays.npz (required)")
+    p.add_argument("--peptide", metavar="SEQ", help="'ala2' (Ace-Ala-Nme, 300 K) or a zwitterionic sequence "
+                   "such as AY (310 K) (default: ala2)")
+    g = p.add_argument_group("simulation (published settings by default)")
+    _opt(g, "--frames", "frames to write (a rerun resumes or extends)", type=int, metavar="N")
+    _opt(g, "--frame-interval", "MD steps between frames", type=int, metavar="STEPS")
+    _opt(g, "--equilibration", "MD steps before the first frame", type=int, metavar="STEPS")
+    _opt(g, "--timestep-fs", "Langevin time step in fs", type=float, metavar="FS")
+    _opt(g, "--temperature", "temperature in K (default: 300 for ala2, 310 otherwise)", type=float, metavar="K")
+
+
+def _cmd_simulate(args: argparse.Namespace) -> None:
+    from tbg.chem.md import simulate
+
+    _resolve(args, {"peptide": "ala2"})
+    out = _out_dir(args)
+    path = simulate(args.peptide, out, n_frames=args.frames, frame_interval_steps=args.frame_interval,
+                    equilibration_steps=args.equilibration, timestep_fs=args.timestep_fs,
+                    temperature=args.temperature, seed=args.seed, progress=_progress(args))
+    print(f"MD data: {path}")
+
+
+def _configure_train(p: argparse.ArgumentParser) -> None:
+    _common(p, "run folder: checkpoints/, model.pt, train_log.csv (required; a rerun resumes)")
+    p.add_argument("--data", nargs="+", metavar="PATH",
+                   help="MD data: folders with NAME-traj-arrays.npz + NAME-traj-state0.pdb, or arrays files "
+                        f"(default: the shipped alanine dipeptide data, {ALA2_DATA})")
+    _model_args(p)
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    _resolve(args)
+    data = _md_data(args.data or [str(ALA2_DATA)])
+    out = _out_dir(args, record=False)  # run_train records them once the folder is known to fit
+    print(f"model: {run_train(args, data, out)}")
+
+
+def _configure_sample(p: argparse.ArgumentParser) -> None:
+    _common(p, "folder for samples.npz (latents, samples [n, 3N] in model units, dlogp, prior_energy) and "
+               "topology.pdb (required; a rerun resumes)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", metavar="PATH", help="a `tbg train` run folder or one of its .pt files")
+    src.add_argument("--published", metavar="CKPT", help="a checkpoint trained with the published TBG code")
+    mol = p.add_mutually_exclusive_group()
+    mol.add_argument("--peptide", metavar="SEQ", help="molecule to sample: 'ala2' or a zwitterionic sequence "
+                     "such as AY (built with tbg.chem)")
+    mol.add_argument("--pdb", metavar="FILE", help="molecule to sample, as a PDB file (atom order of the output)")
+    p.add_argument("--encoding", choices=["auto", "atoms", "transfer"], default=None,
+                   help="atom features; auto picks by the checkpoint's input width: 76 = transfer, N atoms = "
+                        "atoms, 21 = published alanine dipeptide (default: auto)")
+    p.add_argument("--backend", choices=["auto", "fused", "reference"], default=None,
+                   help="EGNN implementation (default: auto)")
+    _sample_args(p)
+
+
+def _checkpoint_source(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """(checkpoint file, default topology) from --checkpoint (a run folder or file) or --published."""
+    from tbg.flow import latest_checkpoint
+
+    if args.published:
+        return Path(args.published), None
+    if not args.checkpoint:
+        raise UsageError("give --checkpoint RUN (a `tbg train` folder or .pt file) or --published CKPT")
+    path = Path(args.checkpoint)
+    run = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    if path.is_dir():
+        path = path / "model.pt" if (path / "model.pt").is_file() else latest_checkpoint(path)
+        if path is None:
+            raise UsageError(f"--checkpoint {args.checkpoint}: no model.pt or checkpoints/step_*.pt in this folder")
+    topology = run / "topology.pdb"
+    return path, topology if topology.is_file() else None
+
+
+def _topology_for(args: argparse.Namespace, default: Path | None, out: Path) -> Path:
+    """The PDB of the molecule to sample: --pdb, --peptide (built and written to out), or the run's."""
+    from tbg.chem.md import resolve_peptide
+
+    if args.pdb:
+        return Path(args.pdb)
+    if args.peptide:
+        try:
+            peptide = resolve_peptide(args.peptide)
+        except ValueError as err:
+            raise UsageError(f"--peptide {args.peptide}: {err}") from err
+        return peptide.to_pdb(out / "topology.pdb")
+    if default is None:
+        raise UsageError("name the molecule to sample with --peptide SEQ or --pdb FILE")
+    return default
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    _resolve(args)
+    checkpoint, default_topology = _checkpoint_source(args)
+    if not checkpoint.is_file():
+        raise UsageError(f"checkpoint file not found: {checkpoint}")
+    out = _out_dir(args)
+    path = run_sample(args, checkpoint, _topology_for(args, default_topology, out), out, args.encoding)
+    print(f"samples: {path}\ntopology: {out / 'topology.pdb'}")
+
+
+def _configure_evaluate(p: argparse.ArgumentParser) -> None:
+    _common(p, "folder for report.json and the plots (required)")
+    p.add_argument("--samples", metavar="PATH", help="samples.npz of `tbg sample`, or its folder (required)")
+    p.add_argument("--data", metavar="PATH", help="MD data of the same molecule: NAME-traj-arrays.npz or its "
+                   f"folder (default: the shipped alanine dipeptide data, {ALA2_DATA})")
+    _eval_args(p)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    _resolve(args)
+    if not args.samples:
+        raise UsageError("--samples PATH is required (samples.npz written by `tbg sample`)")
+    samples = Path(args.samples)
+    samples = samples / "samples.npz" if samples.is_dir() else samples
+    data = _md_data([args.data or str(ALA2_DATA)])
+    if len(data) != 1:
+        raise UsageError(f"--data {args.data} holds {len(data)} molecules; name one NAME-traj-arrays.npz file")
+    out = _out_dir(args)
+    run_evaluate(args, samples, data[0], out)  # logs the summary table
+    print(f"report: {out / 'report.json'}")
+
+
+def _configure_demo(p: argparse.ArgumentParser) -> None:
+    _common(p, "run folder (default: tbg-demo, tbg-demo-quick or tbg-demo-full); rerunning continues")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", default=None,
+                      help="tiny settings (about a minute on a CPU; a smoke test, not a result)")
+    size.add_argument("--full", action="store_true", default=None,
+                      help="published alanine-dipeptide settings (H 64, L 5, 1000 epochs, 1e5 samples with the "
+                           "joint exact likelihood at dopri5 1e-4); meant for a GPU")
+    p.add_argument("--data", metavar="PATH", help=f"MD data (default: shipped alanine dipeptide, {ALA2_DATA})")
+    _model_args(p)
+    _sample_args(p)
+    _eval_args(p)
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    preset = "quick" if args.quick else "full" if args.full else "default"
+    _resolve(args, DEMO_PRESETS[preset])
+    args.preset = preset
+    data = _md_data([args.data or str(ALA2_DATA)])
+    if len(data) != 1:
+        raise UsageError(f"the demo trains on one molecule; --data {args.data} holds {len(data)}")
+    out = _out_dir(args)
+    t0 = time.perf_counter()
+    log.info("== tbg demo (%s) on %s -> %s", preset, data[0].name, out)
+    log.info("== 1/3 train")
+    model = run_train(args, data, out / "train")
+    log.info("== 2/3 sample with likelihood=%s", args.likelihood)
+    samples = run_sample(args, model, out / "train" / "topology.pdb", out / "sample")
+    log.info("== 3/3 validate, reweight, evaluate")
+    report, table = run_evaluate(args, samples, data[0], out / "evaluate")
+    wall = time.perf_counter() - t0
+    summary = _demo_summary(report, wall)
+    (out / "summary.txt").write_text(table + "\n\n" + summary + "\n")
+    print(summary)
+
+
+def _demo_summary(report: dict[str, Any], wall_s: float) -> str:
+    ess, d = report["ess"], report["delta_f"]
+
+    def df(label: str) -> str:
+        e = d[label]
+        return "-" if e is None or e["value"] is None else f"{e['value']:.2f} +- {e['stderr'] or math.nan:.2f} kT"
+
+    ess_text = "-" if ess["kish_fraction"] is None else f"{100 * ess['kish_fraction']:.2f}% ({ess['kish_n']:.0f} samples)"
+    return "\n".join([
+        f"summary ({report['n_samples']} samples, {wall_s / 60:.1f} min this run):",
+        f"  correct configurations  {100 * report['correct_configuration_rate']:.1f}%",
+        f"  ESS (Kish)              {ess_text}",
+        f"  dF phi basin  MD        {df('MD')}",
+        f"                model     {df('model')}",
+        f"                reweighted {df('reweighted')}",
+    ])
+
+
+def _bench_dir() -> Path:
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    if not bench.is_dir():
+        raise UsageError(f"no bench/ folder at {bench}: `tbg bench` runs the scripts of a source checkout "
+                         "(pip install -e . from the repository)")
+    return bench
+
+
+def _configure_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="scripts to run: bench_NAME.py or NAME.py in bench/ (default: every bench_*.py)")
+    p.add_argument("--list", action="store_true", help="list the benchmark scripts and exit")
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    bench = _bench_dir()
+    scripts = sorted(bench.glob("bench_*.py"))
+    if args.list:
+        print("\n".join(s.stem.removeprefix("bench_") for s in scripts))
+        return
+    if args.names:
+        chosen = []
+        for name in args.names:
+            match = [s for s in (bench / f"bench_{name}.py", bench / f"{name}.py", bench / name) if s.is_file()]
+            if not match:
+                raise UsageError(f"no benchmark {name!r}; available: "
+                                 f"{', '.join(s.stem.removeprefix('bench_') for s in scripts)}")
+            chosen.append(match[0])
+        scripts = chosen
+    failed = []
+    for script in scripts:
+        print(f"== {script.name}", flush=True)
+        if subprocess.run([sys.executable, str(script)], cwd=bench.parent).returncode != 0:
+            failed.append(script.name)
+    if failed:
+        raise RuntimeError(f"benchmark(s) failed: {', '.join(failed)}")
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -40,9 +608,19 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
 
-# Subcommands: name -> (help, configure-parser, run). Other modules add theirs in _register().
+# Subcommands: name -> (help, configure-parser, run).
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]
 COMMANDS: dict[str, Command] = {
+    "simulate": ("run MD of a peptide with OpenMM into the published data layout (resumable)",
+                 _configure_simulate, _cmd_simulate),
+    "train": ("train the EGNN flow by flow matching on MD data (resumable)", _configure_train, _cmd_train),
+    "sample": ("sample a trained or published model with exact likelihood into an .npz (resumable)",
+               _configure_sample, _cmd_sample),
+    "evaluate": ("check validity, reweight and compare samples with MD: report.json, plots, summary",
+                 _configure_evaluate, _cmd_evaluate),
+    "demo": ("the main job: train, sample, validate, reweight and evaluate on the shipped alanine dipeptide "
+             "data (resumable)", _configure_demo, _cmd_demo),
+    "bench": ("run the benchmark scripts in bench/ and print their tables", _configure_bench, _cmd_bench),
     "info": ("show how tbg was built, which devices and kernels are available", lambda p: None, _cmd_info),
 }
 
@@ -69,7 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name, (help_text, configure, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                           epilog="Options can also come from a TOML file: --config run.toml with keys named "
+                                  "like the long flags (hidden = 32, sample-batch-size = 100); flags win.")
         p.add_argument("--config", metavar="FILE", help="TOML file with options (flags override it)")
         configure(p)
         p.set_defaults(_run=run, _parser=p)
@@ -96,7 +676,6 @@ def write_resolved_config(args: argparse.Namespace, out_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _register()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
@@ -105,17 +684,13 @@ def main(argv: list[str] | None = None) -> int:
         args._run(args)
     except UsageError as err:
         args._parser.error(str(err))  # prints usage + message, exits 2
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"tbg {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"tbg {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
-
-
-def _register() -> None:
-    """Add the subcommands whose implementations live in tbg's modules."""
 
 
 if __name__ == "__main__":

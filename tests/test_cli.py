@@ -1,0 +1,224 @@
+"""The `tbg` command end to end on tiny settings: every subcommand's help, bad input, the
+simulate -> train -> sample -> evaluate chain, resuming, `demo --quick`, and published checkpoints."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tbg
+from tbg.cli import COMMANDS, main
+
+# Tiny sampling: fixed-step solver, decoupled likelihood with few quadrature nodes.
+FAST_SAMPLE = ["--method", "rk4", "--ode-steps", "2", "--likelihood", "decoupled", "--quadrature", "2",
+               "--no-progress"]
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of `tbg argv` (argparse errors exit through SystemExit)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def md_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short alanine-dipeptide trajectory made by `tbg simulate` (seconds)."""
+    out = tmp_path_factory.mktemp("md")
+    assert main(["simulate", "--out", str(out), "--peptide", "ala2", "--frames", "40", "--frame-interval", "50",
+                 "--equilibration", "0", "--no-progress"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help(command: str | None, capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run(([command] if command else []) + ["--help"], capsys)
+    assert code == 0
+    assert out.startswith("usage: tbg")
+    if command:
+        assert COMMANDS[command][0].split()[0] in out.lower()  # the command's own description
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "required"),
+    (["nonsense"], "invalid choice"),
+    (["train", "--steps", "many"], "invalid int value"),
+    (["train", "--hidden", "8"], "--out DIR is required"),
+    (["sample", "--out", "{tmp}/s"], "--checkpoint"),
+    (["sample", "--checkpoint", "{tmp}/missing.pt", "--peptide", "AY", "--out", "{tmp}/s"], "not found"),
+    (["sample", "--published", "{tmp}/x.pt", "--checkpoint", "{tmp}/y", "--out", "{tmp}/s"], "not allowed"),
+    (["evaluate", "--out", "{tmp}/e"], "--samples"),
+    (["evaluate", "--samples", "{tmp}/none.npz", "--data", "{tmp}", "--out", "{tmp}/e"], "no *-traj-arrays.npz"),
+    (["train", "--data", "{tmp}/nowhere", "--out", "{tmp}/t"], "--data"),
+    (["bench", "no_such_benchmark"], "no benchmark 'no_such_benchmark'"),
+    (["info", "--config", "{tmp}/missing.toml"], "config file not found"),
+    (["demo", "--quick", "--full"], "not allowed with"),
+])
+def test_bad_arguments(argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run([a.format(tmp=tmp_path) for a in argv], capsys)
+    assert code != 0
+    assert message in err
+
+
+def test_config_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('hiden = 8\n')
+    code, _, err = run(["train", "--config", bad, "--out", tmp_path / "t"], capsys)
+    assert code == 2 and "unknown option 'hiden'" in err
+    broken = tmp_path / "broken.toml"
+    broken.write_text('hidden = \n')
+    code, _, err = run(["train", "--config", broken, "--out", tmp_path / "t"], capsys)
+    assert code == 2 and "not valid TOML" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_device_without_cuda(tmp_path: Path, md_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = run(["train", "--data", md_dir, "--out", tmp_path / "t", "--device", "cuda"], capsys)
+    assert code == 2 and "--device cpu" in err
+
+
+def test_pipeline(md_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """simulate (fixture) -> train (config file + flags) -> sample -> evaluate; reruns resume."""
+    assert {p.name for p in md_dir.iterdir()} >= {"ala2-traj-state0.pdb", "ala2-traj-arrays.npz", "config.json"}
+    config = tmp_path / "train.toml"
+    config.write_text('hidden = 8\nlayers = 1\nbatch-size = 8\ncheckpoint_every = 3\nsteps = 100\n')
+    train_dir = tmp_path / "train"
+    train_argv = ["train", "--config", config, "--data", md_dir, "--out", train_dir, "--steps", "3", "--no-progress"]
+    code, out, err = run(train_argv, capsys)
+    assert code == 0, err
+    resolved = json.loads((train_dir / "config.json").read_text())
+    assert (resolved["hidden"], resolved["layers"], resolved["steps"], resolved["batch_size"]) == (8, 1, 3, 8)
+    assert (train_dir / "model.pt").is_file() and (train_dir / "topology.pdb").is_file()
+    # More steps in the same folder continue from the newest checkpoint.
+    code, _, err = run(train_argv[:-3] + ["--steps", "6", "--no-progress"], capsys)
+    assert code == 0, err
+    rows = (train_dir / "train_log.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows][-1] == 6
+    assert torch.load(train_dir / "model.pt", weights_only=True)["global_it"] == 6
+    # Other model settings in the same folder are refused rather than mixed.
+    code, _, err = run(train_argv[:-3] + ["--hidden", "16"], capsys)
+    assert code == 2 and "other settings" in err
+
+    sample_dir = tmp_path / "sample"
+    code, out, err = run(["sample", "--checkpoint", train_dir, "--n", 6, "--sample-batch-size", 4, "--out",
+                          sample_dir, *FAST_SAMPLE], capsys)
+    assert code == 0, err
+    with np.load(sample_dir / "samples.npz") as f:
+        assert f["samples"].shape == f["latents"].shape == (6, 66)
+        assert f["dlogp"].shape == f["prior_energy"].shape == (6,)
+        first = f["samples"].copy()
+    # A rerun finds every chunk on disk and reproduces the same file.
+    code, _, err = run(["sample", "--checkpoint", train_dir, "--n", 6, "--sample-batch-size", 4, "--out",
+                        sample_dir, *FAST_SAMPLE], capsys)
+    assert code == 0, err
+    with np.load(sample_dir / "samples.npz") as f:
+        np.testing.assert_array_equal(f["samples"], first)
+
+    eval_dir = tmp_path / "evaluate"
+    code, out, err = run(["evaluate", "--samples", sample_dir, "--data", md_dir, "--out", eval_dir,
+                          "--md-frames", 20, "--bootstrap", 5], capsys)
+    assert code == 0, err
+    report = json.loads((eval_dir / "report.json").read_text())
+    assert report["n_samples"] == 6 and report["md_n_frames"] == 20
+    assert 0 <= report["correct_configuration_rate"] <= 1
+    assert (eval_dir / "ramachandran.png").is_file() and (eval_dir / "config.json").is_file()
+
+    # Evaluating against a different molecule names the mismatch.
+    other = tmp_path / "other"
+    other.mkdir()
+    np.savez(other / "x-traj-arrays.npz", samples=np.zeros((2, 9)))
+    code, _, err = run(["evaluate", "--samples", other / "x-traj-arrays.npz", "--data", md_dir, "--out",
+                        tmp_path / "e2"], capsys)
+    assert code == 2 and "22 atoms" in err
+
+
+def test_demo_quick(md_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The quick demo runs all three stages and summarises; a rerun continues instead of redoing."""
+    data = tbg.cli.ALA2_DATA if (tbg.cli.ALA2_DATA / "ala2-traj-arrays.npz").is_file() else md_dir
+    argv = ["demo", "--quick", "--data", data, "--out", tmp_path / "demo", "--no-progress"]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert "correct configurations" in out and "ESS (Kish)" in out and "dF phi basin" in out
+    report = json.loads((tmp_path / "demo" / "evaluate" / "report.json").read_text())
+    assert report["n_samples"] == 48
+    assert (tmp_path / "demo" / "summary.txt").is_file()
+    stamp = (tmp_path / "demo" / "sample" / "samples.npz").stat().st_mtime_ns
+    chunks = sorted((tmp_path / "demo" / "sample" / "chunks").iterdir())
+    chunk_stamps = [c.stat().st_mtime_ns for c in chunks]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert [c.stat().st_mtime_ns for c in chunks] == chunk_stamps  # no chunk was sampled again
+    assert (tmp_path / "demo" / "sample" / "samples.npz").stat().st_mtime_ns >= stamp
+
+
+def _random_egnn(n_features: int) -> tbg.EGNN:
+    """A small EGNN whose weights are all random, so that the field is far from zero."""
+    torch.manual_seed(1)
+    model = tbg.EGNN(n_features, hidden=8, n_layers=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return model
+
+
+def test_published_checkpoint_transfer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A 76-feature checkpoint in the published layout samples AY through the CLI; the result equals
+    the library's flow of the same latents with the transfer encoding of the same topology."""
+    from tbg.chem import encode_transfer
+    from tbg.flow import SolverConfig, decoupled_likelihood
+    from tbg.nn.checkpoint import PREFIX
+
+    model = _random_egnn(76)
+    ckpt = tmp_path / "published.pt"
+    tbg.save_published(ckpt, model)
+    assert any(k.startswith(PREFIX) for k in torch.load(ckpt, weights_only=True)["model_state_dict"])
+    out = tmp_path / "ay"
+    code, _, err = run(["sample", "--published", ckpt, "--peptide", "AY", "--n", 5, "--out", out, *FAST_SAMPLE],
+                       capsys)
+    assert code == 0, err
+    import openmm.app as app
+
+    topology = app.PDBFile(str(out / "topology.pdb")).topology
+    n_atoms = topology.getNumAtoms()
+    with np.load(out / "samples.npz") as f:
+        assert set(f.files) >= {"latents", "samples", "dlogp"}
+        assert f["latents"].shape == f["samples"].shape == (5, 3 * n_atoms)
+        assert f["dlogp"].shape == (5,)
+        z, x, dlogp = (torch.from_numpy(f[k]) for k in ("latents", "samples", "dlogp"))
+    assert np.isfinite(dlogp.numpy()).all() and dlogp.abs().max() > 0
+    dyn = tbg.load_published(ckpt, encode_transfer(topology))
+    expected = decoupled_likelihood(dyn, z, n_nodes=2, solver=SolverConfig(method="rk4", n_steps=2))
+    torch.testing.assert_close(x, expected.x, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dlogp, expected.dlogp, rtol=1e-4, atol=1e-4)
+
+    # --no-likelihood: samples only.
+    code, _, err = run(["sample", "--published", ckpt, "--pdb", out / "topology.pdb", "--n", 3, "--out",
+                        tmp_path / "nolik", "--method", "rk4", "--ode-steps", "2", "--no-likelihood",
+                        "--no-progress"], capsys)
+    assert code == 0, err
+    with np.load(tmp_path / "nolik" / "samples.npz") as f:
+        assert f["samples"].shape == (3, 3 * n_atoms) and "dlogp" not in f.files
+
+
+def test_published_checkpoint_atom_encoding(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint whose width is the molecule's atom count takes the per-atom encoding; a width that
+    fits no encoding is refused with the numbers in the message."""
+    pdb = tbg.cli.ALA2_DATA / "ala2-traj-state0.pdb"
+    if not pdb.is_file():
+        pytest.skip("shipped alanine dipeptide data missing")
+    tbg.save_published(tmp_path / "ala2.pt", _random_egnn(22))
+    code, _, err = run(["sample", "--published", tmp_path / "ala2.pt", "--pdb", pdb, "--n", 2, "--out",
+                        tmp_path / "a", *FAST_SAMPLE], capsys)
+    assert code == 0, err
+    with np.load(tmp_path / "a" / "samples.npz") as f:
+        assert f["samples"].shape == (2, 66) and f["dlogp"].shape == (2,)
+    tbg.save_published(tmp_path / "odd.pt", _random_egnn(30))
+    code, _, err = run(["sample", "--published", tmp_path / "odd.pt", "--pdb", pdb, "--n", 2, "--out",
+                        tmp_path / "b", *FAST_SAMPLE], capsys)
+    assert code == 2 and "expects 30 atom features" in err and "76" in err
