@@ -9,7 +9,8 @@ from tbg.evaluate.metrics import (
 )
 from tbg.evaluate.plots import FIGURE_PIXELS
 from tbg.evaluate.report import REPORT_FILE, evaluate, summary_table
-from tbg.evaluate.validity import ValidityChecker, ValidityResult, bond_cutoffs, bond_pairs, chirality_signs
+from tbg.evaluate.validity import (ValidityChecker, ValidityResult, bond_adjacency, bond_cutoffs, bond_pairs,
+                                   chirality_signs)
 
 __all__ = [
     "FIGURE_PIXELS",
@@ -18,6 +19,7 @@ __all__ = [
     "ValidityResult",
     "backbone_torsions",
     "basin_free_energy_difference",
+    "bond_adjacency",
     "bond_cutoffs",
     "bond_pairs",
     "chirality_signs",
