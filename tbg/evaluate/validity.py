@@ -16,6 +16,11 @@ order (nearly always) the heavy-atom mapping is the identity and no search runs;
 skeletons are grouped by a hash of their adjacency so that each distinct skeleton is matched once
 (networkx VF2, with a deadline checked inside the search). Hydrogens are then assigned to their
 parent's reference hydrogens, keeping every hydrogen that is already in its reference slot in place.
+A search that runs out of time marks every sample with that bond graph invalid.
+
+As published, the chirality rule also flags prochiral centres (Val CB, Leu CG: two equivalent methyl
+neighbours): a sample with CG1/CG2 exchanged counts as a chirality mismatch although it is the same
+molecule, because the atom names (and the model's atom types) distinguish the two methyls.
 """
 
 from __future__ import annotations
