@@ -90,7 +90,8 @@ def evaluate(
     are ignored), or prior_energy [n] and dlogp [n] from the sampler, combined with the model energies
     as log w = -u + prior_energy + dlogp (needs energy_fn). Without weights the reweighted entries are
     null. clip_quantile clips the largest log weights (tbg.flow.reweight.clip_log_weights) before the
-    reweighted estimates; the unclipped ESS is reported either way.
+    reweighted estimates; the unclipped ESS is reported either way. ESS and all reweighted quantities
+    are over the valid samples (ess.kish_fraction = Kish ESS / number of valid samples).
 
     Free energies are in kT; torsion Wasserstein distances are circular W1 in radians (see
     tbg.evaluate.metrics); Delta F compares the phi basin ``basin`` (radians) with the rest.
