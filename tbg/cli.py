@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+import shlex
 import shutil
 import subprocess
 import sys
@@ -563,6 +564,8 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*", metavar="NAME",
                    help="scripts to run: bench_NAME.py or NAME.py in bench/ (default: every bench_*.py)")
     p.add_argument("--list", action="store_true", help="list the benchmark scripts and exit")
+    p.add_argument("--args", metavar="'ARGS'", default="",
+                   help="arguments passed on to the script(s), quoted and with '=': --args='--n-samples 8'")
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -583,7 +586,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     failed = []
     for script in scripts:
         print(f"== {script.name}", flush=True)
-        if subprocess.run([sys.executable, str(script)], cwd=bench.parent).returncode != 0:
+        if subprocess.run([sys.executable, str(script), *shlex.split(args.args)], cwd=bench.parent).returncode:
             failed.append(script.name)
     if failed:
         raise RuntimeError(f"benchmark(s) failed: {', '.join(failed)}")
