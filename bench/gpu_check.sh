@@ -21,7 +21,7 @@ grep -i "warning" "$OUT/build.log" | head -20
 status=0
 $PY bench/cuda_smoke.py --check-only 2>&1 | tee "$OUT/cuda_smoke_check.log" || status=1
 if [ -f tests/test_egnn_ops.py ]; then
-  $PY -m pytest -q -x tests/test_egnn_ops.py -k cuda 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15 || status=1
+  $PY -m pytest -q tests/test_egnn_ops.py -k cuda 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15 || status=1
 fi
 if [ "${1:-}" != "--no-bench" ]; then
   $PY bench/cuda_smoke.py --bench-only 2>&1 | tee "$OUT/cuda_bench.log" || status=1

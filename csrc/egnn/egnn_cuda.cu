@@ -16,9 +16,10 @@
 //   done on padding. The block walks its TI*(n-1) edges (receiver-major, i != j) in chunks of
 //   R = 16*RT rows.
 // - Per chunk the two H x H edge products (W2, Wc1) are tiled GEMMs over the chunk's edges:
-//   256 threads as 16 x 16, each an RT x 4 register tile; the edge activations live in shared
+//   256 threads as 16 x 16, each an RT x 4 register tile (4 adjacent columns: 16-byte loads); the edge activations live in shared
 //   memory ([R][H] buffers, row pitch H|1 against bank conflicts) and weight tiles are staged
-//   through shared memory 16 rows of K at a time (fp32/fp64 FMA; no tensor cores). SiLU, the
+//   through shared memory 16 rows of K at a time, double-buffered with a register prefetch of the
+//   next tile (fp32/fp64 FMA; no tensor cores). SiLU, the
 //   attention gate, tanh and the coordinate head (w_c2 . SiLU(...)) are fused into the GEMM
 //   epilogues and row reductions. RT (rows per thread: 4, 2 or 1) is the largest whose dynamic
 //   shared memory fits the device (opt-in limit raised with cudaFuncSetAttribute), so H up to 256
@@ -38,7 +39,9 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <tuple>
+#include <type_traits>
 
 #include "common/egnn_args.h"
 
@@ -49,7 +52,9 @@ constexpr int kThreads = 256;  // 16 x 16 thread grid of the tiled GEMMs
 constexpr int kTI = 16;        // receiver atoms per block
 constexpr int kKC = 16;        // K rows of a staged weight tile
 constexpr int kNC = 64;        // output columns per GEMM tile (16 threads x 4)
-constexpr int kRowScalars = 20;
+constexpr int kPerThread = kKC * kNC / kThreads;  // weight-tile elements each thread stages
+static_assert(kKC * kNC % kThreads == 0, "weight tile must split evenly over the threads");
+constexpr int kRowScalars = 22;
 
 __device__ __forceinline__ float exp_(float v) { return expf(v); }
 __device__ __forceinline__ double exp_(double v) { return exp(v); }
@@ -90,7 +95,7 @@ struct SmemLayout {
       buf[b] = o;
       if (b < n_buffers) o += size_t(R) * ld;
     }
-    bs = o;   o += size_t(kKC) * kNC;
+    bs = o;   o += size_t(2) * kKC * kNC;  // double-buffered weight tiles
     node = o; o += size_t(kTI) * H;      // agg (forward) or dP (backward) of the block's receivers
     dxs = o;  o += size_t(kTI) * 3;
     vec = o;  o += size_t(6) * H + 2;    // backward vector-gradient accumulators
@@ -137,7 +142,32 @@ struct EdgeArgs {
 // C[m][n] = sum_k A(m, k) B[k][n] for m < Mrows, n < N, k < K, tile by tile, calling
 // epi(r, m, n, c) for every element (r: the thread's row slot, a compile-time index after
 // unrolling). A(m, k) = TA ? A[k * lda + m] : A[m * lda + k] lives in shared memory; B (global or
-// shared) is staged through Bs. Every thread of the block must call it.
+// shared) is staged through Bs. Every thread of the block must call it. (Keeping whole weight
+// matrices resident in shared memory instead was measured slower on an H100: it costs blocks per SM.)
+// Epilogue of block_gemm that adds the tile to a global [., ld] matrix with atomics (the per-chunk
+// weight gradients): 4 adjacent columns per float4 atomic on sm_90, one atomic per element elsewhere.
+template <typename T>
+struct AtomicOut {
+  T* out;
+  int ld;
+};
+template <typename E>
+inline constexpr bool kIsAtomicOut = false;
+template <typename T>
+inline constexpr bool kIsAtomicOut<AtomicOut<T>> = true;
+
+// Four adjacent values from 16-byte aligned shared memory (one 16-byte load for float).
+template <typename T>
+__device__ __forceinline__ void load4(const T* src, T (&v)[4]) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float4 q = *reinterpret_cast<const float4*>(src);
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+  } else {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) v[c] = src[c];
+  }
+}
+
 template <typename T, int RT, bool TA, typename Epi>
 __device__ __forceinline__ void block_gemm(int Mrows, int N, int K, const T* A, int lda, const T* B, int ldb,
                                            T* Bs, Epi&& epi) {
@@ -152,13 +182,28 @@ __device__ __forceinline__ void block_gemm(int Mrows, int N, int K, const T* A, 
       for (int r = 0; r < RT; ++r)
 #pragma unroll
         for (int c = 0; c < 4; ++c) acc[r][c] = T(0);
-      for (int k0 = 0; k0 < K; k0 += kKC) {
-        __syncthreads();  // the previous tile of Bs is consumed (and A is complete on entry)
-        for (int idx = threadIdx.x; idx < kKC * kNC; idx += kThreads) {
-          const int kk = idx / kNC, c = idx % kNC, k = k0 + kk, n = n0 + c;
-          Bs[idx] = (k < K && n < N) ? B[size_t(k) * ldb + n] : T(0);
+      // Software pipeline: the next K tile of B is loaded into registers while this one is
+      // multiplied, then stored to the other half of Bs (one barrier per tile).
+      T pre[kPerThread];
+      auto fetch = [&](int k0) {
+#pragma unroll
+        for (int q = 0; q < kPerThread; ++q) {
+          const int idx = threadIdx.x + q * kThreads, k = k0 + idx / kNC, n = n0 + idx % kNC;
+          pre[q] = (k < K && n < N) ? B[size_t(k) * ldb + n] : T(0);
         }
-        __syncthreads();
+      };
+      auto store = [&](T* dst) {
+#pragma unroll
+        for (int q = 0; q < kPerThread; ++q) dst[threadIdx.x + q * kThreads] = pre[q];
+      };
+      __syncthreads();  // Bs is free (and A is complete on entry)
+      fetch(0);
+      store(Bs);
+      __syncthreads();
+      for (int k0 = 0, half = 0; k0 < K; k0 += kKC, half ^= 1) {
+        const bool more = k0 + kKC < K;
+        if (more) fetch(k0 + kKC);
+        const T* bt = Bs + half * (kKC * kNC);
         const int kmax = min(kKC, K - k0);
         if (kmax == kKC) {
 #pragma unroll
@@ -167,8 +212,7 @@ __device__ __forceinline__ void block_gemm(int Mrows, int N, int K, const T* A, 
 #pragma unroll
             for (int r = 0; r < RT; ++r)
               a[r] = TA ? A[size_t(k0 + kk) * lda + arow[r]] : A[size_t(arow[r]) * lda + k0 + kk];
-#pragma unroll
-            for (int c = 0; c < 4; ++c) b[c] = Bs[kk * kNC + tx + 16 * c];
+            load4(bt + kk * kNC + tx * 4, b);
 #pragma unroll
             for (int r = 0; r < RT; ++r)
 #pragma unroll
@@ -180,22 +224,37 @@ __device__ __forceinline__ void block_gemm(int Mrows, int N, int K, const T* A, 
 #pragma unroll
             for (int r = 0; r < RT; ++r)
               a[r] = TA ? A[size_t(k0 + kk) * lda + arow[r]] : A[size_t(arow[r]) * lda + k0 + kk];
-#pragma unroll
-            for (int c = 0; c < 4; ++c) b[c] = Bs[kk * kNC + tx + 16 * c];
+            load4(bt + kk * kNC + tx * 4, b);
 #pragma unroll
             for (int r = 0; r < RT; ++r)
 #pragma unroll
               for (int c = 0; c < 4; ++c) acc[r][c] = fma(a[r], b[c], acc[r][c]);
           }
         }
+        if (more) store(Bs + (half ^ 1) * (kKC * kNC));
+        __syncthreads();
       }
 #pragma unroll
       for (int r = 0; r < RT; ++r) {
-        const int m = m0 + ty * RT + r;
+        const int m = m0 + ty * RT + r, n = n0 + tx * 4;
+        if (m >= Mrows) continue;
+        if constexpr (kIsAtomicOut<std::decay_t<Epi>>) {
+          T* dst = epi.out + size_t(m) * epi.ld + n;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+          if constexpr (std::is_same_v<T, float>) {
+            if (n + 3 < N && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+              atomicAdd(reinterpret_cast<float4*>(dst), make_float4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+              continue;
+            }
+          }
+#endif
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int n = n0 + tx + 16 * c;
-          if (m < Mrows && n < N) epi(r, m, n, acc[r][c]);
+          for (int c = 0; c < 4; ++c)
+            if (n + c < N) atomicAdd(dst + c, acc[r][c]);
+        } else {
+#pragma unroll
+          for (int c = 0; c < 4; ++c)
+            if (n + c < N) epi(r, m, n + c, acc[r][c]);
         }
       }
     }
@@ -227,10 +286,24 @@ __device__ __forceinline__ bool find_tile(const int64_t* mol_ptr, const int64_t*
   return true;
 }
 
+// Sums each thread's per-row partials over the 16 column lanes of its row slots (lanes of one ty
+// share rows) and calls write(row, sum) once per row.
+template <typename T, int RT, typename W>
+__device__ __forceinline__ void row_reduce(T (&part)[RT], W&& write) {
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    T v = part[r];
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (tx == 0) write(ty * RT + r, v);
+  }
+}
+
 // Per-row scalars of a chunk, in the rows area ([kRowScalars][R]).
 enum RowField { kR = 0, kA, kSq, kS, kD, kN = kD + 3, kD0 = kN + 3, kGn = kD0 + 3, kPhi = kGn + 3, kGate, kGp,
-                kGsig };
-static_assert(kGsig < kRowScalars, "row scalar area too small");
+                kGsig, kGr, kGa };
+static_assert(kGa < kRowScalars, "row scalar area too small");
 
 // Geometry of the chunk's rows and the first edge layer e1 = SiLU(P_i + Q_j + w_r r + w_a a) into
 // buf (invalid rows zero). ints: [0, R) local receiver index (-1: invalid row), [R, 2R) sender j.
@@ -286,23 +359,31 @@ __device__ __forceinline__ void chunk_prologue(const EdgeArgs<T>& p, const Tile&
   __syncthreads();
 }
 
-// m = SiLU(e1 W2^T + b2) * sigmoid(w_att . SiLU(...) + b_att): buffer zb gets z (pre-activation)
-// or, with in_place_m, m; the gates go to rows[kGate]. One warp per row for the gate reduction.
+// m = SiLU(e1 W2^T + b2) * sigmoid(w_att . SiLU(...) + b_att): zb gets z (pre-activation), mb gets m
+// (zb == mb: m only); the gates go to rows[kGate]. The gate's dot product is summed in the GEMM
+// epilogue (per-thread partials, then 16-lane shuffles), not by a separate pass over the rows.
 template <typename T, int RT>
 __device__ __forceinline__ void edge_message(const EdgeArgs<T>& p, const T* e1, T* zb, T* mb, T* Bs, T* rows,
                                              int ld) {
   constexpr int R = 16 * RT;
   const int H = p.H;
-  block_gemm<T, RT, false>(R, H, H, e1, ld, p.w2t, H, Bs,
-                           [&](int, int m, int n, T c) { zb[size_t(m) * ld + n] = c + p.b2[n]; });
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  T part[RT];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) part[r] = T(0);
+  block_gemm<T, RT, false>(R, H, H, e1, ld, p.w2t, H, Bs, [&](int r, int m, int n, T c) {
+    const T z = c + p.b2[n], m0 = silu(z);
+    if (zb != mb) zb[size_t(m) * ld + n] = z;
+    mb[size_t(m) * ld + n] = m0;
+#pragma unroll
+    for (int q = 0; q < RT; ++q)
+      if (q == r) part[q] += p.watt[n] * m0;
+  });
   const T batt = p.batt[0];
-  for (int row = warp; row < R; row += kThreads / 32) {
-    T s = 0;
-    for (int k = lane; k < H; k += 32) s += p.watt[k] * silu(zb[size_t(row) * ld + k]);
-    const T g = sigmoid(warp_sum(s) + batt);
-    if (lane == 0) rows[kGate * R + row] = g;
-    for (int k = lane; k < H; k += 32) mb[size_t(row) * ld + k] = silu(zb[size_t(row) * ld + k]) * g;
+  row_reduce<T, RT>(part, [&](int row, T v) { rows[kGate * R + row] = sigmoid(v + batt); });
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < R * H; idx += kThreads) {
+    const int row = idx / H, k = idx % H;
+    mb[size_t(row) * ld + k] *= rows[kGate * R + row];
   }
   __syncthreads();
 }
@@ -322,15 +403,29 @@ __device__ __forceinline__ void edge_phi(const EdgeArgs<T>& p, const T* mb, T* y
     for (int q = 0; q < RT; ++q)
       if (q == r) pacc[q] += p.wc2[n] * silu(y);
   });
-  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-#pragma unroll
-  for (int r = 0; r < RT; ++r) {
-    T v = pacc[r];
-#pragma unroll
-    for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);  // the 16 lanes of this ty
-    if (tx == 0) rows[kPhi * R + ty * RT + r] = tanh_(v);
-  }
+  row_reduce<T, RT>(pacc, [&](int row, T v) { rows[kPhi * R + row] = tanh_(v); });
   __syncthreads();
+}
+
+// Runs f(k, r0, r1) for every column k < H and a contiguous row range [r0, r1) of the chunk, all
+// threads busy also for small H: (rows / G) x H work items with G = 256 / H row groups. Partial sums
+// are flushed with shared-memory atomics (G owners per column).
+template <typename F>
+__device__ __forceinline__ void column_pass(int H, int R, F&& f) {
+  const int G = H >= kThreads ? 1 : kThreads / H;
+  for (int idx = threadIdx.x; idx < G * H; idx += kThreads) {
+    const int k = idx % H, g = idx / H;
+    f(k, g * R / G, (g + 1) * R / G);
+  }
+}
+
+// Adds the running sum s of receiver `cur` to node[cur][k] and starts the next receiver.
+template <typename T>
+__device__ __forceinline__ void flush_receiver(T* node, int H, int k, int& cur, int ii, T& s) {
+  if (ii == cur) return;
+  if (cur >= 0) atomicAdd(node + cur * H + k, s);
+  cur = ii;
+  s = T(0);
 }
 
 template <typename T, int RT>
@@ -352,19 +447,22 @@ __global__ void __launch_bounds__(kThreads) egnn_edge_forward_kernel(const EdgeA
     chunk_prologue<T, RT>(p, t, e0, n_edges, rows, ints, b1, L.ld);
     edge_message<T, RT>(p, b1, b2, b2, Bs, rows, L.ld);
     if (p.dx != nullptr) edge_phi<T, RT>(p, b2, nullptr, Bs, rows, L.ld);
-    // Receiver-side sums; rows of one receiver are contiguous, each (receiver, column) has one owner.
-    for (int k = threadIdx.x; k < H; k += kThreads)
-      for (int row = 0; row < R; ++row) {
-        const int ii = ints[row];
-        if (ii >= 0) agg[ii * H + k] += b2[size_t(row) * L.ld + k];
+    // Receiver-side sums; the rows of one receiver are contiguous.
+    column_pass(H, R, [&](int k, int r0, int r1) {
+      int cur = -1;
+      T s = 0;
+      for (int row = r0; row < r1; ++row) {
+        flush_receiver(agg, H, k, cur, ints[row], s);
+        if (cur >= 0) s += b2[size_t(row) * L.ld + k];
       }
-    if (p.dx != nullptr && threadIdx.x < kTI * 3) {
-      const int ii = threadIdx.x / 3, c = threadIdx.x % 3;
-      T s = dxs[threadIdx.x];
-      for (int row = 0; row < R; ++row)
-        if (ints[row] == ii) s += rows[(kN + c) * R + row] * rows[kPhi * R + row] * p.range;
-      dxs[threadIdx.x] = s;
-    }
+      flush_receiver(agg, H, k, cur, -1, s);
+    });
+    if (p.dx != nullptr)
+      for (int row = threadIdx.x; row < R; row += kThreads)
+        if (ints[row] >= 0)
+#pragma unroll
+          for (int c = 0; c < 3; ++c)
+            atomicAdd(dxs + ints[row] * 3 + c, rows[(kN + c) * R + row] * rows[kPhi * R + row] * p.range);
     __syncthreads();
   }
   for (int idx = threadIdx.x; idx < t.ti * H; idx += kThreads) p.agg[t.i0 * H + idx] = agg[idx];
@@ -391,7 +489,6 @@ __global__ void __launch_bounds__(kThreads) egnn_edge_backward_kernel(const Edge
   for (int idx = threadIdx.x; idx < kTI * H; idx += kThreads) gP[idx] = T(0);
   for (int idx = threadIdx.x; idx < 6 * H + 1; idx += kThreads) acc_b2[idx] = T(0);
   const int n_edges = t.ti * (t.n - 1);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* wr = p.wra;
   const T* wa = p.wra + H;
   for (int e0 = 0; e0 < n_edges; e0 += R) {
@@ -419,48 +516,53 @@ __global__ void __launch_bounds__(kThreads) egnn_edge_backward_kernel(const Edge
       rows[kGp * R + row] = gp;
     }
     __syncthreads();
-    for (int k = threadIdx.x; k < H; k += kThreads) {  // one owner per column
+    column_pass(H, R, [&](int k, int r0, int r1) {
       T swc2 = 0, sbc1 = 0;
-      for (int row = 0; row < R; ++row) {
+      for (int row = r0; row < r1; ++row) {
         const T y = b4[size_t(row) * ld + k], gp = rows[kGp * R + row];
-        swc2 += gp * silu(y);
-        const T gy = gp * p.wc2[k] * dsilu(y);
+        const T sg = sigmoid(y);
+        swc2 += gp * y * sg;
+        const T gy = gp * p.wc2[k] * sg * (T(1) + y * (T(1) - sg));
         b4[size_t(row) * ld + k] = gy;
         sbc1 += gy;
       }
-      acc_wc2[k] += swc2;
-      acc_bc1[k] += sbc1;
-    }
+      atomicAdd(acc_wc2 + k, swc2);
+      atomicAdd(acc_bc1 + k, sbc1);
+    });
     __syncthreads();
     // dWc1 += dy^T m, then dm = dy Wc1 + dagg_i.
-    block_gemm<T, RT, true>(H, H, R, b4, ld, b3, ld, Bs,
-                            [&](int, int m, int n, T c) { atomicAdd(p.gWc1 + size_t(m) * H + n, c); });
-    block_gemm<T, RT, false>(R, H, H, b4, ld, p.wc1, H, Bs, [&](int, int m, int n, T c) {
+    block_gemm<T, RT, true>(H, H, R, b4, ld, b3, ld, Bs, AtomicOut<T>{p.gWc1, H});
+    // Attention gate m = m0 * g, g = sigmoid(w_att . m0 + b_att): dm . m0 summed in the epilogue.
+    T part[RT], part2[RT];
+#pragma unroll
+    for (int r = 0; r < RT; ++r) part[r] = part2[r] = T(0);
+    block_gemm<T, RT, false>(R, H, H, b4, ld, p.wc1, H, Bs, [&](int r, int m, int n, T c) {
       const int ii = ints[m];
-      b3[size_t(m) * ld + n] = ii >= 0 ? c + p.gagg[(t.i0 + ii) * H + n] : T(0);
+      const T gm = ii >= 0 ? c + p.gagg[(t.i0 + ii) * H + n] : T(0);
+      b3[size_t(m) * ld + n] = gm;
+#pragma unroll
+      for (int q = 0; q < RT; ++q)
+        if (q == r) part[q] += gm * silu(b2[size_t(m) * ld + n]);
     });
-    // Attention gate: m = m0 * g, g = sigmoid(w_att . m0 + b_att).
-    for (int row = warp; row < R; row += kThreads / 32) {
-      T s = 0;
-      for (int k = lane; k < H; k += 32) s += b3[size_t(row) * ld + k] * silu(b2[size_t(row) * ld + k]);
-      s = warp_sum(s);
+    row_reduce<T, RT>(part, [&](int row, T v) {
       const T g = rows[kGate * R + row];
-      if (lane == 0) rows[kGsig * R + row] = s * g * (T(1) - g);
-    }
+      rows[kGsig * R + row] = v * g * (T(1) - g);
+    });
     __syncthreads();
-    for (int k = threadIdx.x; k < H; k += kThreads) {
+    column_pass(H, R, [&](int k, int r0, int r1) {
       T swatt = 0, sb2 = 0;
-      for (int row = 0; row < R; ++row) {
+      for (int row = r0; row < r1; ++row) {
         const T z = b2[size_t(row) * ld + k], gm = b3[size_t(row) * ld + k];
         const T g = rows[kGate * R + row], gsig = rows[kGsig * R + row];
-        swatt += gsig * silu(z);
-        const T gz = (gm * g + gsig * p.watt[k]) * dsilu(z);
+        const T sg = sigmoid(z);
+        swatt += gsig * z * sg;
+        const T gz = (gm * g + gsig * p.watt[k]) * sg * (T(1) + z * (T(1) - sg));
         b2[size_t(row) * ld + k] = gz;
         sb2 += gz;
       }
-      acc_watt[k] += swatt;
-      acc_b2[k] += sb2;
-    }
+      atomicAdd(acc_watt + k, swatt);
+      atomicAdd(acc_b2 + k, sb2);
+    });
     if (threadIdx.x == 0) {
       T s = 0;
       for (int row = 0; row < R; ++row) s += rows[kGsig * R + row];
@@ -468,9 +570,10 @@ __global__ void __launch_bounds__(kThreads) egnn_edge_backward_kernel(const Edge
     }
     __syncthreads();
     // dW2 += dz^T e1, then du = (dz W2) * SiLU'(u) with u recomputed.
-    block_gemm<T, RT, true>(H, H, R, b2, ld, b1, ld, Bs,
-                            [&](int, int m, int n, T c) { atomicAdd(p.gW2 + size_t(m) * H + n, c); });
-    block_gemm<T, RT, false>(R, H, H, b2, ld, p.w2, H, Bs, [&](int, int m, int n, T c) {
+    block_gemm<T, RT, true>(H, H, R, b2, ld, b1, ld, Bs, AtomicOut<T>{p.gW2, H});
+#pragma unroll
+    for (int r = 0; r < RT; ++r) part[r] = part2[r] = T(0);
+    block_gemm<T, RT, false>(R, H, H, b2, ld, p.w2, H, Bs, [&](int r, int m, int n, T c) {
       const int ii = ints[m];
       T gu = T(0);
       if (ii >= 0) {
@@ -479,40 +582,42 @@ __global__ void __launch_bounds__(kThreads) egnn_edge_backward_kernel(const Edge
         gu = c * dsilu(u);
       }
       b1[size_t(m) * ld + n] = gu;
+#pragma unroll
+      for (int q = 0; q < RT; ++q)
+        if (q == r) {
+          part[q] += gu * wr[n];
+          part2[q] += gu * wa[n];
+        }
     });
+    row_reduce<T, RT>(part, [&](int row, T v) { rows[kGr * R + row] = v; });
+    row_reduce<T, RT>(part2, [&](int row, T v) { rows[kGa * R + row] = v; });
     // du -> dP_i (block-owned receivers), dQ_j (atomics), w_r / w_a columns.
-    for (int k = threadIdx.x; k < H; k += kThreads) {
-      T swr = 0, swa = 0;
-      for (int row = 0; row < R; ++row) {
-        const int ii = ints[row];
-        if (ii < 0) continue;
+    column_pass(H, R, [&](int k, int r0, int r1) {
+      T swr = 0, swa = 0, s = 0;
+      int cur = -1;
+      for (int row = r0; row < r1; ++row) {
+        flush_receiver(gP, H, k, cur, ints[row], s);
+        if (cur < 0) continue;
         const T gu = b1[size_t(row) * ld + k];
         swr += gu * rows[kR * R + row];
         swa += gu * rows[kA * R + row];
-        gP[ii * H + k] += gu;
+        s += gu;
         atomicAdd(p.gQ + (t.start + ints[R + row]) * H + k, gu);
       }
-      acc_wr[k] += swr;
-      acc_wa[k] += swa;
-    }
+      flush_receiver(gP, H, k, cur, -1, s);
+      atomicAdd(acc_wr + k, swr);
+      atomicAdd(acc_wa + k, swa);
+    });
     // Coordinates: through r_ij and n_ij of this layer, and through a_ij of the input.
-    for (int row = warp; row < R; row += kThreads / 32) {
+    for (int row = threadIdx.x; row < R; row += kThreads) {
       if (ints[row] < 0) continue;
-      T gr = 0, ga = 0;
-      for (int k = lane; k < H; k += 32) {
-        const T gu = b1[size_t(row) * ld + k];
-        gr += gu * wr[k];
-        ga += gu * wa[k];
-      }
-      gr = warp_sum(gr);
-      ga = warp_sum(ga);
-      if (lane < 3) {
-        const int c = lane;
-        const int64_t i = t.i0 + ints[row], j = t.start + ints[R + row];
-        const T s = rows[kS * R + row], sq = rows[kSq * R + row];
-        T gnd = 0;
+      const int64_t i = t.i0 + ints[row], j = t.start + ints[R + row];
+      const T s = rows[kS * R + row], sq = rows[kSq * R + row], gr = rows[kGr * R + row], ga = rows[kGa * R + row];
+      T gnd = 0;
 #pragma unroll
-        for (int q = 0; q < 3; ++q) gnd += rows[(kGn + q) * R + row] * rows[(kD + q) * R + row];
+      for (int q = 0; q < 3; ++q) gnd += rows[(kGn + q) * R + row] * rows[(kD + q) * R + row];
+#pragma unroll
+      for (int c = 0; c < 3; ++c) {
         const T d = rows[(kD + c) * R + row];
         const T gd = T(2) * gr * d + rows[(kGn + c) * R + row] / s - d * gnd / (s * s * sq);
         const T gd0 = T(2) * ga * rows[(kD0 + c) * R + row];
@@ -623,12 +728,13 @@ void launch_edges(bool backward, const EdgeArgs<T>& a, const Launch& l) {
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (try_launch<T, 4>(backward, a, l.grid, max_smem, stream) || try_launch<T, 2>(backward, a, l.grid, max_smem, stream) ||
-      try_launch<T, 1>(backward, a, l.grid, max_smem, stream))
+  const int64_t g = l.grid;
+  if (try_launch<T, 4>(backward, a, g, max_smem, stream) || try_launch<T, 2>(backward, a, g, max_smem, stream) ||
+      try_launch<T, 1>(backward, a, g, max_smem, stream))
     return;
   TORCH_CHECK(false, "egnn (CUDA): hidden size H = ", a.H, " needs ",
-              SmemLayout(a.H, 16, backward ? 4 : 2).bytes<T>(), " bytes of shared memory per block, more than the ",
-              max_smem, " this GPU allows");
+              SmemLayout(a.H, 16, backward ? 4 : 2).bytes<T>(),
+              " bytes of shared memory per block, more than the ", max_smem, " this GPU allows");
 }
 
 void remove_mean(const at::Tensor& v, at::Tensor& out, const at::Tensor& mol_ptr) {
