@@ -6,6 +6,7 @@ import math
 import struct
 from pathlib import Path
 
+import mdtraj as md
 import networkx as nx
 import numpy as np
 import openmm.app as app
@@ -313,6 +314,13 @@ def test_report(ala2, tmp_path):
     assert report["ess"]["kish_fraction"] == pytest.approx(w.sum() ** 2 / (len(w) * (w**2).sum()), rel=1e-5)
     assert report["energy"]["model_mean"] == pytest.approx(u.mean(), rel=1e-6)
     assert report["energy"]["md_mean"] == pytest.approx(ala2.reduced_energy(frames).mean(), rel=1e-6)
+    phi_md = md.compute_phi(md.Trajectory(frames, ala2.topology))[1][:, 0]
+    p_md = np.mean((phi_md > 0) & (phi_md < 2))
+    assert report["delta_f"]["MD"]["p_basin"] == pytest.approx(p_md, abs=1e-12)
+    if 0 < p_md < 1:
+        assert report["delta_f"]["MD"]["value"] == pytest.approx(-math.log(p_md / (1 - p_md)), rel=1e-9)
+    else:
+        assert report["delta_f"]["MD"]["value"] is None
     for stat in ("wasserstein_model", "wasserstein_reweighted"):
         assert report["energy"][stat] > 0
         assert 0 <= report["torsions"]["phi"][stat] <= math.pi

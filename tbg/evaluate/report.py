@@ -12,6 +12,7 @@ from typing import Any
 
 import mdtraj as md
 import numpy as np
+import scipy.special
 
 from tbg.evaluate import metrics, plots
 from tbg.evaluate.validity import ValidityChecker
@@ -203,7 +204,8 @@ def evaluate(
 
     delta_f: dict[str, Any] = {
         "torsion": "phi", "basin_rad": list(basin),
-        "definition": "F(basin) - F(rest) = -log(P(basin)/P(rest)) in kT; stderr: bootstrap std",
+        "definition": "F(basin) - F(rest) = -log(P(basin)/P(rest)) in kT; stderr: bootstrap std; "
+                      "value null when a state is empty (see p_basin)",
         **{label: None for label in _LABELS},
     }
     if "phi" in tors_md:
@@ -214,7 +216,9 @@ def evaluate(
                 sources["reweighted"] = (tors_model["phi"][1], log_w_used)
         for label, (a, lw) in sources.items():
             value, se = metrics.basin_free_energy_difference(a, lw, basin=basin, n_bootstrap=n_bootstrap, seed=seed)
-            delta_f[label] = {"value": value, "stderr": se}
+            # P(basin) stays informative when a state is empty and Delta F is infinite (null in JSON).
+            p_basin = float(scipy.special.expit(-value))
+            delta_f[label] = {"value": value, "stderr": se, "p_basin": p_basin}
 
     # ---- plots
     written = {}
@@ -264,8 +268,10 @@ def _fmt(v: float | None, spec: str = ".3g") -> str:
 
 
 def _pm(entry: dict | None) -> str:
-    if entry is None or entry["value"] is None:
+    if entry is None:
         return "-"
+    if entry["value"] is None:
+        return f"P(basin)={entry['p_basin']:.3g}"
     return f"{entry['value']:.2f} +- {_fmt(entry['stderr'], '.2f')}"
 
 
