@@ -50,10 +50,12 @@ def _evaluate(key: int, positions_nm: np.ndarray, want_forces: bool,
     invalid = ~np.isfinite(positions_nm).all(axis=(1, 2))
     if min_distance_nm is not None and n_atoms > 1:
         iu = np.triu_indices(n_atoms, 1)
-        for i in np.flatnonzero(~invalid):  # per sample: keeps memory O(N^2), not O(n N^2)
-            d = positions_nm[i][:, None, :] - positions_nm[i][None, :, :]
-            if (np.einsum("ijk,ijk->ij", d, d)[iu] < min_distance_nm**2).any():
-                invalid[i] = True
+        block = max(1, 2**22 // (n_atoms * n_atoms * 3))  # ~32 MB of pair vectors at a time
+        with np.errstate(invalid="ignore"):  # NaN samples are already flagged
+            for s in range(0, n, block):
+                d = positions_nm[s:s + block, :, None, :] - positions_nm[s:s + block, None, :, :]
+                r2 = np.einsum("bijk,bijk->bij", d, d)[:, iu[0], iu[1]]
+                invalid[s:s + block] |= (r2 < min_distance_nm**2).any(axis=1)
     for i in np.flatnonzero(~invalid):
         try:
             context.setPositions(positions_nm[i])
