@@ -290,7 +290,8 @@ def test_shipped_alanine_dipeptide_data() -> None:
     # the extended (beta/PII) and alpha_R basins are both visited
     assert ((phi < 0) & (np.abs(psi) > 2.0)).any() or ((phi < 0) & (psi > 1.5)).any()
     assert ((phi < 0) & (psi > -1.5) & (psi < 0.5)).any()
-    model = chem.EnergyModel(chem.Peptide("ala2", "A", topology.to_openmm(), positions[0], capped=True))
+    model = chem.EnergyModel(topology)
+    assert model.temperature == 300.0  # capped -> the alanine dipeptide setting
     assert np.isfinite(model.reduced_energy(positions[::50], unit="nm")).all()
 
 

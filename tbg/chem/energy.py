@@ -13,6 +13,7 @@ import logging
 import multiprocessing as mp
 from typing import Literal
 
+import mdtraj
 import numpy as np
 import openmm
 import openmm.app as app
@@ -81,22 +82,27 @@ def _evaluate(key: int, positions_nm: np.ndarray, want_forces: bool,
 class EnergyModel:
     """Reduced energies u = U/kT and forces of one molecule for batches of configurations.
 
-    ``temperature`` defaults to 300 K for capped peptides (alanine dipeptide setting) and 310 K otherwise
+    ``temperature`` defaults to 300 K for capped peptides (ACE/NME present: the alanine dipeptide setting)
+    and 310 K otherwise
     (the dipeptide setting). ``system`` overrides the default one from ``create_system``. Use as a context
     manager (or call ``close``) to shut down the worker pool when ``n_workers > 1``.
     """
 
-    def __init__(self, peptide_or_topology: Peptide | app.Topology, *, temperature: float | None = None,
+    def __init__(self, peptide_or_topology: Peptide | app.Topology | mdtraj.Topology, *, temperature: float | None = None,
                  system: openmm.System | None = None, platform: openmm.Platform | str | None = None,
                  n_workers: int = 1, forcefield_files: tuple[str, ...] = DEFAULT_FORCEFIELD_FILES,
                  min_distance_nm: float | None = 0.01, chunk_size: int = 64) -> None:
         if isinstance(peptide_or_topology, Peptide):
             topology = peptide_or_topology.topology
             default_t = ALANINE_DIPEPTIDE_TEMPERATURE if peptide_or_topology.capped else DIPEPTIDE_TEMPERATURE
-        elif isinstance(peptide_or_topology, app.Topology):
-            topology, default_t = peptide_or_topology, DIPEPTIDE_TEMPERATURE
+        elif isinstance(peptide_or_topology, (app.Topology, mdtraj.Topology)):
+            topology = (peptide_or_topology.to_openmm() if isinstance(peptide_or_topology, mdtraj.Topology)
+                        else peptide_or_topology)
+            capped = any(r.name in ("ACE", "NME") for r in topology.residues())
+            default_t = ALANINE_DIPEPTIDE_TEMPERATURE if capped else DIPEPTIDE_TEMPERATURE
         else:
-            raise TypeError(f"expected a Peptide or an openmm.app.Topology, got {type(peptide_or_topology)}")
+            raise TypeError(f"expected a Peptide, an openmm.app.Topology or an mdtraj.Topology, got "
+                            f"{type(peptide_or_topology).__name__}")
         if n_workers < 1:
             raise ValueError(f"n_workers must be >= 1, got {n_workers}")
         self.topology = topology

@@ -132,9 +132,9 @@ def simulate(peptide: Peptide | str, out_dir: str | Path, *, n_frames: int, fram
         _atomic_write(files["pdb"], lambda fh: fh.write(_pdb_text(topology, state.getPositions()).encode()))
         context.setVelocitiesToTemperature(temperature * u.kelvin, _seed(seed, 0, 2))
         t0 = time.perf_counter()
-        for _ in tqdm(range(0, equilibration_steps, frame_interval_steps), desc=f"{name} equilibration",
-                      disable=not progress, leave=False):
-            integrator.step(min(frame_interval_steps, equilibration_steps))
+        for done in tqdm(range(0, equilibration_steps, frame_interval_steps), desc=f"{name} equilibration",
+                         disable=not progress, leave=False):
+            integrator.step(min(frame_interval_steps, equilibration_steps - done))
         # production steps count from 0 after equilibration
         context.setStepCount(0)
         context.setTime(0.0)
