@@ -187,6 +187,12 @@ def test_ala2_encodings(ala2: chem.Peptide) -> None:
         members = np.flatnonzero(classes == c)
         if len(members) > 1:
             assert len(members) == 3 and all(top.atom(int(i)).element.symbol == "H" for i in members)
+    bare = mdtraj.Topology()
+    chain = bare.add_chain()
+    for atom in top.atoms:
+        bare.add_atom(atom.name, atom.element, bare.add_residue(atom.residue.name, chain))
+    with pytest.raises(ValueError, match="no bonds"):
+        chem.encode_atoms(bare)
     pub = chem.published_alanine_dipeptide_encoding()
     assert pub.shape == (22, 21) and torch.equal(pub.sum(1), torch.ones(22))
 

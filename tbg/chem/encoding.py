@@ -109,20 +109,28 @@ def template_atom_types(forcefield_files: tuple[str, ...] = ("amber14-all.xml",)
     return sorted(names)
 
 
-class _DictUnpickler(pickle.Unpickler):
-    """Refuses every global: a table is plain dict/str/int data, never code."""
+# Data-only constructors an ``np.save``d object array (and numpy integer scalars) need; nothing else loads.
+_SAFE_GLOBALS = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                           ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+                           ("numpy", "ndarray"), ("numpy", "dtype")})
+
+
+class _TableUnpickler(pickle.Unpickler):
+    """Refuses every global except the numpy array/scalar/dtype constructors: a table is data, never code."""
 
     def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from an atom-type table")
 
 
 def load_atom_types(path: str | Path) -> dict[str, int]:
     """Read a published atom-type table (pickled dict, e.g. ``atom_types_ecoding.npy``) safely.
 
-    Accepts a plain pickle of a dict, or a NumPy .npy file holding a 0-d object array with the dict (as
-    the published ``np.save`` wrote it): the .npy header is parsed by NumPy without unpickling and the
-    payload goes through a restricted unpickler that allows only dict/str/int (numpy scalars are refused
-    too — a table must not need them).
+    Accepts a plain pickle of a dict or a NumPy .npy file holding a 0-d object array with the dict (as the
+    published ``np.save`` wrote it; ``np.load(allow_pickle=True)`` would execute any code in such a file).
+    The pickle stream goes through a restricted unpickler that resolves only numpy's array, dtype and
+    scalar constructors; the result must be a dict of str -> integer.
     """
     path = Path(path)
     if not path.is_file():
@@ -139,11 +147,16 @@ def load_atom_types(path: str | Path) -> dict[str, int]:
     else:
         payload = raw
     try:
-        table = _DictUnpickler(io.BytesIO(payload)).load()
-    except pickle.UnpicklingError as err:
+        table = _TableUnpickler(io.BytesIO(payload)).load()
+    except (pickle.UnpicklingError, EOFError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: not a plain atom-type table: {err}") from err
-    if not isinstance(table, dict) or not all(isinstance(k, str) and type(v) is int for k, v in table.items()):
+    if isinstance(table, np.ndarray) and table.shape == () and table.dtype == object:
+        table = table.item()
+    if not isinstance(table, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+            for k, v in table.items()):
         raise ValueError(f"{path}: expected a dict of str -> int, got {type(table).__name__}")
+    table = {k: int(v) for k, v in table.items()}
     _check_table(table, str(path))
     return table
 
@@ -238,6 +251,8 @@ def encode_transfer(topology: app.Topology | mdtraj.Topology,
 def atom_classes(topology: app.Topology | mdtraj.Topology) -> np.ndarray:
     """Class of every atom [N] for ``encode_atoms``: its index; methyl hydrogens share one class."""
     top = _md_topology(topology)
+    if top.n_bonds == 0 and top.n_atoms > 1:  # methyl groups are found through bonds: refuse to guess
+        raise ValueError("topology has no bonds; load it from a PDB with standard residues or CONECT records")
     classes = np.arange(top.n_atoms, dtype=np.int64)
     hydrogens: dict[int, list[int]] = {}
     for a, b in top.bonds:
