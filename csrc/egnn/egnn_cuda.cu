@@ -16,22 +16,30 @@
 //   done on padding. The block walks its TI*(n-1) edges (receiver-major, i != j) in chunks of
 //   R = 16*RT rows.
 // - Per chunk the two H x H edge products (W2, Wc1) are tiled GEMMs over the chunk's edges:
-//   256 threads as 16 x 16, each an RT x 4 register tile (4 adjacent columns: 16-byte loads); the edge activations live in shared
-//   memory ([R][H] buffers, row pitch H|1 against bank conflicts) and weight tiles are staged
-//   through shared memory 16 rows of K at a time, double-buffered with a register prefetch of the
-//   next tile (fp32/fp64 FMA; no tensor cores). SiLU, the
-//   attention gate, tanh and the coordinate head (w_c2 . SiLU(...)) are fused into the GEMM
-//   epilogues and row reductions. RT (rows per thread: 4, 2 or 1) is the largest whose dynamic
-//   shared memory fits the device (opt-in limit raised with cudaFuncSetAttribute), so H up to 256
-//   fits in fp32 and fp64 alike.
-// - Aggregation (agg_i = sum_j m_ij, dx_i) is receiver-side: the block owns its receivers and sums
-//   each receiver's contiguous rows in shared memory, deterministically and without atomics.
+//   256 threads as 16 x 16, each an RT x 4 register tile (4 adjacent columns: 16-byte loads); the
+//   edge activations live in shared memory ([R][H] buffers, row pitch H|1 against bank conflicts)
+//   and weight tiles are staged through shared memory 16 rows of K at a time, double-buffered with
+//   a register prefetch of the next tile (fp32/fp64 FMA; no tensor cores). SiLU, the attention
+//   gate, tanh and the coordinate head (w_c2 . SiLU(...)) are fused into the GEMM epilogues (row
+//   sums as per-thread partials + 16-lane shuffles). RT (rows per thread: 4, 2 or 1) is the
+//   largest whose dynamic shared memory fits the device (opt-in limit raised with
+//   cudaFuncSetAttribute), so H up to 256 fits in fp32 and fp64 alike. Keeping the whole weight
+//   matrices resident in shared memory was measured slower on an H100 (1 block per SM at H = 128).
+// - Aggregation (agg_i = sum_j m_ij, dx_i) is receiver-side: the block owns its receivers, so the
+//   sums stay in shared memory (a few shared atomics per column and chunk) and are written once,
+//   without global atomics.
 // - Backward recomputes each layer's edge activations from h_states / x_states (first the agg of
 //   the layer for the node-MLP backward, then the edge backward). Sender-side gradients (dQ_j,
 //   coordinate gradients of j, and the gradient of the fixed edge attribute a_ij, which goes
 //   straight to the input coordinates) and the per-chunk H x H weight gradients (W2, Wc1) are
-//   added to small global buffers with atomicAdd (fp64 atomics need sm_60+); per-block vector
-//   gradients (biases, w_att, w_c2, the r/a columns of W1) are reduced in shared memory first.
+//   added to small global buffers with atomicAdd (float4 atomics on sm_90; fp64 atomics need
+//   sm_60+); per-block vector gradients (biases, w_att, w_c2, the r/a columns of W1) are reduced in
+//   shared memory first. Atomic accumulation makes fp32 results vary between calls at the level
+//   of rounding (~1e-6 relative; like torch's own index_add_ on CUDA that the reference uses).
+// - mol_ptr is validated on the device (CUDA_KERNEL_ASSERT: starts at 0, non-decreasing, ends at
+//   M); the Python layer checks it with a clear message before calling.
+// - Measured (H100, bench/RESULTS.md): the edge kernels are latency-bound at 10-20% of the fp32
+//   FMA ceiling; the next steps are fewer barriers per chunk and larger per-thread tiles.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -142,8 +150,7 @@ struct EdgeArgs {
 // C[m][n] = sum_k A(m, k) B[k][n] for m < Mrows, n < N, k < K, tile by tile, calling
 // epi(r, m, n, c) for every element (r: the thread's row slot, a compile-time index after
 // unrolling). A(m, k) = TA ? A[k * lda + m] : A[m * lda + k] lives in shared memory; B (global or
-// shared) is staged through Bs. Every thread of the block must call it. (Keeping whole weight
-// matrices resident in shared memory instead was measured slower on an H100: it costs blocks per SM.)
+// shared) is staged through Bs. Every thread of the block must call it.
 // Epilogue of block_gemm that adds the tile to a global [., ld] matrix with atomics (the per-chunk
 // weight gradients): 4 adjacent columns per float4 atomic on sm_90, one atomic per element elsewhere.
 template <typename T>
