@@ -135,6 +135,15 @@ def test_decoupled_matches_joint_on_egnn() -> None:
     assert (few.dlogp - joint.dlogp).abs().max() > (dec.dlogp - joint.dlogp).abs().max()
 
 
+def test_sampling_without_likelihood_is_cheaper() -> None:
+    field = TimeLinear(torch.randn(4, 4, dtype=torch.float64))
+    z = torch.randn(8, 4, dtype=torch.float64)
+    plain = integrate(field, z, likelihood=False, solver=TIGHT)
+    joint = integrate(field, z, solver=TIGHT)
+    assert plain.dlogp is None and plain.nfe_divergence == 0 and plain.nfe_velocity > 0
+    assert_close(plain.x, joint.x, atol=1e-7, rtol=0)
+
+
 def test_solver_config_errors() -> None:
     with pytest.raises(ValueError, match="unknown ODE method"):
         SolverConfig(method="rk45")

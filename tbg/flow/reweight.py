@@ -26,15 +26,13 @@ __all__ = [
 ]
 
 
-def _as_tensor(a: Tensor | np.ndarray | list | float, name: str) -> Tensor:
+def _as_tensor(a: Tensor | np.ndarray | list | float) -> Tensor:
     t = torch.as_tensor(a)
-    if not (t.is_floating_point()):
-        t = t.to(torch.float64)
-    return t
+    return t if t.is_floating_point() else t.to(torch.float64)
 
 
 def _check_log_w(log_w: Tensor | np.ndarray) -> Tensor:
-    lw = _as_tensor(log_w, "log_w").to(torch.float64)
+    lw = _as_tensor(log_w).to(torch.float64)
     if lw.dim() != 1:
         raise ValueError(f"log_w must be 1-D [n], got shape {tuple(lw.shape)}")
     if torch.isnan(lw).any() or torch.isposinf(lw).any():
@@ -52,9 +50,9 @@ def log_importance_weights(
     Samples whose reduced energy is +inf or NaN (broken geometry, failed energy evaluation) or whose
     prior energy / log-det is not finite get log w = -inf, i.e. weight 0.
     """
-    u = _as_tensor(reduced_energy, "reduced_energy").to(torch.float64).reshape(-1)
-    pe = _as_tensor(prior_energy, "prior_energy").to(torch.float64).reshape(-1)
-    dl = _as_tensor(dlogp, "dlogp").to(torch.float64).reshape(-1)
+    u = _as_tensor(reduced_energy).to(torch.float64).reshape(-1)
+    pe = _as_tensor(prior_energy).to(torch.float64).reshape(-1)
+    dl = _as_tensor(dlogp).to(torch.float64).reshape(-1)
     if not (u.shape == pe.shape == dl.shape):
         raise ValueError(
             f"shape mismatch: reduced_energy {tuple(u.shape)}, prior_energy {tuple(pe.shape)}, dlogp {tuple(dl.shape)}"
@@ -98,7 +96,7 @@ def weighted_mean(
     an error.
     """
     wbar = normalized_weights(log_w)
-    f = _as_tensor(values, "values").to(torch.float64).to(wbar.device)
+    f = _as_tensor(values).to(torch.float64).to(wbar.device)
     if f.shape[:1] != wbar.shape:
         raise ValueError(f"values has leading dim {tuple(f.shape[:1])}, log_w has {tuple(wbar.shape)}")
     w = wbar.reshape(-1, *([1] * (f.dim() - 1)))

@@ -252,7 +252,10 @@ def train(model: EGNN, train_data: Iterable[Any], out_dir: str | Path, config: T
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + rank)
     step = epoch = batch_in_epoch = 0
 
-    ckpt = latest_checkpoint(out) if cfg.resume else None
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None and not cfg.resume:
+        raise FileExistsError(f"{out} already holds checkpoints ({ckpt.name}); pass resume=True to continue that "
+                              f"run or use another output folder")
     if ckpt is not None:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         ts = state["tbg"]["train_state"]
