@@ -157,6 +157,13 @@ def _egnn_jvp_fake(x, h0, mol_ptr, w1, b1, w2, b2, watt, batt, wc1, bc1, wc2, wn
     return x.new_empty(x.shape), tangents.new_empty(tangents.shape)
 
 
+def _check_no_grad(op: str, tensors) -> None:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(f"tbg::{op} has no autograd formula but an input requires grad; call it under "
+                           f"torch.no_grad(), or use EGNN.divergence, which takes the differentiable "
+                           f"reference path when gradients are needed")
+
+
 def default_tangent_chunk(mol_ptr: Tensor, hidden: int) -> int:
     """Tangents per chunk so one [T, edges, H] activation holds about _CHUNK_BUDGET elements."""
     n = max(_max_atoms(mol_ptr), 2)
@@ -166,6 +173,7 @@ def default_tangent_chunk(mol_ptr: Tensor, hidden: int) -> int:
 def fused_divergence(x: Tensor, h0: Tensor, mol_ptr: Tensor, weights: tuple[Tensor, ...], coords_range: float,
                      tangent_chunk: int | None = None) -> tuple[Tensor, Tensor]:
     """tbg::egnn_divergence on a ragged batch; tangent_chunk None picks one by memory."""
+    _check_no_grad("egnn_divergence", (x, h0, *weights))
     if tangent_chunk is None:
         tangent_chunk = default_tangent_chunk(mol_ptr, h0.shape[1])
     return torch.ops.tbg.egnn_divergence(x, h0, mol_ptr, *weights, coords_range, tangent_chunk)
@@ -174,6 +182,7 @@ def fused_divergence(x: Tensor, h0: Tensor, mol_ptr: Tensor, weights: tuple[Tens
 def fused_jvp(x: Tensor, h0: Tensor, mol_ptr: Tensor, weights: tuple[Tensor, ...], tangents: Tensor,
               coords_range: float) -> tuple[Tensor, Tensor]:
     """tbg::egnn_jvp: v and (dv/dx) tangents[k] on a ragged batch."""
+    _check_no_grad("egnn_jvp", (x, h0, tangents, *weights))
     return torch.ops.tbg.egnn_jvp(x, h0, mol_ptr, *weights, tangents.contiguous(), coords_range)
 
 

@@ -1,0 +1,188 @@
+"""Benchmark: vector field + exact divergence per second, fused op vs the two reference estimators.
+
+Side by side in one run, for alanine dipeptide (N = 22, H = 64, L = 5) and dipeptides (H = 128, L = 9,
+sizes drawn from 20..51):
+  fused      tbg::egnn_divergence (ragged; forward-mode tangents, chunked)
+  published  one autograd backward pass per coordinate on the reference; for dipeptides on the batch
+             padded to 51 atoms with node/edge masks (3 * 51 = 153 passes), as the published code does
+  vmap(jvp)  torch.vmap over torch.func.jvp with the 3 n_max unit tangents on the ragged reference
+Reports samples/s, ratios, peak resident memory above the baseline (VmHWM, reset per method), the
+fused op's FLOP count and its achieved rate against a measured large-torch.mm peak.
+
+    python bench/bench_divergence.py [--batch 64] [--dip-batch 8] [--threads 2] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from typing import Callable
+
+import torch
+
+import tbg
+from tbg.nn import divergence as D
+from tbg.nn import reference
+from tbg.nn.layout import mol_ptr_from_sizes, molecule_index, ragged_edges
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device: str) -> int:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as fh:  # resets VmHWM to the current RSS
+        fh.write("5")
+    return _rss("VmRSS")
+
+
+def _rss(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _peak(device: str, base: int) -> float:
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss("VmHWM")
+    return (peak - base) / 2**20
+
+
+def timed(fn: Callable[[], object], device: str, repeats: int) -> tuple[float, float, object]:
+    """(best seconds, peak MiB above baseline, result)."""
+    out = fn()  # warm-up
+    best = float("inf")
+    base = _reset_peak(device)
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best, _peak(device, base), out
+
+
+def fused_flops(sizes: list[int], hidden: int, n_layers: int, chunk: int) -> float:
+    """Multiply-add FLOPs of tbg::egnn_divergence (GEMM work; elementwise work not counted)."""
+    h2, total = 2.0 * hidden * hidden, 0.0
+    for n in sizes:
+        if n < 2:
+            continue
+        e, tangents = n * (n - 1), 3 * n
+        rows = 2 * (n - 1) + (n_layers - 2) * e + (n - 1) if n_layers > 1 else n - 1  # edge rows per tangent
+        node = (n_layers - 1) * 5 * n  # node-side H x H products per tangent (Wn1 halves, Wn2, W1 halves)
+        primal = n_layers * (2 * e + 7 * n)  # per work item (recomputed per tangent chunk)
+        total += h2 * (tangents * (2 * rows + node) + -(-tangents // chunk) * primal)
+    return total
+
+
+def mm_peak_gflops() -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(a, b)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        torch.mm(a, b)
+    return 5 * 2 * 2048**3 / (time.perf_counter() - t0) / 1e9
+
+
+def run_case(name: str, model: tbg.EGNN, sizes: list[int], n_pad: int | None, device: str, repeats: int,
+             chunk: int | None) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    ptr = mol_ptr_from_sizes(torch.tensor(sizes), device=device)
+    m = int(ptr[-1])
+    x = (torch.randn(m, 3, generator=gen) * 3).to(device)
+    f = torch.randn(m, model.n_features, generator=gen).to(device)
+    t = torch.rand(len(sizes), generator=gen).to(device)
+    with torch.no_grad():
+        h0 = model.embed(t[molecule_index(ptr)].unsqueeze(1), f)
+        weights = model.stacked_weights()
+    chunk = chunk or D.default_tangent_chunk(ptr, model.hidden)
+    res: dict = {}
+    with torch.no_grad():
+        res["fused"] = timed(lambda: D.fused_divergence(x, h0, ptr, weights, model.layer_range, chunk), device,
+                             repeats)
+    field = D.reference_field(model, h0, ptr)
+    with torch.no_grad():
+        res["vmap(jvp)"] = timed(lambda: D.divergence_vmap_jvp(field, x, ptr, chunk_size=32), device, 1)
+    if n_pad is None:
+        res["published"] = timed(lambda: D.divergence_bruteforce(field, x, ptr), device, 1)
+    else:  # the published padded batch: every molecule padded to n_pad atoms, masks on nodes and edges
+        b = len(sizes)
+        mask = (torch.arange(n_pad, device=device) < torch.tensor(sizes, device=device).unsqueeze(1))
+        flat_mask = mask.reshape(-1, 1).to(x.dtype)
+        flat_ptr = torch.arange(b + 1, device=device) * n_pad
+        xp = torch.zeros(b * n_pad, 3, dtype=x.dtype, device=device)
+        xp[mask.reshape(-1)] = x
+        h0p = torch.zeros(b * n_pad, h0.shape[1], dtype=x.dtype, device=device)
+        h0p[mask.reshape(-1)] = h0
+        row, col = ragged_edges(flat_ptr)
+        edge_mask = flat_mask[row] * flat_mask[col]
+
+        def padded_field(y: torch.Tensor) -> torch.Tensor:
+            dx = reference.egnn_displacement(model, h0p, y, row, col, edge_mask, flat_mask)
+            return reference.remove_mean(dx, flat_ptr, flat_mask)
+
+        res["published"] = timed(lambda: D.divergence_bruteforce(padded_field, xp, flat_ptr), device, 1)
+    div_f = res["fused"][2][1]
+    for key in ("published", "vmap(jvp)"):
+        div_r = res[key][2][1]
+        err = ((div_f - div_r).abs().max() / div_r.abs().max().clamp(min=1)).item()
+        res[key] = (*res[key][:2], err)
+    res["flops"] = fused_flops(sizes, model.hidden, model.n_layers, chunk)
+    res["chunk"] = chunk
+    return res
+
+
+def report(name: str, sizes: list[int], res: dict, peak: float | None) -> None:
+    b = len(sizes)
+    fused_s = res["fused"][0]
+    print(f"\n{name}: batch {b}, atoms {min(sizes)}..{max(sizes)} (mean {sum(sizes) / b:.1f}), "
+          f"tangent_chunk {res['chunk']}")
+    print(f"{'method':<12}{'seconds':>10}{'samples/s':>12}{'fused speedup':>15}{'peak MiB':>10}{'rel err':>10}")
+    for key in ("fused", "published", "vmap(jvp)"):
+        s, mem = res[key][:2]
+        err = "" if key == "fused" else f"{res[key][2]:.1e}"
+        print(f"{key:<12}{s:>10.3f}{b / s:>12.2f}{s / fused_s:>15.1f}{mem:>10.1f}{err:>10}")
+    gf = res["flops"] / fused_s / 1e9
+    line = f"fused: {res['flops'] / 1e9:.1f} GFLOP (GEMM work), {gf:.1f} GFLOP/s"
+    if peak:
+        line += f" = {100 * gf / peak:.0f}% of the measured mm peak {peak:.0f} GFLOP/s"
+    print(line)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=64, help="alanine dipeptide batch")
+    ap.add_argument("--dip-batch", type=int, default=8, help="dipeptide batch")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=None, help="tangent_chunk (default: by memory)")
+    ap.add_argument("--skip", choices=["ala2", "dipeptides"], default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    peak = mm_peak_gflops() if args.device == "cpu" else None
+    print(f"tbg {tbg.__version__ if hasattr(tbg, '__version__') else ''} torch {torch.__version__}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus visible, threads {args.threads}, "
+          f"device {args.device}" + (f", mm peak {peak:.0f} GFLOP/s fp32" if peak else ""))
+    if args.skip != "ala2":
+        model = tbg.EGNN(22, 64, 5).to(args.device)
+        sizes = [22] * args.batch
+        report("alanine dipeptide (H=64, L=5)", sizes,
+               run_case("ala2", model, sizes, None, args.device, args.repeats, args.chunk), peak)
+    if args.skip != "dipeptides":
+        model = tbg.EGNN(76, 128, 9).to(args.device)
+        sizes = torch.randint(20, 52, (args.dip_batch,), generator=torch.Generator().manual_seed(1)).tolist()
+        report("dipeptides (H=128, L=9; published padded to 51, fused ragged)", sizes,
+               run_case("dip", model, sizes, 51, args.device, args.repeats, args.chunk), peak)
+
+
+if __name__ == "__main__":
+    main()
