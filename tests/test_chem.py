@@ -290,12 +290,15 @@ def test_simulation_interrupted_and_resumed(tmp_path, monkeypatch) -> None:
 
 def test_shipped_alanine_dipeptide_data() -> None:
     topology, positions = chem.load_trajectory(chem.ALANINE_DIPEPTIDE_DIR, "ala2")
-    assert topology.n_atoms == 22 and positions.dtype == np.float32 and len(positions) >= 300
+    assert topology.n_atoms == 22 and positions.dtype == np.float32 and len(positions) >= 2000
     traj = mdtraj.Trajectory(positions, topology)
     phi, psi = mdtraj.compute_phi(traj)[1][:, 0], mdtraj.compute_psi(traj)[1][:, 0]
-    # the extended (beta/PII) and alpha_R basins are both visited
-    assert ((phi < 0) & (np.abs(psi) > 2.0)).any() or ((phi < 0) & (psi > 1.5)).any()
-    assert ((phi < 0) & (psi > -1.5) & (psi < 0.5)).any()
+    assert (phi < 0).mean() > 0.9  # L-alanine: the left-handed region (phi > 0) is rare at 300 K
+    # the extended (beta/PII) and alpha_R basins are both well visited, with many transitions
+    extended = (phi < 0) & ((psi > 1.5) | (psi < -2.5))
+    alpha_r = (phi < 0) & (psi > -1.5) & (psi < 0.5)
+    assert extended.mean() > 0.2 and alpha_r.mean() > 0.2
+    assert np.count_nonzero(np.diff(extended.astype(int))) > 20
     model = chem.EnergyModel(topology)
     assert model.temperature == 300.0  # capped -> the alanine dipeptide setting
     assert np.isfinite(model.reduced_energy(positions[::50], unit="nm")).all()
