@@ -123,6 +123,8 @@ def test_units(ay: chem.Peptide) -> None:
           model.reduced_energy(x[:1] - h * direction, unit="nm")) / (2 * h)
     f = model.forces(x[:1], unit="nm")[0]
     assert -np.sum(f * direction) == pytest.approx(fd[0], rel=1e-4)
+    # forces stay in kT/nm whatever unit the positions come in
+    np.testing.assert_allclose(model.forces(x[:1] * chem.SCALE, unit="scaled")[0], f, rtol=1e-10)
     with pytest.raises(ValueError, match="unit must be"):
         model.reduced_energy(x, unit="angstrom")
     with pytest.raises(ValueError, match="positions must be"):
