@@ -24,6 +24,7 @@ import argparse
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,6 @@ import torch
 
 import tbg
 import tbg.flow
-from tbg.chem.data import PeptideDataset, collate_ragged
 from tbg.flow import MeanFreeGaussian, SolverConfig, decoupled_likelihood, integrate
 from tbg.nn.divergence import divergence_bruteforce
 from tbg.nn.layout import mol_ptr_from_sizes
@@ -47,7 +47,7 @@ class PublishedDynamics:
         self.n = features.shape[0]
 
     def _ragged(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.features.repeat(b, 1), mol_ptr_from_sizes([self.n] * b)
+        return self.features.repeat(b, 1), mol_ptr_from_sizes([self.n] * b, device=self.features.device)
 
     def __call__(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.egnn(t, x.reshape(-1, self.n, 3), self.features, backend="reference").reshape(x.shape)
@@ -59,13 +59,41 @@ class PublishedDynamics:
         return v.reshape(x.shape), div
 
 
-def trained_model(model_dir: Path, steps: int, features_width: int, dataset: PeptideDataset) -> tbg.EGNN:
+@dataclass
+class Batch:
+    x: torch.Tensor
+    features: torch.Tensor
+    mol_ptr: torch.Tensor
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.x.to(device), self.features.to(device), self.mol_ptr.to(device))
+
+
+def load_frames(path: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames [T, n, 3] (model units, centred) and features [n, F]: from the shipped data through
+    tbg.chem (needs mdtraj), or from a file written by --export-data (for machines without mdtraj)."""
+    if path is not None:
+        d = torch.load(path, weights_only=True)
+        return d["positions"], d["features"]
+    from tbg.chem.data import PeptideDataset  # noqa: PLC0415 - needs mdtraj
+
+    ds = PeptideDataset(DATA, encoding="atoms")
+    return ds.frames_of(ds.names[0]), ds.features[ds.names[0]]
+
+
+def trained_model(model_dir: Path, steps: int, positions: torch.Tensor, features: torch.Tensor,
+                  device: torch.device) -> tbg.EGNN:
     torch.manual_seed(0)
-    egnn = tbg.EGNN(features_width, hidden=64, n_layers=5)
-    loader = tbg.flow.RaggedLoader(dataset, 64, collate=collate_ragged, drop_last=True)
+    egnn = tbg.EGNN(features.shape[1], hidden=64, n_layers=5).to(device)
+    n = features.shape[0]
+
+    def collate(frames: list[torch.Tensor]) -> Batch:
+        return Batch(torch.cat(frames), features.repeat(len(frames), 1), mol_ptr_from_sizes([n] * len(frames)))
+
+    loader = tbg.flow.RaggedLoader(list(positions), 64, collate=collate, drop_last=True)
     cfg = tbg.flow.TrainConfig(n_steps=steps, lr=5e-4, checkpoint_every=50, log_every=50, progress=False)
     res = tbg.flow.train(egnn, loader, model_dir, cfg)
-    return tbg.nn.load_egnn(res.model_path)
+    return tbg.nn.load_egnn(res.model_path).to(device)
 
 
 def timed(fn):
@@ -80,37 +108,50 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data", help="frames/features file from --export-data instead of the shipped data")
+    p.add_argument("--export-data", help="write the shipped frames and features to this file and exit")
     p.add_argument("--model-dir", default="/tmp/tbg-bench-sampling-model")
     p.add_argument("--truth-tol", type=float, default=1e-6, help="tolerance of the reference joint solve")
     p.add_argument("--skip-published", action="store_true", help="skip (a), the slowest")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
-    ds = PeptideDataset(DATA, encoding="atoms")
-    features = ds.features[ds.names[0]]
+    positions, features = load_frames(a.data)
+    if a.export_data:
+        torch.save({"positions": positions, "features": features}, a.export_data)
+        return
     n_atoms = features.shape[0]
-    egnn, t_train = timed(lambda: trained_model(Path(a.model_dir), a.train_steps, features.shape[1], ds))
+    device = torch.device(a.device)
+    egnn, t_train = timed(lambda: trained_model(Path(a.model_dir), a.train_steps, positions, features, device))
     egnn.eval()
+    features = features.to(device)
     print(f"# alanine dipeptide: {n_atoms} atoms, EGNN H={egnn.hidden} L={egnn.n_layers}, "
           f"{a.train_steps} flow-matching steps (model ready in {t_train:.1f} s)")
-    print(f"# host: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads "
-          f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} (shared machine), fused CPU ops: "
-          f"{egnn.fused_available('cpu')}")
+    host = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"# device: {host}, torch {torch.__version__}, CPU threads {torch.get_num_threads()}, load average "
+          f"{os.getloadavg()[0]:.1f}, fused ops on {device.type}: {egnn.fused_available(device)}")
     print(f"# {a.n_samples} samples in batches of {a.batch}, float32, dopri5 atol = rtol = 1e-4 unless stated")
 
-    z = MeanFreeGaussian(n_atoms).sample(a.n_samples, generator=torch.Generator().manual_seed(0))
+    z = MeanFreeGaussian(n_atoms).sample(a.n_samples, generator=torch.Generator().manual_seed(0)).to(device)
     ours = tbg.nn.BoundDynamics(egnn, features)
     published = PublishedDynamics(egnn, features)
     default = SolverConfig()
 
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     def run(fn) -> tuple[dict, float]:
         xs, ls, nv, nd = [], [], 0, 0
+        sync()
         t0 = time.perf_counter()
         for chunk in z.split(a.batch):
             r = fn(chunk)
             xs.append(r.x)
             ls.append(r.dlogp)
             nv, nd = nv + r.nfe_velocity, nd + r.nfe_divergence
+        sync()
         secs = time.perf_counter() - t0
         n_chunks = len(xs)
         return {"x": torch.cat(xs), "dlogp": torch.cat(ls), "nfe_v": nv / n_chunks, "nfe_div": nd / n_chunks}, secs
