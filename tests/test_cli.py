@@ -222,3 +222,10 @@ def test_published_checkpoint_atom_encoding(tmp_path: Path, capsys: pytest.Captu
     code, _, err = run(["sample", "--published", tmp_path / "odd.pt", "--pdb", pdb, "--n", 2, "--out",
                         tmp_path / "b", *FAST_SAMPLE], capsys)
     assert code == 2 and "expects 30 atom features" in err and "76" in err
+
+
+def test_info_and_bench_list(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run(["info"], capsys)
+    assert code == 0 and "torch.ops.tbg.egnn_forward" in out and "cpu kernels" in out
+    code, out, _ = run(["bench", "--list"], capsys)
+    assert code == 0 and "validity" in out.split()
