@@ -252,3 +252,17 @@ def test_train_by_energy_reverse_kl_and_importance_resume(tmp_path) -> None:
         torch.save(torch.load(tmp_path / "iw" / "model.pt", weights_only=True),
                    tmp_path / "iw" / "checkpoints" / "step_99999999.pt")
         train_by_energy(egnn, feats, wide_gaussian, tmp_path / "iw", cfg)
+
+
+def test_batch_budget_and_checkpoint_guard(tmp_path) -> None:
+    from tbg.flow import TrainConfig, batch_size_for_budget, train
+
+    gib = 2**30
+    with_div = batch_size_for_budget(gib, 22, 64, likelihood=True)
+    without = batch_size_for_budget(gib, 22, 64, likelihood=False)
+    assert 1 <= with_div < without and batch_size_for_budget(2 * gib, 22, 64, True) >= 2 * with_div - 1
+    assert batch_size_for_budget(1.0, 51, 128, likelihood=True) == 1  # never zero
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_00000010.pt").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="resume=True"):
+        train(tbg.EGNN(1, 8, 1), [], tmp_path, TrainConfig(resume=False))
