@@ -102,7 +102,9 @@ def _check_manifest(out: Path, manifest: dict) -> None:
             raise RuntimeError(f"{out} holds chunks from a different sampling setup ({old}); use another "
                                f"output folder or the same settings ({manifest})")
     elif D.rank() == 0:
-        path.write_text(json.dumps(manifest, indent=1))
+        tmp = path.with_name(path.name + ".tmp")  # other ranks may read it meanwhile: never half a file
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, path)
 
 
 def sample(dyn: Dynamics, n_atoms: int, out_dir: str | Path, config: SampleConfig | None = None) -> Path:
