@@ -46,14 +46,17 @@ def _batch(layout: str, sizes: list[int], dtype: torch.dtype, device: str):
     return dict(x=x, features=f, node_mask=mask), (x[mask], f[mask], ptr)
 
 
-def _references(model: tbg.EGNN, t: torch.Tensor, x: torch.Tensor, f: torch.Tensor, ptr: torch.Tensor):
-    """(v, div by brute force, div by jacfwd) on the fp64 reference."""
+def _references(model: tbg.EGNN, t: torch.Tensor, x: torch.Tensor, f: torch.Tensor, ptr: torch.Tensor,
+                jacfwd: bool = True):
+    """(v, div by brute force, div by jacfwd or None) on the fp64 reference."""
     model64 = model.to(torch.float64)
     x, f, t = x.double(), f.double(), t.double()
     with torch.no_grad():
         h0 = model64.embed(t[molecule_index(ptr)].unsqueeze(1), f)
     field = D.reference_field(model64, h0, ptr)
     v, div_bf = D.divergence_bruteforce(field, x, ptr)
+    if not jacfwd:
+        return v, div_bf, None
     with torch.no_grad():
         _, div_jf = D.divergence_jacfwd(field, x, ptr)
     return v, div_bf, div_jf
@@ -73,11 +76,13 @@ def test_exact_divergence_matches_bruteforce_and_jacfwd(device, dtype, layout, s
     with torch.no_grad():
         v, div = model.divergence(t, **inputs, backend="fused", tangent_chunk=chunk)
     assert div.shape == (len(sizes),) and v.shape == inputs["x"].shape
-    v_ref, div_bf, div_jf = _references(model, t, x_r, f_r, ptr)
+    # The two references are compared once per case (in the fp64 run).
+    v_ref, div_bf, div_jf = _references(model, t, x_r, f_r, ptr, jacfwd=dtype == torch.float64)
     v_real = v if layout == "ragged" else v[inputs["node_mask"]] if layout == "padded" else v.reshape(-1, 3)
     v_scale = max(v_ref.abs().max().item() if v_ref.numel() else 0.0, 1.0)
     torch.testing.assert_close(v_real.double(), v_ref, rtol=0.0, atol=_tol(dtype)["rtol"] * v_scale)
-    torch.testing.assert_close(div_bf, div_jf, rtol=1e-10, atol=1e-10)
+    if div_jf is not None:
+        torch.testing.assert_close(div_bf, div_jf, rtol=1e-10, atol=1e-10)
     scale = div_bf.abs().max().item() if div_bf.numel() else 1.0
     atol = _tol(dtype)["rtol"] * max(scale, 1.0)
     if dtype == torch.float32 and div_bf.numel():
