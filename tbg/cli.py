@@ -9,6 +9,7 @@ tbg.flow, tbg.evaluate); this module only turns options into calls.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -322,6 +323,13 @@ def run_sample(args: argparse.Namespace, checkpoint: Path, topology_pdb: Path, o
     features = _features(n_features, pdb.topology, encoding).to(device)
     dyn = load_published(checkpoint, features.to(getattr(torch, args.dtype)), backend=args.backend)
     out.mkdir(parents=True, exist_ok=True)
+    # Sample chunks on disk are reused on a rerun: make sure they came from this very checkpoint.
+    source = {"checkpoint": str(checkpoint), "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
+    source_file = out / "checkpoint.json"
+    if source_file.is_file() and json.loads(source_file.read_text())["sha256"] != source["sha256"]:
+        raise UsageError(f"{out} holds samples of another model ({source_file.read_text().strip()}); "
+                         f"choose a new --out or delete {out} to sample {checkpoint}")
+    source_file.write_text(json.dumps(source, indent=1) + "\n")
     if topology_pdb.resolve() != (out / "topology.pdb").resolve():
         shutil.copyfile(topology_pdb, out / "topology.pdb")
     config = SampleConfig(n_samples=args.n, batch_size=args.sample_batch_size, likelihood=args.likelihood,

@@ -119,6 +119,12 @@ def test_pipeline(md_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert code == 0, err
     with np.load(sample_dir / "samples.npz") as f:
         np.testing.assert_array_equal(f["samples"], first)
+    # After more training the chunks on disk are stale: refused, not mixed into the new model's samples.
+    code, _, err = run(train_argv[:-3] + ["--steps", "7", "--no-progress"], capsys)
+    assert code == 0, err
+    code, _, err = run(["sample", "--checkpoint", train_dir, "--n", 6, "--sample-batch-size", 4, "--out",
+                        sample_dir, *FAST_SAMPLE], capsys)
+    assert code == 2 and "samples of another model" in err
 
     eval_dir = tmp_path / "evaluate"
     code, out, err = run(["evaluate", "--samples", sample_dir, "--data", md_dir, "--out", eval_dir,
