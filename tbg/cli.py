@@ -59,8 +59,8 @@ DEMO_PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"hidden": 16, "layers": 2, "steps": 40, "batch_size": 32, "lr": 2e-3, "checkpoint_every": 20,
               "n": 48, "sample_batch_size": 48, "likelihood": "decoupled", "quadrature": 4, "method": "rk4",
               "ode_steps": 4, "md_frames": 300, "bootstrap": 20, "out": "tbg-demo-quick"},
-    "default": {"hidden": 32, "layers": 3, "steps": 1500, "batch_size": 64, "lr": 2e-3, "checkpoint_every": 100,
-                "lr_milestones": [1200], "n": 1000, "sample_batch_size": 250, "likelihood": "decoupled",
+    "default": {"hidden": 32, "layers": 3, "steps": 3000, "batch_size": 64, "lr": 2e-3, "checkpoint_every": 100,
+                "lr_milestones": [2400], "n": 1000, "sample_batch_size": 250, "likelihood": "decoupled",
                 "quadrature": 8, "atol": 1e-3, "rtol": 1e-3, "md_frames": 2000, "out": "tbg-demo"},
     "full": {"epochs": 1000, "n": 100_000, "md_frames": 20_000, "out": "tbg-demo-full"},
 }
