@@ -196,6 +196,10 @@ def test_shipped_alanine_dipeptide_train_and_sample(tmp_path: Path) -> None:
     res = tbg.flow.train(egnn, loader, tmp_path / "train", tbg.flow.TrainConfig(n_steps=4, checkpoint_every=2,
                                                                                progress=False))
     assert res.step == 4 and np.isfinite(res.train_loss)
+    # Calling train again on a finished run resumes at its last step: nothing to do, same result.
+    again = tbg.flow.train(egnn, loader, tmp_path / "train", tbg.flow.TrainConfig(n_steps=4, checkpoint_every=2,
+                                                                                 progress=False))
+    assert again.step == 4 and again.train_loss == res.train_loss and again.history == res.history
     dyn = tbg.nn.BoundDynamics(tbg.nn.load_egnn(res.model_path), feats)
     cfg = tbg.flow.SampleConfig(n_samples=4, batch_size=4, solver=tbg.flow.SolverConfig(method="midpoint", n_steps=2),
                                 progress=False)

@@ -79,7 +79,7 @@ class TrainResult:
     train_loss: float  # mean over the last log window
     val_loss: float | None
     model_path: Path
-    history: list[dict[str, Any]] = field(default_factory=list)  # rows of this call (rank 0)
+    history: list[dict[str, Any]] = field(default_factory=list)  # rows of train_log.csv (rank 0)
 
 
 class RaggedLoader:
@@ -189,12 +189,20 @@ class _CsvLog:
             w = csv.DictWriter(f, self.FIELDS)
             w.writeheader()
             w.writerows(rows)
+        # Rows kept from before the restart, typed like the rows train() writes.
+        self.previous = [{k: self._parse(k, v) for k, v in r.items()} for r in rows]
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
 
             self.tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=resume_step + 1)
         except ImportError:
             self.tb = None
+
+    @staticmethod
+    def _parse(key: str, value: str) -> Any:
+        if value == "":
+            return ""
+        return int(value) if key in ("step", "epoch") else float(value)
 
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a", newline="") as f:
@@ -284,9 +292,10 @@ def train(model: EGNN, train_data: Iterable[Any], out_dir: str | Path, config: T
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
     csv_log = _CsvLog(out / "train_log.csv", step) if rank == 0 else None
-    history: list[dict[str, Any]] = []
+    # The rows logged so far, including those of earlier runs of this training (resume).
+    history: list[dict[str, Any]] = list(csv_log.previous) if csv_log is not None else []
     window: list[float] = []
-    val_loss: float | None = None
+    val_loss: float | None = next((r["val_loss"] for r in reversed(history) if r["val_loss"] != ""), None)
     t_start = time.perf_counter()
 
     def save_checkpoint() -> None:
