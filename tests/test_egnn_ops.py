@@ -245,7 +245,12 @@ def test_torch_compile_fullgraph(device: str) -> None:
     torch.testing.assert_close(v_comp, v_eager, rtol=1e-6, atol=1e-6)
     v_eager.square().sum().backward()
     v_comp.square().sum().backward()
-    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-6, atol=1e-6)
+    if device == "cpu":
+        torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-6, atol=1e-6)
+    else:
+        # The CUDA backward accumulates with atomics, so two identical calls differ in fp32 rounding
+        # (8.8e-6 relative measured on an H100): compare at the fp32 kernel tolerance.
+        assert_close_scaled(x2.grad, x1.grad, TOL[torch.float32], "x.grad")
     torch.testing.assert_close(v_eager, model(t, x, f, mol_ptr=ptr, backend="reference"), rtol=1e-5, atol=1e-4)
 
 
