@@ -12,14 +12,12 @@ configuration, side by side as a ratio.
 from __future__ import annotations
 
 import argparse
-import os
-import platform as pyplatform
 import time
 
 import numpy as np
 import openmm
 import openmm.unit as u
-import torch
+from common import machine, matmul_peak_gflops
 
 import tbg.chem as chem
 
@@ -50,15 +48,6 @@ def naive_energies(pep: chem.Peptide, x: np.ndarray, kt: float) -> np.ndarray:
     return np.array(out)
 
 
-def mm_peak_gflops() -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    torch.mm(a, b)
-    t0 = time.perf_counter()
-    for _ in range(5):
-        torch.mm(a, b)
-    return 5 * 2 * 2048**3 / (time.perf_counter() - t0) / 1e9
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--md-steps", type=int, default=2000)
@@ -66,9 +55,8 @@ def main() -> None:
     ap.add_argument("--n-naive", type=int, default=50)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
-    print(f"machine: {pyplatform.processor() or pyplatform.machine()}, {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f}; OpenMM {openmm.__version__}; "
-          f"torch.mm fp32 peak here now: {mm_peak_gflops():.1f} GFLOP/s")
+    print(f"machine: {machine()}; OpenMM {openmm.__version__}; "
+          f"torch.mm fp32 peak here now: {matmul_peak_gflops():.1f} GFLOP/s")
     peptides = [chem.alanine_dipeptide(), chem.build_peptide("WW")]
 
     print("\nMD throughput (CPU platform), ns/day")

@@ -6,7 +6,7 @@ sizes drawn from 20..51):
   published  one autograd backward pass per coordinate on the reference; for dipeptides on the batch
              padded to 51 atoms with node/edge masks (3 * 51 = 153 passes), as the published code does
   vmap(jvp)  torch.vmap over torch.func.jvp with the 3 n_max unit tangents on the ragged reference
-Reports samples/s, ratios, peak resident memory above the baseline (VmHWM, reset per method), the
+Reports samples/s (median of --repeats after a warm-up), ratios, peak memory per method (see common.measure), the
 fused op's FLOP count and its achieved rate against a measured large-torch.mm peak.
 
     python bench/bench_divergence.py [--batch 64] [--dip-batch 8] [--threads 2] [--device cpu]
@@ -14,58 +14,14 @@ fused op's FLOP count and its achieved rate against a measured large-torch.mm pe
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import time
-from typing import Callable
 
 import torch
+from common import machine, matmul_peak_gflops, measure
 
 import tbg
 from tbg.nn import divergence as D
 from tbg.nn import reference
 from tbg.nn.layout import mol_ptr_from_sizes, molecule_index, ragged_edges
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _reset_peak(device: str) -> int:
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/clear_refs", "w") as fh:  # resets VmHWM to the current RSS
-        fh.write("5")
-    return _rss("VmRSS")
-
-
-def _rss(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _peak(device: str, base: int) -> float:
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss("VmHWM")
-    return (peak - base) / 2**20
-
-
-def timed(fn: Callable[[], object], device: str, repeats: int) -> tuple[float, float, object]:
-    """(best seconds, peak MiB above baseline, result)."""
-    out = fn()  # warm-up
-    best = float("inf")
-    base = _reset_peak(device)
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best, _peak(device, base), out
 
 
 def fused_flops(sizes: list[int], hidden: int, n_layers: int, chunk: int) -> float:
@@ -82,15 +38,6 @@ def fused_flops(sizes: list[int], hidden: int, n_layers: int, chunk: int) -> flo
     return total
 
 
-def mm_peak_gflops() -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    torch.mm(a, b)
-    t0 = time.perf_counter()
-    for _ in range(5):
-        torch.mm(a, b)
-    return 5 * 2 * 2048**3 / (time.perf_counter() - t0) / 1e9
-
-
 def run_case(name: str, model: tbg.EGNN, sizes: list[int], n_pad: int | None, device: str, repeats: int,
              chunk: int | None) -> dict:
     gen = torch.Generator().manual_seed(0)
@@ -105,13 +52,13 @@ def run_case(name: str, model: tbg.EGNN, sizes: list[int], n_pad: int | None, de
     chunk = chunk or D.default_tangent_chunk(ptr, model.hidden)
     res: dict = {}
     with torch.no_grad():
-        res["fused"] = timed(lambda: D.fused_divergence(x, h0, ptr, weights, model.layer_range, chunk), device,
+        res["fused"] = measure(lambda: D.fused_divergence(x, h0, ptr, weights, model.layer_range, chunk), device,
                              repeats)
     field = D.reference_field(model, h0, ptr)
     with torch.no_grad():
-        res["vmap(jvp)"] = timed(lambda: D.divergence_vmap_jvp(field, x, ptr, chunk_size=32), device, 1)
+        res["vmap(jvp)"] = measure(lambda: D.divergence_vmap_jvp(field, x, ptr, chunk_size=32), device, 1)
     if n_pad is None:
-        res["published"] = timed(lambda: D.divergence_bruteforce(field, x, ptr), device, 1)
+        res["published"] = measure(lambda: D.divergence_bruteforce(field, x, ptr), device, 1)
     else:  # the published padded batch: every molecule padded to n_pad atoms, masks on nodes and edges
         b = len(sizes)
         mask = (torch.arange(n_pad, device=device) < torch.tensor(sizes, device=device).unsqueeze(1))
@@ -128,7 +75,7 @@ def run_case(name: str, model: tbg.EGNN, sizes: list[int], n_pad: int | None, de
             dx = reference.egnn_displacement(model, h0p, y, row, col, edge_mask, flat_mask)
             return reference.remove_mean(dx, flat_ptr, flat_mask)
 
-        res["published"] = timed(lambda: D.divergence_bruteforce(padded_field, xp, flat_ptr), device, 1)
+        res["published"] = measure(lambda: D.divergence_bruteforce(padded_field, xp, flat_ptr), device, 1)
     div_f = res["fused"][2][1]
     for key in ("published", "vmap(jvp)"):
         div_r = res[key][2][1]
@@ -168,10 +115,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    peak = mm_peak_gflops() if args.device == "cpu" else None
-    print(f"tbg {tbg.__version__ if hasattr(tbg, '__version__') else ''} torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus visible, threads {args.threads}, "
-          f"device {args.device}" + (f", mm peak {peak:.0f} GFLOP/s fp32" if peak else ""))
+    peak = matmul_peak_gflops(args.device)
+    print(f"{machine(args.device)}; mm peak {peak:.0f} GFLOP/s fp32")
     if args.skip != "ala2":
         model = tbg.EGNN(22, 64, 5).to(args.device)
         sizes = [22] * args.batch

@@ -21,14 +21,12 @@ x and dlogp together and so takes smaller steps than an x-only solve at the same
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+from common import machine
 
 import tbg
 import tbg.flow
@@ -128,9 +126,7 @@ def main() -> None:
     features = features.to(device)
     print(f"# alanine dipeptide: {n_atoms} atoms, EGNN H={egnn.hidden} L={egnn.n_layers}, "
           f"{a.train_steps} flow-matching steps (model ready in {t_train:.1f} s)")
-    host = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"# device: {host}, torch {torch.__version__}, CPU threads {torch.get_num_threads()}, load average "
-          f"{os.getloadavg()[0]:.1f}, fused ops on {device.type}: {egnn.fused_available(device)}")
+    print(f"# machine: {machine(device)}; fused ops on {device.type}: {egnn.fused_available(device)}")
     print(f"# {a.n_samples} samples in batches of {a.batch}, float32, dopri5 atol = rtol = 1e-4 unless stated")
 
     z = MeanFreeGaussian(n_atoms).sample(a.n_samples, generator=torch.Generator().manual_seed(0)).to(device)
@@ -175,8 +171,8 @@ def main() -> None:
         results[name] = run(fn)
     base = results.get(next(iter(methods)))[0]
     print()
-    print(f"| method | samples/s | speed-up vs first | mean NFE (v / v+div) | |dlogp - truth| mean / max | "
-          f"|dlogp - first| max | |x - truth| max |")
+    print("| method | samples/s | speed-up vs first | mean NFE (v / v+div) | |dlogp - truth| mean / max | "
+          "|dlogp - first| max | |x - truth| max |")
     print("|---|---|---|---|---|---|---|")
     first_rate = None
     for name, (r, secs) in results.items():

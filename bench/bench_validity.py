@@ -11,7 +11,6 @@ extrapolated, and checks that both give the same verdicts on that subset.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import mdtraj as md
 import networkx as nx
 import numpy as np
-import torch
+from common import machine, matmul_peak_gflops
 
 from tbg.evaluate import ValidityChecker, bond_pairs
 from tbg.evaluate import validity as V
@@ -68,15 +67,6 @@ def loop_check(checker: ValidityChecker, samples: np.ndarray) -> np.ndarray:
     return out
 
 
-def mm_peak_gflops() -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    torch.mm(a, b)
-    t = time.perf_counter()
-    for _ in range(5):
-        torch.mm(a, b)
-    return 5 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000)
@@ -105,9 +95,9 @@ def main() -> None:
     agree = (loop_valid == res.valid[: len(sub)]).mean()
 
     flops = args.n * top.n_atoms**2 * 10  # full [N, N] distances: 3 x (sub, mul, add) + compare per pair
-    peak = mm_peak_gflops()
+    peak = matmul_peak_gflops()
     gflops = flops / res.timings["bond_graphs"] / 1e9
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
+    print(f"machine: {machine()}; "
           f"molecule: {top.n_atoms} atoms, {len(frames)} MD frames")
     print(f"samples: {args.n}; valid {res.valid.sum()} ({100 * res.rate:.2f}%), mirrored {res.mirrored.sum()}, "
           f"distinct graphs searched {res.n_graphs_searched}, timeouts {res.n_timeouts}")
