@@ -31,7 +31,7 @@ from torch import Tensor
 
 from tbg._library import has_kernel
 from tbg.nn import reference
-from tbg.nn.layout import molecule_index, ragged_edges
+from tbg.nn.layout import molecule_index, ragged_edges, to_ragged
 
 if TYPE_CHECKING:
     from tbg.nn.egnn import EGNN
@@ -206,7 +206,7 @@ def module_divergence(egnn: "EGNN", t: Tensor, x: Tensor, features: Tensor, node
         raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
     if tangent_chunk is not None and tangent_chunk < 1:
         raise ValueError(f"tangent_chunk must be >= 1, got {tangent_chunk}")
-    view, x_r, features_r, ptr = egnn._ragged(x, features, node_mask, mol_ptr)
+    view, x_r, features_r, ptr = to_ragged(x, features, node_mask, mol_ptr)
     h0 = egnn.embed(t[molecule_index(ptr)].unsqueeze(1), features_r)
     # The fused ops have no autograd: when a gradient of div is wanted (training through the
     # likelihood), the reference path below is differentiable w.r.t. x, t, features and parameters.

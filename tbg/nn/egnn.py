@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from tbg._library import has_kernel
 from tbg.nn import reference
-from tbg.nn.layout import RaggedView, check_mol_ptr, molecule_index, ragged_edges
+from tbg.nn.layout import check_mol_ptr, molecule_index, ragged_edges, to_ragged
 
 Backend = Literal["auto", "reference", "fused"]
 
@@ -137,7 +137,7 @@ class EGNN(nn.Module):
         if self.resolve_backend(backend, x.device) == "fused":
             from tbg.nn import ops  # noqa: PLC0415 - ops registers fake/autograd kernels on import
 
-            view, x_r, features_r, mol_ptr_r = self._ragged(x, features, node_mask, mol_ptr)
+            view, x_r, features_r, mol_ptr_r = to_ragged(x, features, node_mask, mol_ptr)
             t_atoms = t[molecule_index(mol_ptr_r)].unsqueeze(1)
             v = ops.egnn_velocity(x_r, self.embed(t_atoms, features_r), mol_ptr_r,
                                   self.stacked_weights(), self.layer_range)
@@ -227,17 +227,6 @@ class EGNN(nn.Module):
         return _Flat(x.reshape(-1, 3), features.expand(n_mol, n_atoms, -1).reshape(n_mol * n_atoms, self.n_features),
                      t.repeat_interleave(n_atoms).unsqueeze(1),
                      torch.arange(n_mol + 1, device=x.device) * n_atoms, mask)
-
-    @staticmethod
-    def _ragged(x: Tensor, features: Tensor, node_mask: Tensor | None,
-                mol_ptr: Tensor | None) -> tuple[RaggedView | None, Tensor, Tensor, Tensor]:
-        """The real atoms in ragged layout, and how to put results back."""
-        if mol_ptr is not None:
-            return None, x.contiguous(), features, mol_ptr
-        n_mol, n_atoms = x.shape[:2]
-        view = RaggedView.of(n_mol, n_atoms, node_mask, x.device)
-        return (view, view.gather(x).contiguous(), view.gather(features.expand(n_mol, n_atoms, -1)),
-                view.mol_ptr)
 
 
 class BoundDynamics(nn.Module):

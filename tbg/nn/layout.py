@@ -86,3 +86,16 @@ class RaggedView:
         out = ragged.new_zeros(self.shape[0] * self.shape[1], *ragged.shape[1:])
         out = out.index_copy(0, self.atoms, ragged)
         return out.reshape(*self.shape, *ragged.shape[1:])
+
+
+def to_ragged(x: Tensor, features: Tensor, node_mask: Tensor | None,
+              mol_ptr: Tensor | None) -> tuple[RaggedView | None, Tensor, Tensor, Tensor]:
+    """The real atoms of a fixed ([B, N, 3], features [N, F] or [B, N, F]), padded (with node_mask) or
+    ragged (with mol_ptr) batch in ragged layout: (view, x [M, 3], features [M, F], mol_ptr), where
+    ``view.scatter`` puts per-atom results back in the input layout (view is None for ragged input)."""
+    if mol_ptr is not None:
+        return None, x.contiguous(), features, mol_ptr
+    n_mol, n_atoms = x.shape[:2]
+    view = RaggedView.of(n_mol, n_atoms, node_mask, x.device)
+    return (view, view.gather(x).contiguous(), view.gather(features.expand(n_mol, n_atoms, -1)),
+            view.mol_ptr)
