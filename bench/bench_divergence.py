@@ -6,8 +6,9 @@ sizes drawn from 20..51):
   published  one autograd backward pass per coordinate on the reference; for dipeptides on the batch
              padded to 51 atoms with node/edge masks (3 * 51 = 153 passes), as the published code does
   vmap(jvp)  torch.vmap over torch.func.jvp with the 3 n_max unit tangents on the ragged reference
-Reports samples/s (median of --repeats after a warm-up), ratios, peak memory per method (see common.measure), the
-fused op's FLOP count and its achieved rate against a measured large-torch.mm peak.
+Reports samples/s (fused: median of --repeats after a warm-up; the two slow baselines: one call, each
+a long loop of passes), ratios, peak memory per method (see common.measure), the fused op's FLOP count
+and its achieved rate against a measured large-torch.mm peak.
 
     python bench/bench_divergence.py [--batch 64] [--dip-batch 8] [--threads 2] [--device cpu]
 """
@@ -56,9 +57,10 @@ def run_case(name: str, model: tbg.EGNN, sizes: list[int], n_pad: int | None, de
                              repeats)
     field = D.reference_field(model, h0, ptr)
     with torch.no_grad():
-        res["vmap(jvp)"] = measure(lambda: D.divergence_vmap_jvp(field, x, ptr, chunk_size=32), device, 1)
+        res["vmap(jvp)"] = measure(lambda: D.divergence_vmap_jvp(field, x, ptr, chunk_size=32), device, 1,
+                                   warmup=0)
     if n_pad is None:
-        res["published"] = measure(lambda: D.divergence_bruteforce(field, x, ptr), device, 1)
+        res["published"] = measure(lambda: D.divergence_bruteforce(field, x, ptr), device, 1, warmup=0)
     else:  # the published padded batch: every molecule padded to n_pad atoms, masks on nodes and edges
         b = len(sizes)
         mask = (torch.arange(n_pad, device=device) < torch.tensor(sizes, device=device).unsqueeze(1))
@@ -75,7 +77,7 @@ def run_case(name: str, model: tbg.EGNN, sizes: list[int], n_pad: int | None, de
             dx = reference.egnn_displacement(model, h0p, y, row, col, edge_mask, flat_mask)
             return reference.remove_mean(dx, flat_ptr, flat_mask)
 
-        res["published"] = measure(lambda: D.divergence_bruteforce(padded_field, xp, flat_ptr), device, 1)
+        res["published"] = measure(lambda: D.divergence_bruteforce(padded_field, xp, flat_ptr), device, 1, warmup=0)
     div_f = res["fused"][2][1]
     for key in ("published", "vmap(jvp)"):
         div_r = res[key][2][1]
