@@ -31,7 +31,7 @@ namespace {
 using at::Tensor;
 namespace idx = at::indexing;
 
-constexpr int64_t kChunkBudget = int64_t{1} << 21;  // elements of one [T, edges, H] activation
+constexpr int64_t kChunkBudget = int64_t{1} << 23;  // T * edges * H bound, as tbg/nn/divergence.py
 constexpr double kEps = 1e-8;                     // as the reference: sqrt(r + 1e-8) + 1
 
 // One layer's weights, split the way the algebra uses them.

@@ -42,9 +42,11 @@ Field = Callable[[Tensor], Tensor]
 Method = Literal["exact", "hutchinson"]
 Probe = Literal["rademacher", "gaussian"]
 
-# Elements of one [tangents x edges x H] activation the fused kernels aim for per tangent chunk:
-# large enough for GEMM-shaped work, small enough to stay near cache (see bench/RESULTS.md).
-_CHUNK_BUDGET = 1 << 21
+# Bound on tangents x edges x H per tangent chunk. The CPU kernel never holds that product (it walks
+# the edge rows in blocks); its per-chunk memory is O(T n H + T E), and every chunk recomputes the
+# molecule's primal pass, so chunks should be large (measured in bench/RESULTS.md: 51 atoms, H = 128
+# took 1.3x longer at 6 tangents per chunk than at 20-77).
+_CHUNK_BUDGET = 1 << 23
 
 
 # ---- unit tangents of a ragged batch --------------------------------------------------------------
@@ -165,9 +167,11 @@ def _check_no_grad(op: str, tensors) -> None:
 
 
 def default_tangent_chunk(mol_ptr: Tensor, hidden: int) -> int:
-    """Tangents per chunk so one [T, edges, H] activation holds about _CHUNK_BUDGET elements."""
+    """Tangents per chunk: at most _CHUNK_BUDGET / (edges x H) of the largest molecule, and small enough
+    that the (molecule, chunk) work items keep every thread busy (a single molecule is split too)."""
     n = max(_max_atoms(mol_ptr), 2)
-    return max(1, min(3 * n, _CHUNK_BUDGET // (n * (n - 1) * hidden)))
+    per_thread = -(-3 * int(mol_ptr[-1]) // torch.get_num_threads())
+    return max(1, min(3 * n, _CHUNK_BUDGET // (n * (n - 1) * hidden), per_thread))
 
 
 def fused_divergence(x: Tensor, h0: Tensor, mol_ptr: Tensor, weights: tuple[Tensor, ...], coords_range: float,
