@@ -273,7 +273,7 @@ NESTED_KEYS = {
     "ess": {"kish_fraction", "kish_n", "n_weighted", "clip_quantile", "kish_fraction_clipped"},
     "energy": {"md_mean", "model_mean", "reweighted_mean", "reweighted_stderr", "model_n_nonfinite",
                "wasserstein_model", "wasserstein_reweighted"},
-    "delta_f": {"torsion", "basin_rad", "definition", "MD", "model", "reweighted"},
+    "delta_f": {"alphaR_beta", "alphaL_rest"},
     "free_energy": {"bins", "phi", "psi"},
     "torsions": {"phi", "psi"},
 }
@@ -314,13 +314,42 @@ def test_report(ala2, tmp_path):
     assert report["ess"]["kish_fraction"] == pytest.approx(w.sum() ** 2 / (len(w) * (w**2).sum()), rel=1e-5)
     assert report["energy"]["model_mean"] == pytest.approx(u.mean(), rel=1e-6)
     assert report["energy"]["md_mean"] == pytest.approx(ala2.reduced_energy(frames).mean(), rel=1e-6)
-    phi_md = md.compute_phi(md.Trajectory(frames, ala2.topology))[1][:, 0]
+    for key, entry in report["delta_f"].items():
+        assert set(entry) == {"definition", "md_block_frames", "MD", "model", "reweighted"}, key
+        assert {"label", "basin", "reference", "basin_text", "reference_text", "formula"} <= set(entry["definition"])
+        for label in ("model", "reweighted"):
+            e = entry[label]
+            assert set(e) == {"value", "stderr", "p_basin", "n_basin", "n_reference", "minus_md"}
+            if e["value"] is not None and entry["MD"]["value"] is not None:
+                assert e["minus_md"]["value"] == pytest.approx(e["value"] - entry["MD"]["value"], rel=1e-12)
+                if entry["MD"]["stderr"] is None:
+                    assert e["minus_md"]["stderr"] is None
+                else:
+                    assert e["minus_md"]["stderr"] == pytest.approx(math.hypot(e["stderr"], entry["MD"]["stderr"]))
+    traj = md.Trajectory(frames, ala2.topology)
+    phi_md = md.compute_phi(traj)[1][:, 0]
+    psi_md = md.compute_psi(traj)[1][:, 0]
+    alpha_l = report["delta_f"]["alphaL_rest"]["MD"]
     p_md = np.mean((phi_md > 0) & (phi_md < 2))
-    assert report["delta_f"]["MD"]["p_basin"] == pytest.approx(p_md, abs=1e-12)
+    assert alpha_l["p_basin"] == pytest.approx(p_md, abs=1e-12)
     if 0 < p_md < 1:
-        assert report["delta_f"]["MD"]["value"] == pytest.approx(-math.log(p_md / (1 - p_md)), rel=1e-9)
+        assert alpha_l["value"] == pytest.approx(-math.log(p_md / (1 - p_md)), rel=1e-9)
     else:
-        assert report["delta_f"]["MD"]["value"] is None
+        assert alpha_l["value"] is None
+    # alpha_R (-1.7 <= psi < 1.5) vs beta/PII (the rest of psi), both outside the alpha_L phi range: the
+    # shipped MD visits both, so its Delta F is finite.
+    left = (phi_md < 0) | (phi_md >= 2)
+    n_alpha_r = np.sum(left & (psi_md >= -1.7) & (psi_md < 1.5))
+    n_beta = np.sum(left & ((psi_md >= 1.5) | (psi_md < -1.7)))
+    alpha_r = report["delta_f"]["alphaR_beta"]
+    assert (alpha_r["MD"]["n_basin"], alpha_r["MD"]["n_reference"]) == (n_alpha_r, n_beta)
+    assert alpha_r["MD"]["value"] == pytest.approx(-math.log(n_alpha_r / n_beta), rel=1e-9)
+    # The first 300 ps change state rarely: blocks of correlated frames too long for an error bar.
+    if len(frames) >= 8 * alpha_r["md_block_frames"]:
+        assert alpha_r["MD"]["stderr"] > 0
+    else:
+        assert alpha_r["MD"]["stderr"] is None and alpha_r["model"]["minus_md"]["stderr"] is None
+    assert "alpha_R vs beta/PII" in table and "minus MD" in table
     for stat in ("wasserstein_model", "wasserstein_reweighted"):
         assert report["energy"][stat] > 0
         assert 0 <= report["torsions"]["phi"][stat] <= math.pi
@@ -332,6 +361,26 @@ def test_report(ala2, tmp_path):
         kind = "free_energy" if name.startswith("free_energy") else name
         assert png_size(path) == FIGURE_PIXELS[kind]
     assert "correct configurations" in table and "ESS" in table
+
+
+def test_report_delta_f_against_thinned_md(ala2, tmp_path):
+    """The CLI thins the whole 3 ns evenly: enough state changes for a block-bootstrap MD error, so model -
+    MD carries both errors; the MD error exceeds the i.i.d. one (correlated frames)."""
+    _, frames = load_trajectory(ALANINE_DIPEPTIDE_DIR, "ala2")
+    md_x = frames[::10].astype(np.float64)
+    report, table = evaluate(ala2.frames[:60], topology=ala2.topology, reference_positions_nm=ala2.reference_nm,
+                             md_positions_nm=md_x, out_dir=tmp_path, n_bootstrap=50)
+    entry = report["delta_f"]["alphaR_beta"]
+    md_e, model = entry["MD"], entry["model"]
+    assert md_e["n_basin"] + md_e["n_reference"] == len(md_x)
+    assert len(md_x) >= 8 * entry["md_block_frames"] > 8
+    n_a, n_b = md_e["n_basin"], md_e["n_reference"]
+    se_iid = math.sqrt(1 / n_a + 1 / n_b)  # delta method for log(n_a / n_b) of independent frames
+    assert md_e["stderr"] > 1.5 * se_iid
+    assert model["minus_md"]["value"] == pytest.approx(model["value"] - md_e["value"], rel=1e-12)
+    assert model["minus_md"]["stderr"] == pytest.approx(math.hypot(model["stderr"], md_e["stderr"]), rel=1e-12)
+    assert entry["reweighted"] is None  # no weights given
+    assert f"{md_e['value']:.2f} +- {md_e['stderr']:.2f}" in table
 
 
 def test_report_uniform_weights_and_no_energy(ala2, tmp_path):
@@ -346,7 +395,8 @@ def test_report_uniform_weights_and_no_energy(ala2, tmp_path):
     for name in ("phi", "psi"):
         fe = report["free_energy"][name]
         assert fe["reweighted"] == fe["model"]
-    assert report["delta_f"]["reweighted"] == report["delta_f"]["model"]
+    for entry in report["delta_f"].values():
+        assert entry["reweighted"] == entry["model"]
     assert report["torsions"]["phi"]["wasserstein_reweighted"] == pytest.approx(
         report["torsions"]["phi"]["wasserstein_model"], rel=1e-9)
     with pytest.raises(ValueError, match="together"):

@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from tbg.evaluate import basin_free_energy_difference, circular_wasserstein, free_energy_profile, wasserstein_1d
+from tbg.chem import ALANINE_DIPEPTIDE_DIR, load_trajectory
+from tbg.evaluate import (RAMACHANDRAN_BASINS, BasinDefinition, backbone_torsions, basin_free_energy_difference,
+                          circular_wasserstein, free_energy_profile, in_arc, state_free_energy_difference,
+                          wasserstein_1d)
+from tbg.evaluate.metrics import block_length
 from tbg.flow.reweight import kish_ess
 
 
@@ -127,3 +131,95 @@ def test_bad_inputs_raise(rng):
         circular_wasserstein(np.zeros(0), np.zeros(3))
     with pytest.raises(ValueError, match="basin"):
         basin_free_energy_difference(np.zeros(3), basin=(2.0, 0.0))
+
+
+def wrapped_two_state(rng: np.random.Generator, n: int, p_a: float) -> dict[str, np.ndarray]:
+    """psi with probability p_a in (-1.5, 1.2) (state A), else in (1.8, pi) or (-pi, -2.2) (state B, across
+    the +-pi seam); phi in (-3, -0.5) except 10% of the samples in (0.5, 1.5), which are in neither state."""
+    in_a = rng.random(n) < p_a
+    b = rng.uniform(1.8, 2 * math.pi - 2.2, n)
+    psi = np.where(in_a, rng.uniform(-1.5, 1.2, n), (b + math.pi) % (2 * math.pi) - math.pi)
+    phi = np.where(rng.random(n) < 0.1, rng.uniform(0.5, 1.5, n), rng.uniform(-3.0, -0.5, n))
+    return {"phi": phi, "psi": psi}
+
+
+PSI_SPLIT = BasinDefinition("A vs B", basin=(("phi", 2.0, 2 * math.pi), ("psi", -1.6, 1.5)),
+                            reference=(("phi", 2.0, 2 * math.pi), ("psi", 1.5, 2 * math.pi - 1.6)))
+
+
+def test_in_arc_wraps_around_the_seam():
+    a = np.array([-math.pi, -3.0, -1.0, 0.0, 1.4, 2.9, math.pi, 3 * math.pi])
+    # [2.5, pi] or [-pi, -2.5): contains +-pi (and 3 pi = pi), -3.0, 2.9; the complement is the other arc.
+    across = in_arc(a, 2.5, 2 * math.pi - 2.5)
+    np.testing.assert_array_equal(across, [True, True, False, False, False, True, True, True])
+    np.testing.assert_array_equal(in_arc(a, -2.5, 2.5), ~across)
+    np.testing.assert_array_equal(in_arc(a, 2.5 - 2 * math.pi, -2.5), across)  # same arc, other turn
+    assert in_arc(a, -math.pi, math.pi).all()
+    for bad in ((2.0, 0.0), (0.0, 7.0), (0.0, math.nan)):
+        with pytest.raises(ValueError, match="basin arc"):
+            in_arc(a, *bad)
+
+
+def test_basin_definition_two_state_mixture_across_seam(rng):
+    n, p = 20_000, 0.3
+    tors = wrapped_two_state(rng, n, p)
+    in_a, in_b = PSI_SPLIT.masks(tors)
+    assert not (in_a & in_b).any()
+    neither = tors["phi"] > 0
+    np.testing.assert_array_equal(in_a | in_b, ~neither)  # every negative-phi sample is in one state
+    value, se = state_free_energy_difference(in_a, in_b, n_bootstrap=300)
+    exact = -math.log(p / (1 - p))  # the phi > 0 samples are independent of the psi state
+    se_binomial = math.sqrt(1.0 / (0.9 * n * p * (1 - p)))
+    assert se == pytest.approx(se_binomial, rel=0.25)
+    assert abs(value - exact) < 4 * se_binomial
+    # Weights that turn the 30/70 split into 60/40.
+    target = 0.6
+    log_w = np.where(in_a, math.log(target / p), math.log((1 - target) / (1 - p)))
+    value_w, se_w = state_free_energy_difference(in_a, in_b, log_w, n_bootstrap=200)
+    assert abs(value_w - math.log((1 - target) / target)) < 4 * se_w
+
+
+def test_block_bootstrap_of_correlated_series(rng):
+    # A two-state series that stays ~50 steps in a state: i.i.d. resampling underestimates the error.
+    n, dwell = 20_000, 50
+    switches = rng.random(n) < 1.0 / dwell
+    state = np.cumsum(switches) % 2 == 1
+    block = block_length(state)
+    assert 2 * dwell < block < 4 * dwell
+    _, se_iid = state_free_energy_difference(state, ~state, n_bootstrap=200)
+    value, se_block = state_free_energy_difference(state, ~state, n_bootstrap=200, block=block)
+    # Telegraph process: rho(k) = (1 - 2/dwell)^k, integrated autocorrelation time 1 + 2 sum rho = dwell - 1;
+    # delta method for -logit of the fraction p = 1/2.
+    se_expected = math.sqrt((dwell - 1) / (n * 0.25))
+    assert se_block == pytest.approx(se_expected, rel=0.35)
+    assert se_block > 4 * se_iid
+    assert abs(value) < 4 * se_expected
+    # Two state changes: too few blocks for an error, reported as nan rather than a false 0.
+    short = np.repeat([False, True, False], [100, 30, 170])
+    value, se = state_free_energy_difference(short, ~short, n_bootstrap=50, block=block_length(short))
+    assert value == pytest.approx(-math.log(30 / 270)) and math.isnan(se)
+
+
+def test_basin_definition_bad_inputs():
+    with pytest.raises(ValueError, match="basin arc"):
+        BasinDefinition("bad", basin=(("psi", 1.0, -1.0),))
+    with pytest.raises(ValueError, match="needs torsion"):
+        PSI_SPLIT.masks({"psi": np.zeros(3)})
+    with pytest.raises(ValueError, match="overlap"):
+        state_free_energy_difference(np.ones(3, bool), np.ones(3, bool))
+    with pytest.raises(ValueError, match="block"):
+        state_free_energy_difference(np.ones(3, bool), np.zeros(3, bool), block=0)
+
+
+def test_ramachandran_basins_split_the_shipped_md():
+    """MD Delta F of the shipped alanine dipeptide data is finite for alpha_R vs beta/PII (it is not for the
+    published alpha_L basin, which 3 ns at 300 K never enter)."""
+    topology, frames = load_trajectory(ALANINE_DIPEPTIDE_DIR, "ala2")
+    tors = {name: a for name, (_, a) in backbone_torsions(frames, topology).items()}
+    in_a, in_b = RAMACHANDRAN_BASINS["alphaR_beta"].masks(tors)
+    assert (in_a | in_b).mean() > 0.99  # the two states cover the data
+    assert 0.2 < in_a.mean() < 0.8
+    value, se = state_free_energy_difference(in_a, in_b, n_bootstrap=50, block=block_length(in_a + 2 * in_b))
+    assert math.isfinite(value) and 0 < se < 1
+    alpha_l, rest = RAMACHANDRAN_BASINS["alphaL_rest"].masks(tors)
+    np.testing.assert_array_equal(rest, ~alpha_l)

@@ -1,10 +1,14 @@
 """Evaluation of generated samples: chemical validity, reweighting diagnostics, free energies, reports."""
 
 from tbg.evaluate.metrics import (
+    RAMACHANDRAN_BASINS,
+    BasinDefinition,
     backbone_torsions,
     basin_free_energy_difference,
     circular_wasserstein,
     free_energy_profile,
+    in_arc,
+    state_free_energy_difference,
     wasserstein_1d,
 )
 from tbg.evaluate.plots import FIGURE_PIXELS
@@ -13,7 +17,9 @@ from tbg.evaluate.validity import (ValidityChecker, ValidityResult, bond_adjacen
                                    chirality_signs)
 
 __all__ = [
+    "BasinDefinition",
     "FIGURE_PIXELS",
+    "RAMACHANDRAN_BASINS",
     "REPORT_FILE",
     "ValidityChecker",
     "ValidityResult",
@@ -26,6 +32,8 @@ __all__ = [
     "circular_wasserstein",
     "evaluate",
     "free_energy_profile",
+    "in_arc",
+    "state_free_energy_difference",
     "summary_table",
     "wasserstein_1d",
 ]

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ def evaluate(
     prior_energy: np.ndarray | None = None,
     dlogp: np.ndarray | None = None,
     clip_quantile: float | None = None,
-    basin: tuple[float, float] = (0.0, 2.0),
+    basins: Mapping[str, metrics.BasinDefinition] = metrics.RAMACHANDRAN_BASINS,
     bins: int = 60,
     n_bootstrap: int = 200,
     timeout_s: float = 5.0,
@@ -95,7 +95,10 @@ def evaluate(
     are over the valid samples (ess.kish_fraction = Kish ESS / number of valid samples).
 
     Free energies are in kT; torsion Wasserstein distances are circular W1 in radians (see
-    tbg.evaluate.metrics); Delta F compares the phi basin ``basin`` (radians) with the rest.
+    tbg.evaluate.metrics). ``basins`` names the states whose free-energy difference is reported
+    (report["delta_f"][key], one entry per definition, with the definition itself): by default alpha_R vs
+    beta/PII along psi, which the shipped MD samples, and the published alpha_L (0 < phi < 2) vs rest.
+    md_positions_nm must be in time order: the MD error bars resample blocks of consecutive frames.
     Returns (report dict, as written to out_dir/report.json; summary table string).
     """
     t_start = time.perf_counter()
@@ -202,23 +205,8 @@ def evaluate(
         free_energy[name] = {label: profiles[label][1] if label in profiles else None for label in _LABELS}
         plots.plot_free_energy(out / f"free_energy_{name}.png", name, profiles)
 
-    delta_f: dict[str, Any] = {
-        "torsion": "phi", "basin_rad": list(basin),
-        "definition": "F(basin) - F(rest) = -log(P(basin)/P(rest)) in kT; stderr: bootstrap std; "
-                      "value null when a state is empty (see p_basin)",
-        **{label: None for label in _LABELS},
-    }
-    if "phi" in tors_md:
-        sources = {"MD": (tors_md["phi"][1], None)}
-        if "phi" in tors_model:
-            sources["model"] = (tors_model["phi"][1], None)
-            if log_w_used is not None:
-                sources["reweighted"] = (tors_model["phi"][1], log_w_used)
-        for label, (a, lw) in sources.items():
-            value, se = metrics.basin_free_energy_difference(a, lw, basin=basin, n_bootstrap=n_bootstrap, seed=seed)
-            # P(basin) stays informative when a state is empty and Delta F is infinite (null in JSON).
-            p_basin = float(scipy.special.expit(-value))
-            delta_f[label] = {"value": value, "stderr": se, "p_basin": p_basin}
+    delta_f = {key: _delta_f_entry(definition, tors_md, tors_model, log_w_used, n_bootstrap, seed)
+               for key, definition in basins.items()}
 
     # ---- plots
     written = {}
@@ -263,15 +251,59 @@ def evaluate(
     return report, table
 
 
+def _delta_f_entry(definition: metrics.BasinDefinition, tors_md: dict, tors_model: dict,
+                   log_w: np.ndarray | None, n_bootstrap: int, seed: int) -> dict[str, Any]:
+    """MD / model / reweighted Delta F of one basin definition, and model - MD, reweighted - MD."""
+    entry: dict[str, Any] = {
+        "definition": {**definition.describe(),
+                       "formula": "F(basin) - F(reference) = -log(P(basin)/P(reference)) in kT; p_basin = "
+                                  "P(basin)/(P(basin)+P(reference)); stderr: bootstrap std (MD: blocks of "
+                                  "md_block_frames consecutive frames, null when fewer than "
+                                  f"{metrics.MIN_BLOCKS} blocks fit); value null when a state is empty; "
+                                  "minus_md errors add in quadrature"},
+        "md_block_frames": None, **dict.fromkeys(_LABELS)}
+    if not definition.torsions <= set(tors_md):
+        return entry
+    in_md = definition.masks({name: a for name, (_, a) in tors_md.items()})
+    # MD frames are a time series: resample blocks spanning a few stays in a state (basin, reference, neither).
+    block = metrics.block_length(in_md[0] + 2 * in_md[1])
+    entry["md_block_frames"] = block
+    sources: dict[str, tuple[tuple[np.ndarray, np.ndarray], np.ndarray | None, int]] = {"MD": (in_md, None, block)}
+    if definition.torsions <= set(tors_model):
+        in_model = definition.masks({name: a for name, (_, a) in tors_model.items()})
+        sources["model"] = (in_model, None, 1)
+        if log_w is not None:
+            sources["reweighted"] = (in_model, log_w, 1)
+    for label, ((in_a, in_b), lw, blk) in sources.items():
+        value, se = metrics.state_free_energy_difference(in_a, in_b, lw, n_bootstrap=n_bootstrap, seed=seed,
+                                                         block=blk)
+        if label == "MD" and math.isfinite(value) and not math.isfinite(se):
+            logger.warning("dF %s: the %d MD frames change state too rarely for an error bar (bootstrap blocks "
+                           "of %d frames); stderr is null", definition.label, len(in_a), blk)
+        # P(basin) stays informative when a state is empty and Delta F is infinite (null in JSON).
+        entry[label] = {"value": value, "stderr": se, "p_basin": float(scipy.special.expit(-value)),
+                        "n_basin": int(in_a.sum()), "n_reference": int(in_b.sum())}
+    md = entry["MD"]
+    for label in _LABELS[1:]:
+        e = entry[label]
+        if e is not None:
+            finite = md is not None and math.isfinite(md["value"]) and math.isfinite(e["value"])
+            # Independent estimates: their errors add in quadrature.
+            e["minus_md"] = {"value": e["value"] - md["value"] if finite else None,
+                             "stderr": math.hypot(e["stderr"], md["stderr"]) if finite else None}
+    return entry
+
+
 def _fmt(v: float | None, spec: str = ".3g") -> str:
     return "-" if v is None else format(v, spec)
 
 
 def _pm(entry: dict | None) -> str:
+    """value +- stderr of a Delta F entry; P(basin) when a state is empty; - when there is none."""
     if entry is None:
         return "-"
     if entry["value"] is None:
-        return f"P(basin)={entry['p_basin']:.3g}"
+        return f"P(basin)={entry['p_basin']:.3g}" if "p_basin" in entry else "-"
     return f"{entry['value']:.2f} +- {_fmt(entry['stderr'], '.2f')}"
 
 
@@ -289,7 +321,10 @@ def summary_table(report: dict[str, Any]) -> str:
     for name, entry in t.items():
         rows.append((f"W1 {name} to MD [rad]", "", _fmt(entry["wasserstein_model"]),
                      _fmt(entry["wasserstein_reweighted"])))
-    rows.append((f"dF {d['torsion']} basin [kT]", _pm(d["MD"]), _pm(d["model"]), _pm(d["reweighted"])))
+    for entry in d.values():
+        rows.append((f"dF {entry['definition']['label']} [kT]", *(_pm(entry[label]) for label in _LABELS)))
+        rows.append(("  minus MD [kT]", "",
+                     *(_pm(entry[label] and entry[label]["minus_md"]) for label in _LABELS[1:])))
     header = ("metric", *_LABELS)
     widths = [max(len(str(r[k])) for r in [header, *rows]) for k in range(4)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
