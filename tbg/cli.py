@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import shlex
 import shutil
 import subprocess
@@ -543,21 +542,33 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _demo_summary(report: dict[str, Any], wall_s: float) -> str:
-    ess, d = report["ess"], report["delta_f"]
+    ess = report["ess"]
 
-    def df(label: str) -> str:
-        e = d[label]
-        return "-" if e is None or e["value"] is None else f"{e['value']:.2f} +- {e['stderr'] or math.nan:.2f} kT"
+    def pm(e: dict | None) -> str:
+        if e is None or e["value"] is None:
+            return "-"
+        error = "(no error bar)" if e["stderr"] is None else f"+- {e['stderr']:.2f}"
+        return f"{e['value']:+.2f} {error} kT"
 
     ess_text = "-" if ess["kish_fraction"] is None else f"{100 * ess['kish_fraction']:.2f}% ({ess['kish_n']:.0f} samples)"
-    return "\n".join([
+    lines = [
         f"summary ({report['n_samples']} samples, {wall_s / 60:.1f} min this run):",
         f"  correct configurations  {100 * report['correct_configuration_rate']:.1f}%",
         f"  ESS (Kish)              {ess_text}",
-        f"  dF phi basin  MD        {df('MD')}",
-        f"                model     {df('model')}",
-        f"                reweighted {df('reweighted')}",
-    ])
+    ]
+    # Every basin definition of the report; compared with MD where the MD frames visit both states.
+    lines.append("  dF = F(basin) - F(reference), states in report.json delta_f:")
+    for d in report["delta_f"].values():
+        label, md = d["definition"]["label"], d["MD"]
+        if md is None or md["value"] is None:
+            frames = "" if md is None else f": {md['n_basin']} basin / {md['n_reference']} reference frames"
+            lines.append(f"    {label}: no MD value{frames}; model {pm(d['model'])}, reweighted {pm(d['reweighted'])}")
+            continue
+        lines += [f"    {label}", f"      MD          {pm(md)}"]
+        for name in ("model", "reweighted"):
+            e = d[name]
+            lines.append(f"      {name:<11} {pm(e)}   {name + ' - MD':<15} {pm(e and e['minus_md'])}")
+    return "\n".join(lines)
 
 
 def _bench_dir() -> Path:

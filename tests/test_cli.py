@@ -150,8 +150,19 @@ def test_demo_quick(md_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture)
     argv = ["demo", "--quick", "--data", data, "--out", tmp_path / "demo", "--no-progress"]
     code, out, err = run(argv, capsys)
     assert code == 0, err
-    assert "correct configurations" in out and "ESS (Kish)" in out and "dF phi basin" in out
+    assert "correct configurations" in out and "ESS (Kish)" in out
     report = json.loads((tmp_path / "demo" / "evaluate" / "report.json").read_text())
+    # The summary names each basin and, where MD defines Delta F (alpha_R vs beta/PII on the shipped data),
+    # prints MD, model and reweighted values with the differences to MD.
+    for entry in report["delta_f"].values():
+        assert entry["definition"]["label"] in out
+        if entry["MD"]["value"] is not None:
+            assert f"MD          {entry['MD']['value']:+.2f}" in out
+            for label in ("model", "reweighted"):
+                if entry[label] is not None and entry[label]["minus_md"]["value"] is not None:
+                    assert f"{label} - MD" in out and f"{entry[label]['minus_md']['value']:+.2f}" in out
+    if data == tbg.cli.ALA2_DATA:
+        assert report["delta_f"]["alphaR_beta"]["MD"]["value"] is not None
     assert report["n_samples"] == 48
     assert (tmp_path / "demo" / "summary.txt").is_file()
     stamp = (tmp_path / "demo" / "sample" / "samples.npz").stat().st_mtime_ns
