@@ -541,6 +541,10 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(summary)
 
 
+# Below this Kish effective sample size the bootstrap errors of reweighted estimates mean little.
+_FEW_EFFECTIVE_SAMPLES = 30
+
+
 def _demo_summary(report: dict[str, Any], wall_s: float) -> str:
     ess = report["ess"]
 
@@ -550,12 +554,17 @@ def _demo_summary(report: dict[str, Any], wall_s: float) -> str:
         error = "(no error bar)" if e["stderr"] is None else f"+- {e['stderr']:.2f}"
         return f"{e['value']:+.2f} {error} kT"
 
-    ess_text = "-" if ess["kish_fraction"] is None else f"{100 * ess['kish_fraction']:.2f}% ({ess['kish_n']:.0f} samples)"
+    few = ess["kish_n"] is not None and ess["kish_n"] < _FEW_EFFECTIVE_SAMPLES
+    ess_text = "-" if ess["kish_fraction"] is None else \
+        f"{100 * ess['kish_fraction']:.2f}% ({ess['kish_n']:.0f} samples)"
     lines = [
         f"summary ({report['n_samples']} samples, {wall_s / 60:.1f} min this run):",
         f"  correct configurations  {100 * report['correct_configuration_rate']:.1f}%",
         f"  ESS (Kish)              {ess_text}",
     ]
+    if few:
+        lines += [f"  (under {_FEW_EFFECTIVE_SAMPLES} effective samples: the reweighted values below rest on a",
+                  "   handful of samples, and their error bars are not meaningful)"]
     # Every basin definition of the report; compared with MD where the MD frames visit both states.
     lines.append("  dF = F(basin) - F(reference), states in report.json delta_f:")
     for d in report["delta_f"].values():
