@@ -6,8 +6,13 @@ Cases (issue 3):
   (a) alanine dipeptide, N = 22, H = 64, L = 5, batch 256: vector field, and one training step
       (flow-matching loss, backward, Adam step);
   (b) transfer model, H = 128, L = 9, 400 dipeptides of 20..51 atoms: the reference padded to 51
-      atoms with masks (as published) vs the fused ops on the ragged batch (no padding work).
-Times are the median of --repeats runs after one warm-up. Peak memory: on CUDA
+      atoms with masks (as published) vs the fused ops on the ragged batch (no padding work);
+  (c) batch 1 (sampling or likelihood of one molecule): alanine dipeptide (N = 22, H = 64, L = 5)
+      and one 51-atom molecule of the transfer model (H = 128, L = 9), vector field and
+      forward + backward, with 1 thread and with all threads (torch.set_num_threads): the fused
+      kernel must use every thread on a single molecule.
+Times are the median of --repeats runs after one warm-up (case (c): as many runs as fit in about
+half a second, at least --repeats). Peak memory: on CUDA
 torch.cuda.max_memory_allocated; on CPU the peak resident set size (VmHWM, reset through
 /proc/self/clear_refs before each measurement) minus the resident size just before it.
 FLOPs are those of the fused algorithm (counted below), so GFLOP/s of the reference row is the
@@ -16,52 +21,13 @@ useful work it achieves, not what it executes.
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import subprocess
-import time
 from collections.abc import Callable
 
 import torch
 
 import tbg
+from common import machine, matmul_peak_gflops, measure
 from tbg.nn.layout import mol_ptr_from_sizes
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def measure(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> tuple[float, float]:
-    """(median seconds, peak extra memory in MiB, warm-up included) of fn()."""
-    sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        base = rss_kib("VmRSS") * 1024
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss_kib("VmHWM") * 1024
-    return statistics.median(times), (peak - base) / 2**20
 
 
 def fused_flops(sizes: list[int], hidden: int, n_layers: int, backward: bool) -> float:
@@ -82,21 +48,6 @@ def fused_flops(sizes: list[int], hidden: int, n_layers: int, backward: bool) ->
         return float(fwd)
     bwd = fwd + n_layers * (edges * (8 * h2 + 16 * hidden) + atoms * 4 * h2) + (n_layers - 1) * atoms * 14 * h2
     return float(fwd + bwd)
-
-
-def matmul_peak(device: str) -> float:
-    a = torch.randn(2048, 2048, device=device)
-    b = torch.randn(2048, 2048, device=device)
-    seconds, _ = measure(lambda: torch.mm(a, b), device, 5)
-    return 2 * 2048**3 / seconds / 1e9
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def report(title: str, rows: dict[str, tuple[float, float]], flops: float, peak: float) -> list[str]:
@@ -123,7 +74,7 @@ def alanine(device: str, repeats: int, peak: float) -> list[str]:
     rows = {}
     for backend in ("reference", "fused"):
         with torch.no_grad():
-            rows[backend] = measure(lambda: model(t, x, features, backend=backend), device, repeats)
+            rows[backend] = measure(lambda: model(t, x, features, backend=backend), device, repeats)[:2]
     lines += report("  vector field", rows, fused_flops([n_atoms] * batch, hidden, n_layers, False), peak)
 
     target = torch.randn_like(x)
@@ -139,7 +90,7 @@ def alanine(device: str, repeats: int, peak: float) -> list[str]:
             loss.backward()
             opt.step()
 
-        rows[backend] = measure(step, device, repeats)
+        rows[backend] = measure(step, device, repeats)[:2]
     lines += report("  training step (forward + backward + Adam)", rows,
                     fused_flops([n_atoms] * batch, hidden, n_layers, True), peak)
     return lines
@@ -163,8 +114,8 @@ def transfer(device: str, repeats: int, peak: float) -> list[str]:
     rows = {}
     with torch.no_grad():
         rows["reference"] = measure(lambda: model(t, x_pad, f_pad, node_mask=mask, backend="reference"), device,
-                                    max(1, repeats // 2))
-        rows["fused"] = measure(lambda: model(t, x_rag, f_rag, mol_ptr=ptr, backend="fused"), device, repeats)
+                                    max(1, repeats // 2))[:2]
+        rows["fused"] = measure(lambda: model(t, x_rag, f_rag, mol_ptr=ptr, backend="fused"), device, repeats)[:2]
         v_ref = model(t, x_pad, f_pad, node_mask=mask, backend="reference")[mask]
         v_fused = model(t, x_rag, f_rag, mol_ptr=ptr, backend="fused")
     err = ((v_fused - v_ref).abs().max() / v_ref.abs().max()).item()
@@ -174,24 +125,90 @@ def transfer(device: str, repeats: int, peak: float) -> list[str]:
     return lines
 
 
+def timed(fn: Callable[[], object], device: str, repeats: int, budget_s: float = 0.5) -> float:
+    """Median seconds of fn() over max(repeats, as many calls as fit in budget_s) (millisecond calls)."""
+    probe, _, _ = measure(fn, device, 1)
+    return measure(fn, device, max(repeats, min(200, int(budget_s / max(probe, 1e-6)))), warmup=0)[0]
+
+
+def batch_one(device: str, repeats: int) -> list[str]:
+    """Case (c): one molecule at a time, with 1 thread and with all threads; % peak is against the
+    torch.mm ceiling measured at the same thread count."""
+    threads_all = torch.get_num_threads()
+    counts = sorted({1, threads_all})
+    peaks = {}
+    for k in counts:
+        torch.set_num_threads(k)
+        peaks[k] = matmul_peak_gflops(device)
+    lines: list[str] = []
+
+    def emit(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+
+    emit(f"(c) batch 1, float32, torch threads {counts}; practical fp32 peak (torch.mm 2048^3): "
+         + ", ".join(f"{peaks[k]:.1f} GFLOP/s with {k}" for k in counts))
+    problems = [("alanine dipeptide", 22, 64, 5, 22), ("one 51-atom dipeptide (transfer model)", 51, 128, 9, 76)]
+    try:
+        for name, n_atoms, hidden, n_layers, n_features in problems:
+            torch.manual_seed(0)
+            model = tbg.EGNN(n_features, hidden, n_layers).to(device)
+            x = torch.randn(1, n_atoms, 3, device=device) * 3
+            f = torch.randn(1, n_atoms, n_features, device=device)
+            t = torch.rand(1, device=device)
+            target = torch.randn_like(x)
+
+            def field(backend: str) -> None:
+                with torch.no_grad():
+                    model(t, x, f, backend=backend)
+
+            def forward_backward(backend: str) -> None:
+                model.zero_grad(set_to_none=True)
+                (model(t, x, f, backend=backend) * target).sum().backward()
+
+            emit(f"  {name}: N = {n_atoms}, H = {hidden}, L = {n_layers}")
+            for mode, fn, backward in (("vector field", field, False),
+                                       ("forward + backward (parameter gradients)", forward_backward, True)):
+                flops = fused_flops([n_atoms], hidden, n_layers, backward)
+                emit(f"    {mode}")
+                emit(f"      {'threads':>7} {'reference [ms]':>15} {'fused [ms]':>11} {'speed-up':>9} "
+                     f"{'fused GFLOP/s':>14} {'% peak':>7}")
+                times = {}
+                for k in counts:
+                    torch.set_num_threads(k)
+                    times[k] = {b: timed(lambda: fn(b), device, repeats) for b in ("reference", "fused")}
+                    ref, fused = times[k]["reference"], times[k]["fused"]
+                    gflops = flops / fused / 1e9
+                    emit(f"      {k:>7} {ref * 1e3:>15.2f} {fused * 1e3:>11.2f} {ref / fused:>8.2f}x "
+                         f"{gflops:>14.1f} {100 * gflops / peaks[k]:>6.1f}%")
+                if len(counts) > 1:
+                    one, most = counts[0], counts[-1]
+                    emit(f"      {most} vs 1 thread: reference "
+                         f"{times[one]['reference'] / times[most]['reference']:.2f}x, fused "
+                         f"{times[one]['fused'] / times[most]['fused']:.2f}x")
+    finally:
+        torch.set_num_threads(threads_all)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--case", choices=["a", "b", "all"], default="all",
-                        help="(a) alanine dipeptide, (b) transfer model, or both")
+    parser.add_argument("--case", choices=["a", "b", "c", "all"], default="all",
+                        help="(a) alanine dipeptide, (b) transfer model, (c) batch 1, or all")
     args = parser.parse_args()
     device = args.device
-    hw = (torch.cuda.get_device_name() if device == "cuda"
-          else f"{cpu_name()}, {torch.get_num_threads()} threads")
-    peak = matmul_peak(device)
-    header = [f"device: {hw}; torch {torch.__version__}; tbg build {tbg.build_info()['build_type']}",
-              f"practical fp32 peak (torch.mm 2048^3): {peak:.1f} GFLOP/s"]
+    peak = matmul_peak_gflops(device)
+    header = [f"device: {machine(device)}; tbg build {tbg.build_info()['build_type']}",
+              f"practical fp32 peak (torch.mm 2048^3, {torch.get_num_threads()} threads): {peak:.1f} GFLOP/s"]
     print("\n".join(header), flush=True)
     if args.case in ("a", "all"):
         alanine(device, args.repeats, peak)
     if args.case in ("b", "all"):
         transfer(device, args.repeats, peak)
+    if args.case in ("c", "all"):
+        batch_one(device, args.repeats)
 
 
 if __name__ == "__main__":
