@@ -1,12 +1,29 @@
 // CPU kernels of tbg::egnn_forward and tbg::egnn_backward (schemas in ../ops.cpp).
 //
-// Design: the WHOLE STACK PER MOLECULE. One thread runs all L layers of a molecule (forward, and
-// in backward the recomputation plus the gradients) while everything the molecule touches stays
-// in its L2 cache: h, x, the node products and one receiver's edge tile are a few hundred KiB at
-// most for the published sizes (N <= 51, H <= 128). Molecules are spread over threads with
-// at::parallel_for, so one parallel region per call instead of one per layer, no races (every
-// sender/receiver update of a molecule happens on one thread) and no padding work in the ragged
-// layout. The price is that a batch of one molecule runs on one thread.
+// Design: the WHOLE STACK PER MOLECULE. All L layers of a molecule (forward, and in backward the
+// recomputation plus the gradients) run back to back while everything the molecule touches stays
+// in L2: h, x, the node products and one receiver's edge tile are a few hundred KiB at most for
+// the published sizes (N <= 51, H <= 128). No padding work in the ragged layout.
+//
+// Threads (make_plan): with many molecules, whole molecules are spread over threads with one
+// at::parallel_for per call: no synchronisation inside a molecule and no races (every
+// sender/receiver update of a molecule happens on one thread). That leaves threads idle at
+// batch 1, with fewer molecules than threads, or with one big molecule among small ones (its
+// n^2 edges dominate), so a molecule holding more than a 1/T share of the work runs alone, split
+// over the T threads by blocks of receiver atoms. It is the same code: the per-molecule
+// functions always loop over atom blocks with for_parts, which is one inline block when the
+// molecule runs whole on its thread (a nested at::parallel_for runs inline). Splitting by
+// receivers keeps the edge work (~all of it) balanced and every forward write in the block's
+// own rows (agg_i, x_i, h_i): the forward needs two parallel passes per layer (node products,
+// then edges + node update) and its result does not depend on the split. The backward also
+// scatters to senders (gQ_j, gx_j, gx0_j) and sums weight gradients over all edges; each block
+// gets its own partial sums and weight-gradient accumulator, added in block order, so a fixed
+// thread count gives the same bits every run and other thread counts differ only by the
+// summation order. Partials cost T x (n H + 6 n) per molecule plus the accumulators the
+// molecule-parallel path has anyway; a barrier costs microseconds against the edge work of a
+// layer (forward ~0.3 ms at N = 22, H = 64; ~4 ms at N = 51, H = 128; backward ~3x that).
+// Not done: splitting the senders (the tile GEMMs per receiver are already small) or mixing
+// alone and shared molecules in one parallel region (the alone ones run one after another).
 //
 // Algebra: W1 [h_i, h_j, r, a] + b1 = P_i + Q_j + w_r r + w_a a with P = h W1a^T + b1 and
 // Q = h W1b^T computed once per atom (node-level GEMMs), so the first edge linear costs ~H per
@@ -103,10 +120,36 @@ struct PackedWeights {
   }
 };
 
-int64_t max_molecule(const int64_t* ptr, int64_t B) {
-  int64_t n = 0;
-  for (int64_t b = 0; b < B; ++b) n = std::max(n, ptr[b + 1] - ptr[b]);
-  return n;
+// How one call spreads its molecules over the T threads. Going from the largest molecule down,
+// a molecule that holds more than a 1/T share of the work not yet assigned (n^2: the edges
+// dominate) runs alone, its receivers split into T blocks; the rest run whole, spread over the
+// threads. So batch 1, batches of fewer molecules than threads and one big molecule among small
+// ones use every thread, while large batches keep the molecule-parallel path (no per-layer
+// synchronisation, no partial sums). The plan depends on the sizes and T only.
+struct Plan {
+  std::vector<int64_t> shared, alone;
+  int64_t nmax_shared = 0, nmax_alone = 0, parts = 1;
+};
+
+Plan make_plan(const int64_t* ptr, int64_t B) {
+  Plan plan;
+  plan.parts = at::get_num_threads();
+  auto size = [&](int64_t b) { return ptr[b + 1] - ptr[b]; };
+  std::vector<int64_t> order;
+  int64_t remaining = 0;
+  for (int64_t b = 0; b < B; ++b)
+    if (size(b) > 0) order.push_back(b), remaining += size(b) * size(b);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return size(a) > size(b); });
+  std::vector<bool> alone(B, false);
+  for (const int64_t b : order) {
+    const int64_t work = size(b) * size(b);
+    if (plan.parts == 1 || work * plan.parts <= remaining) break;
+    alone[b] = true, remaining -= work;
+    plan.alone.push_back(b), plan.nmax_alone = std::max(plan.nmax_alone, size(b));
+  }
+  for (int64_t b = 0; b < B; ++b)
+    if (size(b) > 0 && !alone[b]) plan.shared.push_back(b), plan.nmax_shared = std::max(plan.nmax_shared, size(b));
+  return plan;
 }
 
 template <typename T>
@@ -119,37 +162,54 @@ template <typename T, typename Ns>
 void forward_impl(const PackedWeights<T>& pw, const int64_t* ptr, int64_t B, const T* x, const T* h0,
                   T* v, T* hs, T* xs, int64_t M) {
   const Net<T>& net = pw.net;
-  const int64_t nmax = max_molecule(ptr, B), H = net.H;
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    Scratch<T> ws(nmax, net.Hp, kForwardNodes, kForwardTiles);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t s = ptr[b], n = ptr[b + 1] - s;
-      if (n == 0) continue;
-      ws.reset();
-      Ns::forward_molecule(net, n, x + 3 * s, h0 + H * s, v + 3 * s, hs + H * s, M * H, xs + 3 * s, M * 3, ws);
-    }
+  const int64_t H = net.H;
+  const Plan plan = make_plan(ptr, B);
+  auto run = [&](int64_t b, Workspace<T>& ws) {
+    const int64_t s = ptr[b];
+    Ns::forward_molecule(net, ptr[b + 1] - s, x + 3 * s, h0 + H * s, v + 3 * s, hs + H * s, M * H, xs + 3 * s,
+                         M * 3, ws);
+  };
+  const int64_t n_shared = static_cast<int64_t>(plan.shared.size());
+  at::parallel_for(0, n_shared, 1, [&](int64_t k0, int64_t k1) {
+    Workspace<T> ws(plan.nmax_shared, net.Hp, 1, false);
+    for (int64_t k = k0; k < k1; ++k) run(plan.shared[k], ws);
   });
+  if (plan.alone.empty()) return;
+  Workspace<T> ws(plan.nmax_alone, net.Hp, plan.parts, false);
+  for (const int64_t b : plan.alone) run(b, ws);
 }
 
+// Weight gradients go to per-thread accumulators (molecules spread over threads) or to one
+// accumulator per receiver block (molecules alone), summed in a fixed order by the caller.
 template <typename T, typename Ns>
 void backward_impl(const PackedWeights<T>& pw, const int64_t* ptr, int64_t B, const T* x, const T* gv,
                    const T* hs, const T* xs, int64_t M, T* gx, T* gh0,
                    std::vector<std::vector<T>>& thread_grads) {
   const Net<T>& net = pw.net;
-  const int64_t nmax = max_molecule(ptr, B), H = net.H;
-  std::vector<GradAcc<T>> acc(at::get_num_threads());
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    auto& G = acc[at::get_thread_num()];
-    if (G.buf.empty()) G.init(net.L, net.Hp);
-    Scratch<T> ws(nmax, net.Hp, kBackwardNodes, kBackwardTiles);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t s = ptr[b], n = ptr[b + 1] - s;
-      if (n == 0) continue;
-      ws.reset();
-      Ns::backward_molecule(net, G, n, x + 3 * s, gv + 3 * s, hs + H * s, M * H, xs + 3 * s, M * 3, gx + 3 * s,
-                            gh0 + H * s, ws);
-    }
+  const int64_t H = net.H;
+  const Plan plan = make_plan(ptr, B);
+  std::vector<GradAcc<T>> acc(std::max<int64_t>(at::get_num_threads(), plan.parts));
+  auto run = [&](int64_t b, Workspace<T>& ws, GradAcc<T>* const* G) {
+    const int64_t s = ptr[b];
+    Ns::backward_molecule(net, G, ptr[b + 1] - s, x + 3 * s, gv + 3 * s, hs + H * s, M * H, xs + 3 * s, M * 3,
+                          gx + 3 * s, gh0 + H * s, ws);
+  };
+  const int64_t n_shared = static_cast<int64_t>(plan.shared.size());
+  at::parallel_for(0, n_shared, 1, [&](int64_t k0, int64_t k1) {
+    GradAcc<T>* G = &acc[at::get_thread_num()];
+    if (G->buf.empty()) G->init(net.L, net.Hp);
+    Workspace<T> ws(plan.nmax_shared, net.Hp, 1, true);
+    for (int64_t k = k0; k < k1; ++k) run(plan.shared[k], ws, &G);
   });
+  if (!plan.alone.empty()) {
+    std::vector<GradAcc<T>*> G(plan.parts);
+    for (int64_t p = 0; p < plan.parts; ++p) {
+      G[p] = &acc[p];
+      if (G[p]->buf.empty()) G[p]->init(net.L, net.Hp);
+    }
+    Workspace<T> ws(plan.nmax_alone, net.Hp, plan.parts, true);
+    for (const int64_t b : plan.alone) run(b, ws, G.data());
+  }
   for (auto& G : acc)
     if (!G.buf.empty()) thread_grads.push_back(std::move(G.buf));
 }

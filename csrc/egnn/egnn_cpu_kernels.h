@@ -65,8 +65,8 @@ struct GradAcc {
   }
 };
 
-// Scratch for one molecule of up to nmax atoms: `nodes` [n, Hp] node buffers, the edge tile
-// (`tiles` [E, Hp] buffers) and small per-atom/per-edge arrays, carved from one vector.
+// Scratch carved from one vector: `nodes` [nmax, Hp] buffers, `tiles` [nmax, Hp] edge-tile
+// buffers and small per-atom/per-edge arrays (up to 4 of [nmax, 3], the tile's geo/gate/phi).
 template <typename T>
 struct Scratch {
   std::vector<T> buf;
@@ -88,7 +88,44 @@ struct Scratch {
     return t;
   }
 };
-constexpr int kForwardNodes = 5, kForwardTiles = 3, kBackwardNodes = 11, kBackwardTiles = 9;
+
+// Everything one molecule of up to nmax atoms needs: the node-level buffers (`mol`, shared by
+// all receiver blocks) and one edge scratch per receiver block (`part`; 1 when the molecule runs
+// on one thread).
+template <typename T>
+struct Workspace {
+  Scratch<T> mol;
+  std::vector<Scratch<T>> part;
+  Workspace(int64_t nmax, int64_t Hp, int64_t parts, bool backward)
+      : mol(nmax, Hp, backward ? 11 : 5, 0), part(parts, Scratch<T>(nmax, Hp, backward ? 1 : 0, backward ? 9 : 3)) {}
+};
+
+// One receiver block's backward buffers: its edge tile, the two edge-gradient tiles, and partial
+// sums of what its edges scatter to their senders (gQ [n, Hp], gx and gx0 [n, 3]). Carving is
+// deterministic, so calling this again on the same scratch returns the same pointers.
+template <typename T>
+struct BackwardPart {
+  EdgeTile<T> tile;
+  T *g1, *g2, *gagg, *gQ, *gx, *gx0;
+  BackwardPart(Scratch<T>& s, int64_t n, int64_t Hp) {
+    const int64_t E = std::max<int64_t>(n - 1, 0);
+    s.reset();
+    tile = s.tile(n, Hp, true);
+    g1 = s.take(E * Hp + 1), g2 = s.take(E * Hp + 1), gagg = s.take(Hp);
+    gQ = s.take(n * Hp), gx = s.take(3 * n), gx0 = s.take(3 * n);
+  }
+};
+
+// Runs fn(part, begin, end) for the blocks [n p / parts, n (p + 1) / parts) of the atoms (or
+// receivers) 0..n-1, in parallel. The blocks depend on (n, parts) alone, so the partial sums and
+// their reduction order do too. With parts == 1, or inside a parallel region (molecules already
+// spread over threads), at::parallel_for runs the blocks inline on the calling thread.
+template <typename F>
+void for_parts(int64_t n, int64_t parts, const F& fn) {
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) fn(p, n * p / parts, n * (p + 1) / parts);
+  });
+}
 #endif  // TBG_EGNN_CPU_TYPES
 
 namespace TBG_EGNN_ISA {
@@ -380,51 +417,70 @@ void remove_mean(T* v, int64_t n) {
 }
 
 // The whole stack for one molecule of n atoms (rows of x0 [n, 3], h0 [n, H]): v [n, 3] and the
-// layer inputs hs/xs (row pointers into h_states/x_states; layer stride sH/sX).
+// layer inputs hs/xs (row pointers into h_states/x_states; layer stride sH/sX). Each layer is two
+// passes over blocks of atoms (see for_parts): the node products P, Q of every atom, then the
+// edges of each block's receivers followed by the block's node update; every write of a block is
+// to its own rows, so the result does not depend on the number of blocks.
 template <typename T>
 void forward_molecule(const Net<T>& net, int64_t n, const T* x0, const T* h0, T* v, T* hs, int64_t sH,
-                      T* xs, int64_t sX, Scratch<T>& ws) {
-  const int64_t H = net.H, Hp = net.Hp;
-  T *h = ws.take(n * Hp), *P = ws.take(n * Hp), *Q = ws.take(n * Hp), *agg = ws.take(n * Hp),
-    *zn = ws.take(n * Hp), *x = ws.take(3 * n), *xn = ws.take(3 * n);
-  EdgeTile<T> tile = ws.tile(n, Hp, false);
+                      T* xs, int64_t sX, Workspace<T>& ws) {
+  const int64_t H = net.H, Hp = net.Hp, parts = std::min<int64_t>(static_cast<int64_t>(ws.part.size()), n);
+  Scratch<T>& s = ws.mol;
+  s.reset();
+  T *h = s.take(n * Hp), *P = s.take(n * Hp), *Q = s.take(n * Hp), *agg = s.take(n * Hp), *zn = s.take(n * Hp),
+    *x = s.take(3 * n), *xn = s.take(3 * n);
   load_h(h0, n, H, Hp, h);
   std::copy(x0, x0 + 3 * n, x);
   for (int64_t l = 0; l < net.L; ++l) {
     const LayerW<T>& w = net.w[l];
-    for (int64_t i = 0; i < n; ++i) std::copy(h + i * Hp, h + i * Hp + H, hs + l * sH + i * H);
     std::copy(x, x + 3 * n, xs + l * sX);
-    gemm<T>(n, Hp, Hp, h, Hp, 1, w.w1aT, Hp, P, Hp, w.b1);
-    gemm<T>(n, Hp, Hp, h, Hp, 1, w.w1bT, Hp, Q, Hp);
-    for (int64_t i = 0; i < n; ++i) {
-      T dx[3];
-      edge_forward(w, n, Hp, i, x, x0, P, Q, net.range, tile, dx, agg + i * Hp);
-      for (int c = 0; c < 3; ++c) xn[3 * i + c] = x[3 * i + c] + dx[c];
-    }
+    for_parts(n, parts, [&](int64_t, int64_t i0, int64_t i1) {
+      const int64_t r = i1 - i0;
+      for (int64_t i = i0; i < i1; ++i) std::copy(h + i * Hp, h + i * Hp + H, hs + l * sH + i * H);
+      gemm<T>(r, Hp, Hp, h + i0 * Hp, Hp, 1, w.w1aT, Hp, P + i0 * Hp, Hp, w.b1);
+      gemm<T>(r, Hp, Hp, h + i0 * Hp, Hp, 1, w.w1bT, Hp, Q + i0 * Hp, Hp);
+    });
+    for_parts(n, parts, [&](int64_t p, int64_t i0, int64_t i1) {
+      Scratch<T>& sp = ws.part[p];
+      sp.reset();
+      EdgeTile<T> tile = sp.tile(n, Hp, false);
+      for (int64_t i = i0; i < i1; ++i) {
+        T dx[3];
+        edge_forward(w, n, Hp, i, x, x0, P, Q, net.range, tile, dx, agg + i * Hp);
+        for (int c = 0; c < 3; ++c) xn[3 * i + c] = x[3 * i + c] + dx[c];
+      }
+      if (l + 1 < net.L) {  // the last layer's node update only feeds the unused h_out
+        const int64_t r = i1 - i0;
+        T *hr = h + i0 * Hp, *znr = zn + i0 * Hp;
+        gemm<T>(r, Hp, Hp, hr, Hp, 1, w.wn1aT, Hp, znr, Hp, w.bn1);
+        gemm<T>(r, Hp, Hp, agg + i0 * Hp, Hp, 1, w.wn1bT, Hp, znr, Hp, nullptr, true);
+        silu(znr, znr, r * Hp);
+        gemm<T>(r, Hp, Hp, znr, Hp, 1, w.wn2T, Hp, hr, Hp, w.bn2, true);
+      }
+    });
     std::swap(x, xn);
-    if (l + 1 < net.L) {  // the last layer's node update only feeds the unused h_out
-      gemm<T>(n, Hp, Hp, h, Hp, 1, w.wn1aT, Hp, zn, Hp, w.bn1);
-      gemm<T>(n, Hp, Hp, agg, Hp, 1, w.wn1bT, Hp, zn, Hp, nullptr, true);
-      silu(zn, zn, n * Hp);
-      gemm<T>(n, Hp, Hp, zn, Hp, 1, w.wn2T, Hp, h, Hp, w.bn2, true);
-    }
   }
   for (int64_t k = 0; k < 3 * n; ++k) v[k] = x[k] - x0[k];
   remove_mean(v, n);
 }
 
 // Gradients of <gv, v> for one molecule: recomputes every layer's edges from hs/xs, writes
-// gx [n, 3] and gh0 [n, H], adds the weight gradients to G.
+// gx [n, 3] and gh0 [n, H], adds the weight gradients of block p to G[p]. Per layer three
+// passes over atom blocks: (A) node products; (B) each block's receivers: edge recomputation and
+// backward, node-MLP backward and the weight gradients that sum over the block's own atoms;
+// then the blocks' partial sums of the sender-side gradients (gQ, gx, gx0) are added in block
+// order; (C) the gradient of the layer input h and of W1b (which needs the complete gQ).
 template <typename T>
-void backward_molecule(const Net<T>& net, GradAcc<T>& G, int64_t n, const T* x0, const T* gv, const T* hs,
-                       int64_t sH, const T* xs, int64_t sX, T* gx_out, T* gh0_out, Scratch<T>& ws) {
-  const int64_t H = net.H, Hp = net.Hp, E = std::max<int64_t>(n - 1, 0);
-  T *h = ws.take(n * Hp), *P = ws.take(n * Hp), *Q = ws.take(n * Hp), *gsn = ws.take(n * Hp),
-    *zn = ws.take(n * Hp), *agg = ws.take(n * Hp), *gzn = ws.take(n * Hp), *gP = ws.take(n * Hp),
-    *gQ = ws.take(n * Hp), *gh = ws.take(n * Hp), *ghn = ws.take(n * Hp);
-  T *gx = ws.take(3 * n), *gxn = ws.take(3 * n), *gx0 = ws.take(3 * n), *gagg = ws.take(Hp);
-  EdgeTile<T> tile = ws.tile(n, Hp, true);
-  T *g1 = ws.take(E * Hp + 1), *g2 = ws.take(E * Hp + 1);
+void backward_molecule(const Net<T>& net, GradAcc<T>* const* G, int64_t n, const T* x0, const T* gv,
+                       const T* hs, int64_t sH, const T* xs, int64_t sX, T* gx_out, T* gh0_out,
+                       Workspace<T>& ws) {
+  const int64_t H = net.H, Hp = net.Hp, parts = std::min<int64_t>(static_cast<int64_t>(ws.part.size()), n);
+  Scratch<T>& s = ws.mol;
+  s.reset();
+  T *h = s.take(n * Hp), *P = s.take(n * Hp), *Q = s.take(n * Hp), *gsn = s.take(n * Hp),
+    *zn = s.take(n * Hp), *agg = s.take(n * Hp), *gzn = s.take(n * Hp), *gP = s.take(n * Hp),
+    *gQ = s.take(n * Hp), *gh = s.take(n * Hp), *ghn = s.take(n * Hp);
+  T *gx = s.take(3 * n), *gxn = s.take(3 * n), *gx0 = s.take(3 * n);
   // v = x^L - x^0 minus its mean: the mean removal is a symmetric projection.
   std::copy(gv, gv + 3 * n, gx);
   remove_mean(gx, n);
@@ -432,51 +488,75 @@ void backward_molecule(const Net<T>& net, GradAcc<T>& G, int64_t n, const T* x0,
   std::fill(gh, gh + n * Hp, T(0));
   for (int64_t l = net.L - 1; l >= 0; --l) {
     const LayerW<T>& w = net.w[l];
-    LayerG<T>& g = G.g[l];
     const bool node = l + 1 < net.L;  // the last layer's h output is unused: no node update
     const T* x = xs + l * sX;
-    load_h(hs + l * sH, n, H, Hp, h);
-    gemm<T>(n, Hp, Hp, h, Hp, 1, w.w1aT, Hp, P, Hp, w.b1);
-    gemm<T>(n, Hp, Hp, h, Hp, 1, w.w1bT, Hp, Q, Hp);
-    if (node) {
-      gemm<T>(n, Hp, Hp, gh, Hp, 1, w.wn2, Hp, gsn, Hp);
-      gemm<T>(n, Hp, Hp, h, Hp, 1, w.wn1aT, Hp, zn, Hp, w.bn1);
-    }
-    std::fill(gQ, gQ + n * Hp, T(0));
-    std::copy(gx, gx + 3 * n, gxn);
-    for (int64_t i = 0; i < n; ++i) {
-      T dx[3];
-      T* aggi = agg + i * Hp;
-      edge_forward(w, n, Hp, i, x, x0, P, Q, net.range, tile, dx, aggi);
+    for_parts(n, parts, [&](int64_t, int64_t i0, int64_t i1) {  // (A)
+      const int64_t r = i1 - i0;
+      T* hr = h + i0 * Hp;
+      load_h(hs + l * sH + i0 * H, r, H, Hp, hr);
+      gemm<T>(r, Hp, Hp, hr, Hp, 1, w.w1aT, Hp, P + i0 * Hp, Hp, w.b1);
+      gemm<T>(r, Hp, Hp, hr, Hp, 1, w.w1bT, Hp, Q + i0 * Hp, Hp);
       if (node) {
-        T *zni = zn + i * Hp, *gzni = gzn + i * Hp, *gsni = gsn + i * Hp;
-        gemm<T>(1, Hp, Hp, aggi, Hp, 1, w.wn1bT, Hp, zni, Hp, nullptr, true);
-        std::copy(gsni, gsni + Hp, gzni);
-        silu_backward(zni, gzni, Hp);
-        silu(zni, gsni, Hp);  // gsn row i now holds sn_i = SiLU(zn_i)
-        gemm<T>(1, Hp, Hp, gzni, Hp, 1, w.wn1b, Hp, gagg, Hp);
+        gemm<T>(r, Hp, Hp, gh + i0 * Hp, Hp, 1, w.wn2, Hp, gsn + i0 * Hp, Hp);
+        gemm<T>(r, Hp, Hp, hr, Hp, 1, w.wn1aT, Hp, zn + i0 * Hp, Hp, w.bn1);
       }
-      edge_backward(w, g, n, Hp, i, net.range, tile, gx + 3 * i, node ? gagg : nullptr, g1, g2, gxn, gx0, gQ,
-                    gP + i * Hp);
-    }
-    gemm<T>(Hp, Hp, n, gP, 1, Hp, h, Hp, g.w1a, Hp, nullptr, true);
-    gemm<T>(Hp, Hp, n, gQ, 1, Hp, h, Hp, g.w1b, Hp, nullptr, true);
-    if (node) {
-      const T* sn = gsn;
-      gemm<T>(Hp, Hp, n, gh, 1, Hp, sn, Hp, g.wn2, Hp, nullptr, true);
-      gemm<T>(Hp, Hp, n, gzn, 1, Hp, h, Hp, g.wn1a, Hp, nullptr, true);
-      gemm<T>(Hp, Hp, n, gzn, 1, Hp, agg, Hp, g.wn1b, Hp, nullptr, true);
-      for (int64_t i = 0; i < n; ++i) {
-        add(gh + i * Hp, g.bn2, Hp);
-        add(gzn + i * Hp, g.bn1, Hp);
+    });
+    std::copy(gx, gx + 3 * n, gxn);
+    for_parts(n, parts, [&](int64_t p, int64_t i0, int64_t i1) {  // (B)
+      LayerG<T>& g = G[p]->g[l];
+      BackwardPart<T> b(ws.part[p], n, Hp);
+      // Block 0 scatters straight into the molecule's sums, the others into their partials.
+      T *gQp = p ? b.gQ : gQ, *gxp = p ? b.gx : gxn, *gx0p = p ? b.gx0 : gx0;
+      std::fill(gQp, gQp + n * Hp, T(0));
+      if (p) std::fill(gxp, gxp + 3 * n, T(0)), std::fill(gx0p, gx0p + 3 * n, T(0));
+      for (int64_t i = i0; i < i1; ++i) {
+        T dx[3];
+        T* aggi = agg + i * Hp;
+        edge_forward(w, n, Hp, i, x, x0, P, Q, net.range, b.tile, dx, aggi);
+        if (node) {
+          T *zni = zn + i * Hp, *gzni = gzn + i * Hp, *gsni = gsn + i * Hp;
+          gemm<T>(1, Hp, Hp, aggi, Hp, 1, w.wn1bT, Hp, zni, Hp, nullptr, true);
+          std::copy(gsni, gsni + Hp, gzni);
+          silu_backward(zni, gzni, Hp);
+          silu(zni, gsni, Hp);  // gsn row i now holds sn_i = SiLU(zn_i)
+          gemm<T>(1, Hp, Hp, gzni, Hp, 1, w.wn1b, Hp, b.gagg, Hp);
+        }
+        edge_backward(w, g, n, Hp, i, net.range, b.tile, gx + 3 * i, node ? b.gagg : nullptr, b.g1, b.g2, gxp,
+                      gx0p, gQp, gP + i * Hp);
       }
-      std::copy(gh, gh + n * Hp, ghn);
-      gemm<T>(n, Hp, Hp, gzn, Hp, 1, w.wn1a, Hp, ghn, Hp, nullptr, true);
-      gemm<T>(n, Hp, Hp, gP, Hp, 1, w.w1a, Hp, ghn, Hp, nullptr, true);
-    } else {
-      gemm<T>(n, Hp, Hp, gP, Hp, 1, w.w1a, Hp, ghn, Hp);
+      const int64_t r = i1 - i0;
+      const T *hr = h + i0 * Hp, *gzr = gzn + i0 * Hp;
+      gemm<T>(Hp, Hp, r, gP + i0 * Hp, 1, Hp, hr, Hp, g.w1a, Hp, nullptr, true);
+      if (node) {
+        gemm<T>(Hp, Hp, r, gh + i0 * Hp, 1, Hp, gsn + i0 * Hp, Hp, g.wn2, Hp, nullptr, true);
+        gemm<T>(Hp, Hp, r, gzr, 1, Hp, hr, Hp, g.wn1a, Hp, nullptr, true);
+        gemm<T>(Hp, Hp, r, gzr, 1, Hp, agg + i0 * Hp, Hp, g.wn1b, Hp, nullptr, true);
+        for (int64_t i = i0; i < i1; ++i) {
+          add(gh + i * Hp, g.bn2, Hp);
+          add(gzn + i * Hp, g.bn1, Hp);
+        }
+      }
+    });
+    for (int64_t p = 1; p < parts; ++p) {
+      const BackwardPart<T> b(ws.part[p], n, Hp);
+      add(b.gQ, gQ, n * Hp);
+      add(b.gx, gxn, 3 * n);
+      add(b.gx0, gx0, 3 * n);
     }
-    gemm<T>(n, Hp, Hp, gQ, Hp, 1, w.w1b, Hp, ghn, Hp, nullptr, true);
+    for_parts(n, parts, [&](int64_t p, int64_t i0, int64_t i1) {  // (C)
+      const int64_t r = i1 - i0;
+      const T *hr = h + i0 * Hp, *gQr = gQ + i0 * Hp, *gPr = gP + i0 * Hp;
+      T* ghr = ghn + i0 * Hp;
+      gemm<T>(Hp, Hp, r, gQr, 1, Hp, hr, Hp, G[p]->g[l].w1b, Hp, nullptr, true);
+      if (node) {
+        std::copy(gh + i0 * Hp, gh + i1 * Hp, ghr);
+        gemm<T>(r, Hp, Hp, gzn + i0 * Hp, Hp, 1, w.wn1a, Hp, ghr, Hp, nullptr, true);
+        gemm<T>(r, Hp, Hp, gPr, Hp, 1, w.w1a, Hp, ghr, Hp, nullptr, true);
+      } else {
+        gemm<T>(r, Hp, Hp, gPr, Hp, 1, w.w1a, Hp, ghr, Hp);
+      }
+      gemm<T>(r, Hp, Hp, gQr, Hp, 1, w.w1b, Hp, ghr, Hp, nullptr, true);
+    });
     std::swap(gh, ghn);
     std::swap(gx, gxn);
   }
