@@ -21,7 +21,6 @@ import numpy as np
 from common import machine, matmul_peak_gflops
 
 from tbg.evaluate import ValidityChecker, bond_pairs
-from tbg.evaluate import validity as V
 
 DATA = Path(__file__).resolve().parents[1] / "tbg" / "data" / "alanine-dipeptide"
 
@@ -62,7 +61,7 @@ def loop_check(checker: ValidityChecker, samples: np.ndarray) -> np.ndarray:
         if mapping is None:
             continue
         y = x[[mapping[r] for r in range(len(elements))]]
-        signs = V.chirality_signs(y[None], checker.chiral_centres, checker._chiral_neighbours)[0]
+        signs = checker.centre_signs(y[None])[0]
         out[s] = (signs == checker.reference_signs).all() or (signs == -checker.reference_signs).all()
     return out
 

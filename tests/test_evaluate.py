@@ -135,7 +135,7 @@ def test_single_centre_flip_is_mirror_equivalent(ala2, checker):
     res = checker.check(y[None])
     assert res.valid[0] and res.mirrored[0]
     np.testing.assert_allclose(res.samples_nm[0], -y)
-    signs = V.chirality_signs(res.samples_nm, checker.chiral_centres, checker._chiral_neighbours)
+    signs = checker.centre_signs(res.samples_nm)
     np.testing.assert_array_equal(signs[0], checker.reference_signs)
 
 

@@ -190,9 +190,13 @@ class ValidityChecker:
                 neighbours.append(nbrs[:3])
         self.chiral_centres = np.array(centres, dtype=np.int64)
         self._chiral_neighbours = np.array(neighbours, dtype=np.int64).reshape(-1, 3)
-        self.reference_signs = chirality_signs(ref[None], self.chiral_centres, self._chiral_neighbours)[0]
+        self.reference_signs = self.centre_signs(ref[None])[0]
         if (self.reference_signs == 0).any():
             raise ValueError(f"reference structure has a planar chirality centre among atoms {centres}")
+
+    def centre_signs(self, samples: np.ndarray) -> np.ndarray:
+        """Chirality signs [S, C] of ``chiral_centres`` for samples [S, N, 3] in reference atom order."""
+        return chirality_signs(samples, self.chiral_centres, self._chiral_neighbours)
 
     # ---------------------------------------------------------------- graph helpers
     def _skeleton_graph(self, skeleton_pairs: np.ndarray, h_count: np.ndarray) -> nx.Graph:
@@ -347,7 +351,7 @@ class ValidityChecker:
         # Stage 4: chirality (vectorised), mirror all-flipped samples.
         mirrored = np.zeros(n, dtype=bool)
         if len(ok) and len(self.chiral_centres):
-            signs = chirality_signs(out[ok], self.chiral_centres, self._chiral_neighbours)
+            signs = self.centre_signs(out[ok])
             agree = signs == self.reference_signs[None, :]
             flipped = signs == -self.reference_signs[None, :]
             degenerate = (signs == 0).any(1)
