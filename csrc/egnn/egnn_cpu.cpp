@@ -44,6 +44,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -75,48 +76,67 @@ bool use_avx2() {
 
 constexpr int64_t kPad = 16;  // hidden width padded to the microkernel's 16-float panel
 
-// The weights re-laid out for the kernels (see LayerW); the tensors own the memory.
+// The weights re-laid out for the kernels (see LayerW) in one buffer: 7 transposed matrices
+// [L, Hp, Hp] (all the forward needs), the same 7 as is (backward only), then 9 vectors [L, Hp],
+// zero-padded. Packing is serial work in every call (~0.2 ms at H = 64, L = 5 as ~50 small ATen
+// ops, against ~1 ms of batch-1 edge work), so it is one allocation filled by a parallel loop
+// over (matrix, layer).
 template <typename T>
 struct PackedWeights {
-  std::vector<at::Tensor> keep;
+  at::Tensor keep;
   Net<T> net;
 
-  PackedWeights(const EGNNWeights& w, double range) {
+  // A [L, out, in] source (any strides), packed as is or transposed to [in, out].
+  struct Src {
+    const T* p;
+    int64_t s0, s1, s2, rows, cols;
+    bool transpose;
+  };
+  static Src src(const at::Tensor& m, bool transpose) {
+    return {m.data_ptr<T>(), m.stride(0), m.stride(1), m.stride(2), m.size(1), m.size(2), transpose};
+  }
+
+  PackedWeights(const EGNNWeights& w, double range, bool backward) {
     const int64_t L = w.n_layers, H = w.hidden, Hp = (H + kPad - 1) / kPad * kPad;
     net.L = L, net.H = H, net.Hp = Hp, net.range = static_cast<T>(range);
-    const auto opts = w.w1.options();
-    // [L, out, in] -> padded [L, Hp, Hp], as is or transposed to [L, in, out].
-    auto mat = [&](const at::Tensor& m, bool transpose) {
-      at::Tensor out = at::zeros({L, Hp, Hp}, opts);
-      const at::Tensor src = transpose ? m.transpose(1, 2) : m;
-      out.narrow(1, 0, src.size(1)).narrow(2, 0, src.size(2)).copy_(src);
-      keep.push_back(out);
-      return out.data_ptr<T>();
-    };
-    auto vec = [&](const at::Tensor& v) {
-      at::Tensor out = at::zeros({L, Hp}, opts);
-      out.narrow(1, 0, H).copy_(v);
-      keep.push_back(out);
-      return out.data_ptr<T>();
-    };
     const at::Tensor w1a = w.w1.narrow(2, 0, H), w1b = w.w1.narrow(2, H, H);
     const at::Tensor wn1a = w.wn1.narrow(2, 0, H), wn1b = w.wn1.narrow(2, H, H);
-    T *w1aT = mat(w1a, true), *w1bT = mat(w1b, true), *w1a_ = mat(w1a, false), *w1b_ = mat(w1b, false);
-    T *wr = vec(w.w1.select(2, 2 * H)), *wa = vec(w.w1.select(2, 2 * H + 1)), *b1 = vec(w.b1);
-    T *w2T = mat(w.w2, true), *w2 = mat(w.w2, false), *b2 = vec(w.b2), *watt = vec(w.watt);
-    T *wc1T = mat(w.wc1, true), *wc1 = mat(w.wc1, false), *bc1 = vec(w.bc1), *wc2 = vec(w.wc2);
-    T *wn1aT = mat(wn1a, true), *wn1bT = mat(wn1b, true), *wn1a_ = mat(wn1a, false), *wn1b_ = mat(wn1b, false);
-    T *bn1 = vec(w.bn1), *wn2T = mat(w.wn2, true), *wn2 = mat(w.wn2, false), *bn2 = vec(w.bn2);
-    const at::Tensor batt = w.batt.contiguous();
-    const T* batt_p = batt.data_ptr<T>();
-    net.w.resize(L);
-    for (int64_t l = 0; l < L; ++l) {
-      const int64_t m = l * Hp * Hp, v = l * Hp;
-      net.w[l] = {w1aT + m, w1bT + m, w1a_ + m, w1b_ + m, wr + v, wa + v, b1 + v,
-                  w2T + m, w2 + m, b2 + v, watt + v, batt_p[l],
-                  wc1T + m, wc1 + m, bc1 + v, wc2 + v,
-                  wn1aT + m, wn1bT + m, wn1a_ + m, wn1b_ + m, bn1 + v, wn2T + m, wn2 + m, bn2 + v};
+    const Src mats[] = {src(w1a, true),   src(w1b, true),   src(w.w2, true),  src(w.wc1, true), src(wn1a, true),
+                        src(wn1b, true),  src(w.wn2, true), src(w1a, false),  src(w1b, false),  src(w.w2, false),
+                        src(w.wc1, false), src(wn1a, false), src(wn1b, false), src(w.wn2, false)};
+    const at::Tensor vecs[] = {w.w1.select(2, 2 * H), w.w1.select(2, 2 * H + 1), w.b1, w.b2, w.watt, w.bc1, w.wc2,
+                               w.bn1, w.bn2};
+    const int64_t nm = backward ? std::size(mats) : std::size(mats) / 2, nv = std::size(vecs);
+    keep = at::empty({(nm * Hp + nv) * L * Hp}, w.w1.options());
+    T* const mat0 = keep.data_ptr<T>();
+    T* const vec0 = mat0 + nm * L * Hp * Hp;
+    at::parallel_for(0, nm * L, 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const Src& m = mats[j / L];
+        const T* a = m.p + (j % L) * m.s0;
+        T* out = mat0 + j * Hp * Hp;
+        if (m.rows < Hp || m.cols < Hp) std::fill(out, out + Hp * Hp, T(0));
+        // Read the source in its row order (a transposed block is written column-wise).
+        const int64_t rs = m.transpose ? 1 : Hp, cs = m.transpose ? Hp : 1;
+        for (int64_t o = 0; o < m.rows; ++o)
+          for (int64_t i = 0; i < m.cols; ++i) out[o * rs + i * cs] = a[o * m.s1 + i * m.s2];
+      }
+    });
+    for (int64_t k = 0; k < nv; ++k) {  // [L, H] sources, any strides
+      const T* a = vecs[k].data_ptr<T>();
+      const int64_t s0 = vecs[k].stride(0), s1 = vecs[k].stride(1);
+      for (int64_t l = 0; l < L; ++l)
+        for (int64_t c = 0; c < Hp; ++c) vec0[(k * L + l) * Hp + c] = c < H ? a[l * s0 + c * s1] : T(0);
     }
+    const T* batt = w.batt.data_ptr<T>();
+    auto M = [&](int k, int64_t l) { return k < nm ? mat0 + (k * L + l) * Hp * Hp : nullptr; };
+    auto V = [&](int k, int64_t l) { return vec0 + (k * L + l) * Hp; };
+    net.w.resize(L);
+    for (int64_t l = 0; l < L; ++l)
+      net.w[l] = {M(0, l),  M(1, l),  M(7, l),  M(8, l),  V(0, l),  V(1, l),  V(2, l),  M(2, l),
+                  M(9, l),  V(3, l),  V(4, l),  batt[l * w.batt.stride(0)],
+                  M(3, l),  M(10, l), V(5, l),  V(6, l),
+                  M(4, l),  M(5, l),  M(11, l), M(12, l), V(7, l),  M(6, l),  M(13, l), V(8, l)};
   }
 };
 
@@ -149,6 +169,7 @@ Plan make_plan(const int64_t* ptr, int64_t B) {
   }
   for (int64_t b = 0; b < B; ++b)
     if (size(b) > 0 && !alone[b]) plan.shared.push_back(b), plan.nmax_shared = std::max(plan.nmax_shared, size(b));
+  plan.parts = std::clamp<int64_t>(plan.nmax_alone, 1, plan.parts);  // no more blocks than receivers
   return plan;
 }
 
@@ -180,7 +201,8 @@ void forward_impl(const PackedWeights<T>& pw, const int64_t* ptr, int64_t B, con
 }
 
 // Weight gradients go to per-thread accumulators (molecules spread over threads) or to one
-// accumulator per receiver block (molecules alone), summed in a fixed order by the caller.
+// accumulator per receiver block (molecules alone), summed in a fixed order by the caller. Each
+// is zeroed on first use by the thread that fills it.
 template <typename T, typename Ns>
 void backward_impl(const PackedWeights<T>& pw, const int64_t* ptr, int64_t B, const T* x, const T* gv,
                    const T* hs, const T* xs, int64_t M, T* gx, T* gh0,
@@ -197,16 +219,12 @@ void backward_impl(const PackedWeights<T>& pw, const int64_t* ptr, int64_t B, co
   const int64_t n_shared = static_cast<int64_t>(plan.shared.size());
   at::parallel_for(0, n_shared, 1, [&](int64_t k0, int64_t k1) {
     GradAcc<T>* G = &acc[at::get_thread_num()];
-    if (G->buf.empty()) G->init(net.L, net.Hp);
     Workspace<T> ws(plan.nmax_shared, net.Hp, 1, true);
     for (int64_t k = k0; k < k1; ++k) run(plan.shared[k], ws, &G);
   });
   if (!plan.alone.empty()) {
     std::vector<GradAcc<T>*> G(plan.parts);
-    for (int64_t p = 0; p < plan.parts; ++p) {
-      G[p] = &acc[p];
-      if (G[p]->buf.empty()) G[p]->init(net.L, net.Hp);
-    }
+    for (int64_t p = 0; p < plan.parts; ++p) G[p] = &acc[p];
     Workspace<T> ws(plan.nmax_alone, net.Hp, plan.parts, true);
     for (const int64_t b : plan.alone) run(b, ws, G.data());
   }
@@ -248,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> egnn_forward(
     v = poisoned<scalar_t>({M, 3}, x.options());
     hs = poisoned<scalar_t>({L, M, H}, x.options());
     xs = poisoned<scalar_t>({L, M, 3}, x.options());
-    const PackedWeights<scalar_t> pw(w, coords_range);
+    const PackedWeights<scalar_t> pw(w, coords_range, false);
     const auto args = std::make_tuple(std::cref(pw), mol_ptr.data_ptr<int64_t>(), B, x.data_ptr<scalar_t>(),
                                       h0.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(),
                                       xs.data_ptr<scalar_t>(), M);
@@ -283,7 +301,7 @@ std::vector<at::Tensor> egnn_backward(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "egnn_backward_cpu", [&] {
     using T = scalar_t;
     at::Tensor gx = poisoned<T>({M, 3}, x.options()), gh0 = poisoned<T>({M, H}, x.options());
-    const PackedWeights<T> pw(w, coords_range);
+    const PackedWeights<T> pw(w, coords_range, true);
     std::vector<std::vector<T>> thread_grads;
     const auto args = std::make_tuple(std::cref(pw), mol_ptr.data_ptr<int64_t>(), B, x.data_ptr<T>(),
                                       grad_v.data_ptr<T>(), h_states.data_ptr<T>(), x_states.data_ptr<T>(), M,

@@ -11,7 +11,7 @@
 #define TBG_EGNN_CPU_TYPES
 // Data layouts, shared by both ISA builds.
 // Per-layer weights, padded to Hp and laid out for the GEMMs: `T` suffix = transposed [in, out]
-// (C = A W^T), none = PyTorch's [out, in] (C = A W, the backward products).
+// (C = A W^T), none = PyTorch's [out, in] (C = A W, the backward products; null in a forward call).
 template <typename T>
 struct LayerW {
   const T *w1aT, *w1bT, *w1a, *w1b, *wr, *wa, *b1;
@@ -503,6 +503,7 @@ void backward_molecule(const Net<T>& net, GradAcc<T>* const* G, int64_t n, const
     });
     std::copy(gx, gx + 3 * n, gxn);
     for_parts(n, parts, [&](int64_t p, int64_t i0, int64_t i1) {  // (B)
+      if (G[p]->buf.empty()) G[p]->init(net.L, Hp);
       LayerG<T>& g = G[p]->g[l];
       BackwardPart<T> b(ws.part[p], n, Hp);
       // Block 0 scatters straight into the molecule's sums, the others into their partials.
