@@ -3,7 +3,7 @@ receiver blocks when there are fewer molecules than threads (batch 1, one big mo
 small ones). Every case runs under torch.set_num_threads(1) and (2), so both work splits are
 compared with the plain-PyTorch reference whatever the machine's core count.
 
-Tolerances are those of test_egnn_ops (whose comparison helper is reused): float64 within 1e-10
+Tolerances are those of test_egnn_ops (the comparison in egnn_cases is shared): float64 within 1e-10
 of each tensor's largest entry; float32 against the float64 reference within 1e-5, parameter
 gradients (sums over every edge) within 1e-4.
 """
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from test_egnn_ops import compare_backends, model_for, op_inputs, ragged_inputs
+from egnn_cases import compare_backends, model_for, op_inputs, ragged_inputs
 
 # Batch 1 (small and transfer-model sized), a 51-atom molecule among small ones (it runs alone,
 # the small ones are spread over threads), two molecules of similar size (both alone with 2
