@@ -2,7 +2,10 @@
 
 Side by side in one run, for alanine dipeptide (N = 22, H = 64, L = 5) and dipeptides (H = 128, L = 9,
 sizes drawn from 20..51):
-  fused      tbg::egnn_divergence (ragged; forward-mode tangents, chunked)
+  fused      tbg::egnn_divergence (ragged; forward-mode tangents, chunked): on CPU the C++ kernel, on
+             CUDA the batched torch-ops implementation (there "fused" and "batched" are one code)
+  batched    tbg.nn.divergence_batched called directly (the same algorithm as one large op per step
+             over the whole batch, GEMMs in BLAS / cuBLAS), with its own default chunk
   published  one autograd backward pass per coordinate on the reference; for dipeptides on the batch
              padded to 51 atoms with node/edge masks (3 * 51 = 153 passes), as the published code does
   vmap(jvp)  torch.vmap over torch.func.jvp with the 3 n_max unit tangents on the ragged reference
@@ -21,6 +24,7 @@ from common import machine, matmul_peak_gflops, measure
 
 import tbg
 from tbg.nn import divergence as D
+from tbg.nn import divergence_batched as B
 from tbg.nn import reference
 from tbg.nn.layout import mol_ptr_from_sizes, molecule_index, ragged_edges
 
@@ -55,6 +59,9 @@ def run_case(name: str, model: tbg.EGNN, sizes: list[int], n_pad: int | None, de
     with torch.no_grad():
         res["fused"] = measure(lambda: D.fused_divergence(x, h0, ptr, weights, model.layer_range, chunk), device,
                              repeats)
+        batched_chunk = B.default_tangent_chunk(ptr, model.hidden)
+        res["batched"] = measure(lambda: B.egnn_divergence(x, h0, ptr, *weights, model.layer_range, batched_chunk),
+                                 device, repeats)
     field = D.reference_field(model, h0, ptr)
     with torch.no_grad():
         res["vmap(jvp)"] = measure(lambda: D.divergence_vmap_jvp(field, x, ptr, chunk_size=32), device, 1,
@@ -79,7 +86,7 @@ def run_case(name: str, model: tbg.EGNN, sizes: list[int], n_pad: int | None, de
 
         res["published"] = measure(lambda: D.divergence_bruteforce(padded_field, xp, flat_ptr), device, 1, warmup=0)
     div_f = res["fused"][2][1]
-    for key in ("published", "vmap(jvp)"):
+    for key in ("published", "vmap(jvp)", "batched"):
         div_r = res[key][2][1]
         err = ((div_f - div_r).abs().max() / div_r.abs().max().clamp(min=1)).item()
         res[key] = (*res[key][:2], err)
@@ -94,7 +101,7 @@ def report(name: str, sizes: list[int], res: dict, peak: float | None) -> None:
     print(f"\n{name}: batch {b}, atoms {min(sizes)}..{max(sizes)} (mean {sum(sizes) / b:.1f}), "
           f"tangent_chunk {res['chunk']}")
     print(f"{'method':<12}{'seconds':>10}{'samples/s':>12}{'fused speedup':>15}{'peak MiB':>10}{'rel err':>10}")
-    for key in ("fused", "published", "vmap(jvp)"):
+    for key in ("fused", "batched", "published", "vmap(jvp)"):
         s, mem = res[key][:2]
         err = "" if key == "fused" else f"{res[key][2]:.1e}"
         print(f"{key:<12}{s:>10.3f}{b / s:>12.2f}{s / fused_s:>15.1f}{mem:>10.1f}{err:>10}")

@@ -1,7 +1,10 @@
 """Exact divergence and Hutchinson: the fused ops vs the plain-PyTorch references.
 
 References (tbg.nn.divergence): the published brute force (one backward pass per coordinate) and the
-trace of torch.func.jacfwd, both on the reference EGNN. Tolerances: fp64 1e-10 relative; fp32 1e-5
+trace of torch.func.jacfwd, both on the reference EGNN. Implementations under test: the ops through
+the dispatcher ("op": the C++ kernel on CPU, on CUDA the batched torch-ops implementation) and that
+batched implementation called directly on CPU ("batched", tbg.nn.divergence_batched), so the CUDA
+path's algorithm is checked on every machine. Tolerances: fp64 1e-10 relative; fp32 1e-5
 relative to the largest |div| of the batch (fp32 fused vs the fp64 reference, so the bound covers
 the kernel's own rounding only).
 """
@@ -12,8 +15,9 @@ import torch
 
 import tbg
 from tbg.nn import divergence as D
+from tbg.nn import divergence_batched as B
 from tbg.nn import reference
-from tbg.nn.layout import mol_ptr_from_sizes, molecule_index, ragged_edges
+from tbg.nn.layout import mol_ptr_from_sizes, molecule_index, per_molecule_sum, ragged_edges
 from conftest import DEVICES, random_egnn
 
 F = 5  # feature width of the test models
@@ -62,23 +66,38 @@ def _references(model: tbg.EGNN, t: torch.Tensor, x: torch.Tensor, f: torch.Tens
     return v, div_bf, div_jf
 
 
+IMPLS = ["op", "batched"]
+
+
+def _batched_divergence(model: tbg.EGNN, t: torch.Tensor, x_r: torch.Tensor, f_r: torch.Tensor, ptr: torch.Tensor,
+                        chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    h0 = model.embed(t[molecule_index(ptr)].unsqueeze(1), f_r)
+    chunk = chunk or B.default_tangent_chunk(ptr, model.hidden)
+    return B.egnn_divergence(x_r, h0, ptr, *model.stacked_weights(), model.layer_range, chunk)
+
+
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("layout,sizes,chunk", [
     ("ragged", [1, 2, 3, 7], 1), ("ragged", [7, 3, 2], 5), ("ragged", [2, 3], None),
-    ("ragged", [], None), ("fixed", [7, 7], 4), ("fixed", [22], 66), ("fixed", [1], None),
-    ("padded", [3, 7, 2, 1], 2), ("padded", [9], 7), ("padded", [5], None),
+    ("ragged", [4, 0, 3], 2), ("ragged", [], None), ("fixed", [7, 7], 4), ("fixed", [22], 66),
+    ("fixed", [1], None), ("padded", [3, 7, 2, 1], 2), ("padded", [9], 7), ("padded", [5], None),
 ])
-def test_exact_divergence_matches_bruteforce_and_jacfwd(device, dtype, layout, sizes, chunk) -> None:
+def test_exact_divergence_matches_bruteforce_and_jacfwd(device, impl, dtype, layout, sizes, chunk) -> None:
     model = random_egnn(F, 12, 3, dtype=dtype, device=device)
     inputs, (x_r, f_r, ptr) = _batch(layout, sizes, dtype, device)
     t = torch.rand(len(sizes), dtype=dtype, device=device)
     with torch.no_grad():
-        v, div = model.divergence(t, **inputs, backend="fused", tangent_chunk=chunk)
-    assert div.shape == (len(sizes),) and v.shape == inputs["x"].shape
+        if impl == "op":
+            v, div = model.divergence(t, **inputs, backend="fused", tangent_chunk=chunk)
+            assert v.shape == inputs["x"].shape
+            v_real = v if layout == "ragged" else v[inputs["node_mask"]] if layout == "padded" else v.reshape(-1, 3)
+        else:
+            v_real, div = _batched_divergence(model, t, x_r, f_r, ptr, chunk)
+    assert div.shape == (len(sizes),)
     # The two references are compared once per case (in the fp64 run).
     v_ref, div_bf, div_jf = _references(model, t, x_r, f_r, ptr, jacfwd=dtype == torch.float64)
-    v_real = v if layout == "ragged" else v[inputs["node_mask"]] if layout == "padded" else v.reshape(-1, 3)
     v_scale = max(v_ref.abs().max().item() if v_ref.numel() else 0.0, 1.0)
     torch.testing.assert_close(v_real.double(), v_ref, rtol=0.0, atol=_tol(dtype)["rtol"] * v_scale)
     if div_jf is not None:
@@ -93,7 +112,7 @@ def test_exact_divergence_matches_bruteforce_and_jacfwd(device, dtype, layout, s
         _, div_bf32 = D.divergence_bruteforce(D.reference_field(model, h0, ptr), x_r, ptr)
         atol = max(atol, 3 * (div_bf32.double() - div_bf).abs().max().item())
     torch.testing.assert_close(div.double(), div_bf, rtol=0.0, atol=atol)
-    if layout == "padded":
+    if layout == "padded" and impl == "op":
         assert (v[~inputs["node_mask"]] == 0).all()
     for b, n in enumerate(sizes):  # molecules of one atom do not move
         if n == 1:
@@ -190,7 +209,7 @@ def test_hutchinson_unbiased(device, probe) -> None:
                                   generator=torch.Generator(device=device).manual_seed(2))
         eps = D.probes(50, x_r, probe, torch.Generator(device=device).manual_seed(2))
         _, jvp = D.field_jvp(D.reference_field(model, h0, ptr), x_r, eps)
-        torch.testing.assert_close(est, D._per_molecule((eps * jvp).sum((0, 2)), ptr) / 50, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(est, per_molecule_sum((eps * jvp).sum((0, 2)), ptr) / 50, rtol=1e-10, atol=1e-10)
 
 
 def test_mean_free_probes_change_nothing() -> None:
@@ -208,22 +227,85 @@ def test_mean_free_probes_change_nothing() -> None:
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def _jvp_impl(impl: str):
+    if impl == "op":
+        return D.fused_jvp
+    return lambda x, h0, ptr, weights, tangents, rng: B.egnn_jvp(x, h0, ptr, *weights, tangents, rng)
+
+
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_jvp_matches_reference(device, dtype) -> None:
-    model = random_egnn(F, 12, 3, dtype=dtype, device=device)
-    _, (x, f, ptr) = _batch("ragged", [2, 7, 1, 4], dtype, device)
-    t = torch.rand(4, dtype=dtype, device=device)
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_jvp_matches_reference(device, impl, dtype, n_layers) -> None:
+    model = random_egnn(F, 12, n_layers, dtype=dtype, device=device)
+    _, (x, f, ptr) = _batch("ragged", [2, 7, 1, 0, 4], dtype, device)
+    t = torch.rand(5, dtype=dtype, device=device)
+    jvp_of = _jvp_impl(impl)
     with torch.no_grad():
         h0 = model.embed(t[molecule_index(ptr)].unsqueeze(1), f)
         tangents = torch.randn(5, x.shape[0], 3, dtype=dtype, device=device)
-        v, jvp = D.fused_jvp(x, h0, ptr, model.stacked_weights(), tangents, model.layer_range)
+        v, jvp = jvp_of(x, h0, ptr, model.stacked_weights(), tangents, model.layer_range)
         v_ref, jvp_ref = D.field_jvp(D.reference_field(model, h0, ptr), x, tangents)
         torch.testing.assert_close(v, v_ref, **_tol(dtype))
         scale = max(jvp_ref.abs().max().item(), 1.0)
         torch.testing.assert_close(jvp, jvp_ref, rtol=0, atol=_tol(dtype)["rtol"] * scale)
-        _, none = D.fused_jvp(x, h0, ptr, model.stacked_weights(), tangents[:0], model.layer_range)
+        v0, none = jvp_of(x, h0, ptr, model.stacked_weights(), tangents[:0], model.layer_range)
         assert none.shape == (0, x.shape[0], 3)
+        torch.testing.assert_close(v0, v_ref, **_tol(dtype))
+
+
+def test_batched_groups_and_chunks(monkeypatch) -> None:
+    """A budget of a few molecules splits the batch into groups and the tangents into many chunks;
+    the result is the CPU kernel's."""
+    model = random_egnn(F, 8, 3)
+    _, (x, f, ptr) = _batch("ragged", [5, 2, 6, 1, 3, 4], torch.float64, "cpu")
+    with torch.no_grad():
+        h0 = model.embed(torch.rand(x.shape[0], 1, dtype=torch.float64), f)
+        weights = model.stacked_weights()
+        v_ref, div_ref = D.fused_divergence(x, h0, ptr, weights, model.layer_range, 4)
+        tangents = torch.randn(7, x.shape[0], 3, dtype=torch.float64)
+        _, jvp_ref = D.fused_jvp(x, h0, ptr, weights, tangents, model.layer_range)
+        monkeypatch.setattr(B, "BUDGET", 2 * 30 * 8)  # 2 tangents x one 6-atom molecule x H
+        assert B._groups([5, 2, 6, 1, 3, 4], 2 * 8) == [[3, 1, 4, 5], [0], [2]]  # by size, 480 per group
+        v, div = B.egnn_divergence(x, h0, ptr, *weights, model.layer_range, 2)
+        _, jvp = B.egnn_jvp(x, h0, ptr, *weights, tangents, model.layer_range)
+    torch.testing.assert_close(v, v_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(div, div_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(jvp, jvp_ref, rtol=1e-12, atol=1e-12)
+
+
+class _FactoryDevices(torch.overrides.TorchFunctionMode):
+    """Records tensor factories called without an explicit device (they would land on the CPU
+    next to CUDA inputs)."""
+
+    FACTORIES = {torch.arange, torch.zeros, torch.ones, torch.empty, torch.full, torch.tensor, torch.as_tensor,
+                 torch.rand, torch.randn, torch.randint, torch.eye, torch.linspace}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.missing: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FACTORIES and kwargs.get("device") is None:
+            self.missing.append(func.__name__)
+        return func(*args, **kwargs)
+
+
+def test_batched_is_device_generic() -> None:
+    """What can go wrong on a GPU in torch-ops code is a tensor made on the wrong device: every
+    factory in the batched path names its device. It is also the registered CUDA implementation."""
+    x, h0, ptr, weights, rng = _op_args("cpu")
+    tangents = torch.randn(3, x.shape[0], 3, dtype=x.dtype)
+    with _FactoryDevices() as mode:
+        B.egnn_divergence(x, h0, ptr, *weights, rng, 2)
+        B.egnn_jvp(x, h0, ptr, *weights, tangents, rng)
+    assert mode.missing == []
+    with _FactoryDevices() as mode:
+        torch.arange(3)
+    assert mode.missing == ["arange"]  # the check itself works
+    assert tbg.has_kernel("egnn_divergence", "cuda") and tbg.has_kernel("egnn_jvp", "cuda")
 
 
 # ---- gradients of the divergence --------------------------------------------------------------------------
@@ -290,19 +372,25 @@ def test_opcheck(device) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bad_inputs_raise(device) -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_inputs_raise(device, impl) -> None:
     x, h0, ptr, weights, rng = _op_args(device)
+    divergence, jvp = ((torch.ops.tbg.egnn_divergence, torch.ops.tbg.egnn_jvp) if impl == "op"
+                       else (B.egnn_divergence, B.egnn_jvp))
     with pytest.raises(RuntimeError, match="tangent_chunk"):
-        torch.ops.tbg.egnn_divergence(x, h0, ptr, *weights, rng, 0)
+        divergence(x, h0, ptr, *weights, rng, 0)
     with pytest.raises(RuntimeError, match="tangents"):
-        torch.ops.tbg.egnn_jvp(x, h0, ptr, *weights, torch.randn(2, x.shape[0] + 1, 3, dtype=x.dtype,
-                                                                  device=device), rng)
+        jvp(x, h0, ptr, *weights, torch.randn(2, x.shape[0] + 1, 3, dtype=x.dtype, device=device), rng)
     with pytest.raises(RuntimeError, match="tangents"):
-        torch.ops.tbg.egnn_jvp(x, h0, ptr, *weights, torch.randn(2, x.shape[0], 3, device=device), rng)
+        jvp(x, h0, ptr, *weights, torch.randn(2, x.shape[0], 3, device=device), rng)
     with pytest.raises(RuntimeError, match="NaN"):
-        torch.ops.tbg.egnn_divergence(x.clone().fill_(float("nan")), h0, ptr, *weights, rng, 3)
+        divergence(x.clone().fill_(float("nan")), h0, ptr, *weights, rng, 3)
     with pytest.raises(RuntimeError, match="w2"):
-        torch.ops.tbg.egnn_divergence(x, h0, ptr, *weights[:2], weights[2][:, :-1], *weights[3:], rng, 3)
+        divergence(x, h0, ptr, *weights[:2], weights[2][:, :-1], *weights[3:], rng, 3)
+    with pytest.raises(RuntimeError, match="mol_ptr"):
+        divergence(x, h0, ptr.flip(0), *weights, rng, 3)
+    if impl == "batched":
+        return
     with pytest.raises(RuntimeError, match="autograd"):
         D.fused_divergence(x, h0.requires_grad_(True), ptr, weights, rng)
     model = random_egnn(F, 6, 2, device=device)

@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 
 from tbg._library import has_kernel
-from tbg.nn import reference
-from tbg.nn.layout import molecule_index, ragged_edges, to_ragged
+from tbg.nn import divergence_batched, reference
+from tbg.nn.layout import (local_index, max_atoms, molecule_index, per_molecule_sum, ragged_edges, to_ragged,
+                           unit_tangents)
 
 if TYPE_CHECKING:
     from tbg.nn.egnn import EGNN
@@ -49,33 +50,6 @@ Probe = Literal["rademacher", "gaussian"]
 _CHUNK_BUDGET = 1 << 23
 
 
-# ---- unit tangents of a ragged batch --------------------------------------------------------------
-def _local_index(mol_ptr: Tensor) -> Tensor:
-    """Position of every atom inside its molecule, [M]."""
-    mol = molecule_index(mol_ptr)
-    return torch.arange(mol.numel(), device=mol_ptr.device) - mol_ptr[mol]
-
-
-def _max_atoms(mol_ptr: Tensor) -> int:
-    return int(mol_ptr.diff().max()) if mol_ptr.numel() > 1 else 0
-
-
-def _per_molecule(values: Tensor, mol_ptr: Tensor) -> Tensor:
-    """Sum of values [M] over each molecule's atoms, [B]."""
-    out = values.new_zeros(mol_ptr.numel() - 1)
-    return out.index_add(0, molecule_index(mol_ptr), values)
-
-
-def unit_tangents(mol_ptr: Tensor, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> Tensor:
-    """The shared unit tangents (a, k) = 3 a + k for a in range(start, stop), [T, M, 3]."""
-    n_tan = 3 * _max_atoms(mol_ptr)
-    stop = n_tan if stop is None else min(stop, n_tan)
-    local = _local_index(mol_ptr)
-    idx = torch.arange(start, stop, device=mol_ptr.device)
-    coord = local.unsqueeze(1) * 3 + torch.arange(3, device=mol_ptr.device)  # [M, 3]
-    return (coord.unsqueeze(0) == idx.view(-1, 1, 1)).to(dtype)
-
-
 # ---- reference traces ----------------------------------------------------------------------------
 def divergence_bruteforce(field: Field, x: Tensor, mol_ptr: Tensor, *,
                           create_graph: bool = False) -> tuple[Tensor, Tensor]:
@@ -87,14 +61,14 @@ def divergence_bruteforce(field: Field, x: Tensor, mol_ptr: Tensor, *,
     with torch.enable_grad():
         xr = x if x.requires_grad else x.detach().requires_grad_(True)
         v = field(xr)
-        coord = _local_index(mol_ptr).unsqueeze(1) * 3 + torch.arange(3, device=x.device)
+        coord = local_index(mol_ptr).unsqueeze(1) * 3 + torch.arange(3, device=x.device)
         diag = torch.zeros_like(v)
-        n_tan = 3 * _max_atoms(mol_ptr)
+        n_tan = 3 * max_atoms(mol_ptr)
         for c in range(n_tan):
             sel = coord == c
             (g,) = torch.autograd.grad((v * sel).sum(), xr, retain_graph=True, create_graph=create_graph)
             diag = diag + g * sel
-    div = _per_molecule(diag.sum(1), mol_ptr)
+    div = per_molecule_sum(diag.sum(1), mol_ptr)
     return (v, div) if create_graph else (v.detach(), div.detach())
 
 
@@ -112,7 +86,7 @@ def divergence_vmap_jvp(field: Field, x: Tensor, mol_ptr: Tensor,
     """Exact trace by torch.vmap over torch.func.jvp with the 3 max(n_b) shared unit tangents."""
     tangents = unit_tangents(mol_ptr, x.dtype)
     v, jvp = field_jvp(field, x, tangents, chunk_size)
-    return v, _per_molecule((jvp * tangents).sum((0, 2)), mol_ptr)
+    return v, per_molecule_sum((jvp * tangents).sum((0, 2)), mol_ptr)
 
 
 def divergence_jacfwd(field: Field, x: Tensor, mol_ptr: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,7 +94,7 @@ def divergence_jacfwd(field: Field, x: Tensor, mol_ptr: Tensor) -> tuple[Tensor,
     jac = torch.func.jacfwd(field)(x)  # [M, 3, M, 3]
     m = x.shape[0]
     diag = jac.reshape(3 * m, 3 * m).diagonal().reshape(m, 3)
-    return field(x), _per_molecule(diag.sum(1), mol_ptr)
+    return field(x), per_molecule_sum(diag.sum(1), mol_ptr)
 
 
 # ---- Hutchinson ------------------------------------------------------------------------------------
@@ -142,7 +116,7 @@ def hutchinson_trace(jvp_fn: Callable[[Tensor], tuple[Tensor, Tensor]], eps: Ten
                      mol_ptr: Tensor) -> tuple[Tensor, Tensor]:
     """Unbiased trace estimate mean_k eps_k^T J eps_k per molecule; jvp_fn(eps) -> (v, J eps)."""
     v, jvp = jvp_fn(eps)
-    return v, _per_molecule((eps * jvp).sum((0, 2)), mol_ptr) / eps.shape[0]
+    return v, per_molecule_sum((eps * jvp).sum((0, 2)), mol_ptr) / eps.shape[0]
 
 
 # ---- fused ops: fake kernels and wrappers ---------------------------------------------------------
@@ -159,6 +133,12 @@ def _egnn_jvp_fake(x, h0, mol_ptr, w1, b1, w2, b2, watt, batt, wc1, bc1, wc2, wn
     return x.new_empty(x.shape), tangents.new_empty(tangents.shape)
 
 
+# CUDA has no hand-written divergence kernel yet: the batched torch-ops implementation serves there.
+for _op, _impl in (("egnn_divergence", divergence_batched.egnn_divergence), ("egnn_jvp", divergence_batched.egnn_jvp)):
+    if not has_kernel(_op, "cuda"):
+        torch.library.impl(f"tbg::{_op}", "CUDA", _impl)
+
+
 def _check_no_grad(op: str, tensors) -> None:
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise RuntimeError(f"tbg::{op} has no autograd formula but an input requires grad; call it under "
@@ -167,9 +147,15 @@ def _check_no_grad(op: str, tensors) -> None:
 
 
 def default_tangent_chunk(mol_ptr: Tensor, hidden: int) -> int:
-    """Tangents per chunk: at most _CHUNK_BUDGET / (edges x H) of the largest molecule, and small enough
-    that the (molecule, chunk) work items keep every thread busy (a single molecule is split too)."""
-    n = max(_max_atoms(mol_ptr), 2)
+    """Tangents per chunk of the divergence kernel for mol_ptr's device.
+
+    CPU: at most _CHUNK_BUDGET / (edges x H) of the largest molecule, and small enough that the
+    (molecule, chunk) work items keep every thread busy (a single molecule is split too). CUDA (the
+    batched implementation): see divergence_batched.default_tangent_chunk.
+    """
+    if mol_ptr.device.type != "cpu":
+        return divergence_batched.default_tangent_chunk(mol_ptr, hidden)
+    n = max(max_atoms(mol_ptr), 2)
     per_thread = -(-3 * int(mol_ptr[-1]) // torch.get_num_threads())
     return max(1, min(3 * n, _CHUNK_BUDGET // (n * (n - 1) * hidden), per_thread))
 

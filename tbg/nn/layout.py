@@ -42,6 +42,37 @@ def molecule_index(mol_ptr: Tensor) -> Tensor:
     return torch.repeat_interleave(torch.arange(sizes.numel(), device=mol_ptr.device), sizes)
 
 
+def local_index(mol_ptr: Tensor) -> Tensor:
+    """Position of every atom inside its molecule, [M]."""
+    mol = molecule_index(mol_ptr)
+    return torch.arange(mol.numel(), device=mol_ptr.device) - mol_ptr[mol]
+
+
+def max_atoms(mol_ptr: Tensor) -> int:
+    """Atoms of the largest molecule (0 for no molecules)."""
+    return int(mol_ptr.diff().max()) if mol_ptr.numel() > 1 else 0
+
+
+def per_molecule_sum(values: Tensor, mol_ptr: Tensor) -> Tensor:
+    """Sum of values [M] over each molecule's atoms, [B]."""
+    out = values.new_zeros(mol_ptr.numel() - 1)
+    return out.index_add(0, molecule_index(mol_ptr), values)
+
+
+def unit_tangents(mol_ptr: Tensor, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> Tensor:
+    """Unit coordinate tangents shared by the molecules of a ragged batch, [T, M, 3].
+
+    Tangent 3 a + k is 1 at coordinate k of the a-th atom of every molecule that has more than a
+    atoms. Molecules never interact, so one tangent serves them all and the 3 * max_atoms tangents
+    reach every coordinate; tangents start ... stop - 1 are returned.
+    """
+    n_tan = 3 * max_atoms(mol_ptr)
+    stop = n_tan if stop is None else min(stop, n_tan)
+    coord = local_index(mol_ptr).unsqueeze(1) * 3 + torch.arange(3, device=mol_ptr.device)  # [M, 3]
+    idx = torch.arange(start, stop, device=mol_ptr.device)
+    return (coord.unsqueeze(0) == idx.view(-1, 1, 1)).to(dtype)
+
+
 def ragged_edges(mol_ptr: Tensor) -> tuple[Tensor, Tensor]:
     """(row, col) of every ordered pair i != j inside each molecule; row is the receiving atom."""
     sizes = mol_ptr.diff()
