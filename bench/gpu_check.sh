@@ -20,13 +20,14 @@ grep -i "warning" "$OUT/build.log" | head -20
 
 status=0
 $PY bench/cuda_smoke.py --check-only 2>&1 | tee "$OUT/cuda_smoke_check.log" || status=1
-if [ -f tests/test_egnn_ops.py ]; then
-  $PY -m pytest -q tests/test_egnn_ops.py -k cuda 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15 || status=1
-fi
+# The CUDA tests (EGNN ops, divergence / JVP); these files need no OpenMM, which the GPU image lacks.
+$PY -m pytest -q tests/test_egnn_ops.py tests/test_divergence.py -k cuda 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15 || status=1
 if [ "${1:-}" != "--no-bench" ]; then
   $PY bench/cuda_smoke.py --bench-only 2>&1 | tee "$OUT/cuda_bench.log" || status=1
   if [ -f bench/bench_egnn.py ]; then
     timeout 240 $PY bench/bench_egnn.py --device cuda 2>&1 | tee "$OUT/bench_egnn_cuda.log" | tail -30 || status=1
   fi
+  timeout 300 $PY -u bench/bench_divergence.py --device cuda --batch 64 --dip-batch 32 --repeats 5 2>&1 \
+    | tee "$OUT/bench_divergence_cuda.log" | tail -20 || status=1
 fi
 exit $status
