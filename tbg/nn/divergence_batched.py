@@ -252,8 +252,8 @@ def _remove_mean_tangents(v: Tensor, mol_ptr: Tensor) -> Tensor:
 
 
 class _Group(NamedTuple):
-    """Some whole molecules: their atoms (indices into the batch), ids and sizes, and their own
-    ragged batch (offsets from 0, edges)."""
+    """Some whole molecules: their atoms (indices into the batch), molecule ids, largest size, and
+    their inputs as a ragged batch of its own (offsets from 0, edges)."""
 
     atoms: Tensor
     molecules: Tensor
@@ -330,7 +330,6 @@ def egnn_jvp(x: Tensor, h0: Tensor, mol_ptr: Tensor, *args: Any) -> tuple[Tensor
     chunk = max(1, min(n_probe, default_tangent_chunk(mol_ptr, h0.shape[1])))
     v, jvp = torch.zeros_like(x), torch.zeros_like(tangents)
     for g in _each_group(x, h0, mol_ptr, chunk * h0.shape[1]):
-        xl = g.x
         for k0 in range(0, max(n_probe, 1), chunk):  # one pass even for K = 0: it computes v
             tan = tangents[k0:k0 + chunk].index_select(1, g.atoms)
             xl, dX = _forward_mode(layers, g.x, g.h0, g.row, g.col, tan, coords_range)
