@@ -134,9 +134,9 @@ def _egnn_jvp_fake(x, h0, mol_ptr, w1, b1, w2, b2, watt, batt, wc1, bc1, wc2, wn
 
 
 # CUDA has no hand-written divergence kernel yet: the batched torch-ops implementation serves there.
-for _op, _impl in (("egnn_divergence", divergence_batched.egnn_divergence), ("egnn_jvp", divergence_batched.egnn_jvp)):
-    if not has_kernel(_op, "cuda"):
-        torch.library.impl(f"tbg::{_op}", "CUDA", _impl)
+BATCHED_CUDA_OPS = tuple(op for op in ("egnn_divergence", "egnn_jvp") if not has_kernel(op, "cuda"))
+for _op in BATCHED_CUDA_OPS:
+    torch.library.impl(f"tbg::{_op}", "CUDA", getattr(divergence_batched, _op))
 
 
 def _check_no_grad(op: str, tensors) -> None:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from tbg._library import has_kernel
 from tbg.nn import reference
+from tbg.nn.divergence import module_divergence
 from tbg.nn.layout import check_mol_ptr, molecule_index, ragged_edges, to_ragged
 
 Backend = Literal["auto", "reference", "fused"]
@@ -158,8 +159,6 @@ class EGNN(nn.Module):
         grad mode on and parameters (or x) requiring grad the differentiable reference path runs,
         so call under ``torch.no_grad()`` when no gradient is needed. See ``tbg.nn.divergence``.
         """
-        from tbg.nn.divergence import module_divergence  # noqa: PLC0415 - registers fake kernels
-
         t = self._check_inputs(t, x, features, node_mask, mol_ptr)
         return module_divergence(self, t, x, features, node_mask, mol_ptr, method=method, n_probes=n_probes,
                                  probe=probe, generator=generator, backend=backend, tangent_chunk=tangent_chunk)
