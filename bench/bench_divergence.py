@@ -13,7 +13,12 @@ Reports samples/s (fused: median of --repeats after a warm-up; the two slow base
 a long loop of passes), ratios, peak memory per method (see common.measure), the fused op's FLOP count
 and its achieved rate against a measured large-torch.mm peak.
 
-    python bench/bench_divergence.py [--batch 64] [--dip-batch 8] [--threads 2] [--device cpu]
+Gradient case (--grad-batch, alanine dipeptide): div and its backward pass w.r.t. the parameters and x,
+as training through the likelihood needs, by EGNN.divergence with grad on: backend="auto" (autograd
+through the batched code) vs backend="reference" (autograd through vmap(jvp) over the reference), for
+the exact trace and for Hutchinson with --probes probes.
+
+    python bench/bench_divergence.py [--batch 64] [--dip-batch 8] [--grad-batch 16] [--threads 2] [--device cpu]
 """
 from __future__ import annotations
 
@@ -112,6 +117,32 @@ def report(name: str, sizes: list[int], res: dict, peak: float | None) -> None:
     print(line)
 
 
+def run_gradient_case(model: tbg.EGNN, batch: int, n_probes: int, device: str, repeats: int) -> None:
+    n = 22
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(batch, n, 3, generator=gen) * 3).to(device)
+    f = torch.randn(n, model.n_features, generator=gen).to(device)
+    t = torch.rand(batch, generator=gen).to(device)
+    print(f"\ngradient of div w.r.t. parameters and x, alanine dipeptide (H=64, L=5), batch {batch}")
+    print(f"{'estimator':<16}{'reference s':>12}{'batched s':>11}{'speed-up':>10}{'ref MiB':>9}{'batched MiB':>13}"
+          f"{'max grad diff':>15}")
+    for method, kw in (("exact", {}), (f"hutchinson K={n_probes}", {"method": "hutchinson", "n_probes": n_probes})):
+        res = {}
+        for backend in ("reference", "auto"):
+            def step() -> torch.Tensor:
+                model.zero_grad(set_to_none=True)
+                xg = x.clone().requires_grad_(True)
+                _, div = model.divergence(t, xg, f, backend=backend, generator=torch.Generator(device).manual_seed(1),
+                                          **kw)
+                div.sum().backward()
+                return torch.cat([xg.grad.reshape(-1)] + [p.grad.reshape(-1) for p in model.parameters()
+                                                          if p.grad is not None and p.grad.abs().max() > 0])
+            res[backend] = measure(step, device, repeats)
+        (s_ref, m_ref, g_ref), (s_b, m_b, g_b) = res["reference"], res["auto"]
+        diff = ((g_b - g_ref).abs().max() / g_ref.abs().max()).item() if g_b.shape == g_ref.shape else float("nan")
+        print(f"{method:<16}{s_ref:>12.3f}{s_b:>11.3f}{s_ref / s_b:>10.2f}{m_ref:>9.0f}{m_b:>13.0f}{diff:>15.1e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=64, help="alanine dipeptide batch")
@@ -120,22 +151,26 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=None, help="tangent_chunk (default: by memory)")
-    ap.add_argument("--skip", choices=["ala2", "dipeptides"], default=None)
+    ap.add_argument("--grad-batch", type=int, default=16, help="alanine dipeptide batch of the gradient case")
+    ap.add_argument("--probes", type=int, default=4, help="Hutchinson probes of the gradient case")
+    ap.add_argument("--skip", choices=["ala2", "dipeptides", "gradient"], nargs="*", default=[])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     peak = matmul_peak_gflops(args.device)
     print(f"{machine(args.device)}; mm peak {peak:.0f} GFLOP/s fp32")
-    if args.skip != "ala2":
+    if "ala2" not in args.skip:
         model = tbg.EGNN(22, 64, 5).to(args.device)
         sizes = [22] * args.batch
         report("alanine dipeptide (H=64, L=5)", sizes,
                run_case("ala2", model, sizes, None, args.device, args.repeats, args.chunk), peak)
-    if args.skip != "dipeptides":
+    if "dipeptides" not in args.skip:
         model = tbg.EGNN(76, 128, 9).to(args.device)
         sizes = torch.randint(20, 52, (args.dip_batch,), generator=torch.Generator().manual_seed(1)).tolist()
         report("dipeptides (H=128, L=9; published padded to 51, fused ragged)", sizes,
                run_case("dip", model, sizes, 51, args.device, args.repeats, args.chunk), peak)
+    if "gradient" not in args.skip:
+        run_gradient_case(tbg.EGNN(22, 64, 5).to(args.device), args.grad_batch, args.probes, args.device, args.repeats)
 
 
 if __name__ == "__main__":

@@ -312,18 +312,33 @@ def test_batched_is_device_generic() -> None:
 class _Divergence(torch.nn.Module):
     """div of an EGNN as a module, so torch.func.functional_call can swap its parameters."""
 
-    def __init__(self, egnn: tbg.EGNN) -> None:
+    def __init__(self, egnn: tbg.EGNN, backend: str) -> None:
         super().__init__()
-        self.egnn = egnn
+        self.egnn, self.backend = egnn, backend
 
     def forward(self, t, x, f, ptr):
-        return self.egnn.divergence(t, x, f, mol_ptr=ptr)[1]
+        return self.egnn.divergence(t, x, f, mol_ptr=ptr, backend=self.backend)[1]
 
 
-def test_divergence_gradient_wrt_parameters() -> None:
-    """Grad mode on + parameters requiring grad selects the differentiable reference path."""
+def _spy(monkeypatch, module, name: str) -> list:
+    """Records the calls of module.name (still calling it)."""
+    calls, original = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_divergence_gradient_wrt_parameters(backend, monkeypatch) -> None:
+    """Grad mode on + parameters requiring grad selects a differentiable path: with backend='auto'
+    the batched torch-ops code, with 'reference' the reference."""
+    calls = _spy(monkeypatch, B, "divergence")
     model = random_egnn(F, 4, 2)
-    wrapper = _Divergence(model)
+    wrapper = _Divergence(model, backend)
     _, (x, f, ptr) = _batch("ragged", [3, 2], torch.float64, "cpu")
     t = torch.rand(2, dtype=torch.float64)
     names = ["gcl_0.edge_mlp.2.weight", "gcl_1.coord_mlp.0.bias", "embedding.weight", "gcl_0.edge_mlp.0.weight"]
@@ -351,6 +366,32 @@ def test_divergence_gradient_wrt_parameters() -> None:
     torch.testing.assert_close(div, div_bf, rtol=1e-10, atol=1e-10)
     for g, g_bf in zip(grads, torch.autograd.grad(div_bf.sum(), values)):
         torch.testing.assert_close(g, g_bf, rtol=1e-9, atol=1e-10)
+    assert bool(calls) == (backend == "auto")
+
+
+def test_hutchinson_gradient_batched_matches_reference(monkeypatch) -> None:
+    """Gradients of a Hutchinson estimate w.r.t. parameters and x: the batched path (auto) and the
+    reference path agree (fp64, same probes), on a ragged batch with a one-atom molecule."""
+    calls = _spy(monkeypatch, B, "jvp")
+    model = random_egnn(F, 8, 3)
+    _, (x, f, ptr) = _batch("ragged", [4, 1, 6], torch.float64, "cpu")
+    t = torch.rand(3, dtype=torch.float64)
+    results = {}
+    for backend in ("auto", "reference"):
+        model.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        _, div = model.divergence(t, xg, f, mol_ptr=ptr, method="hutchinson", n_probes=3, backend=backend,
+                                  generator=torch.Generator().manual_seed(5))
+        (div * torch.arange(1.0, 4.0, dtype=torch.float64)).sum().backward()
+        # (The reference never touches the last layer's node MLP; the stacked weights do, with zero grad.)
+        results[backend] = (div.detach(), xg.grad,
+                            [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()])
+    (d_a, gx_a, gp_a), (d_r, gx_r, gp_r) = results["auto"], results["reference"]
+    assert calls and sum(bool(g.abs().max() > 0) for g in gp_r) > 30
+    torch.testing.assert_close(d_a, d_r, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx_a, gx_r, rtol=1e-9, atol=1e-10)
+    for a, r in zip(gp_a, gp_r):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10)
 
 
 # ---- op contracts -------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ This module holds
   ``divergence_jacfwd`` (trace of the full Jacobian; tests only);
 * the Hutchinson estimator on any Jacobian-vector product;
 * the Python side of the fused ops ``tbg::egnn_divergence`` / ``tbg::egnn_jvp`` (fake kernels for
-  tracing, wrappers), and ``module_divergence``, the engine behind ``EGNN.divergence``.
+  tracing, wrappers, their CUDA implementation from ``tbg.nn.divergence_batched``), and
+  ``module_divergence``, the engine behind ``EGNN.divergence``.
 
 Unit tangents of a ragged batch: tangent (a, k) is 1 at coordinate k of the a-th atom of EVERY
 molecule that has more than a atoms. Molecules never interact, so one tangent serves all molecules
@@ -198,27 +199,35 @@ def module_divergence(egnn: "EGNN", t: Tensor, x: Tensor, features: Tensor, node
         raise ValueError(f"tangent_chunk must be >= 1, got {tangent_chunk}")
     view, x_r, features_r, ptr = to_ragged(x, features, node_mask, mol_ptr)
     h0 = egnn.embed(t[molecule_index(ptr)].unsqueeze(1), features_r)
-    # The fused ops have no autograd: when a gradient of div is wanted (training through the
-    # likelihood), the reference path below is differentiable w.r.t. x, t, features and parameters.
+    # The fused ops have no autograd. When a gradient of div is wanted (training through the
+    # likelihood), models the fused ops support take the batched torch-ops code of the same
+    # algorithm with autograd through it, the others (and backend='reference') the reference path;
+    # both are differentiable w.r.t. x, t, features and parameters.
     needs_grad = torch.is_grad_enabled() and (h0.requires_grad or x_r.requires_grad)
     op = "egnn_divergence" if method == "exact" else "egnn_jvp"
     resolved = egnn.resolve_backend(backend, x.device) if backend != "reference" else "reference"
     fused = resolved == "fused" and has_kernel(op, x.device) and not needs_grad
+    batched = resolved == "fused" and needs_grad
     if backend == "fused" and not fused:
         raise RuntimeError(f"backend='fused' cannot compute this divergence: "
                            f"{'gradients are required and the fused op has none' if needs_grad else f'no {op} kernel for {x.device.type}'}; "
                            f"use backend='auto' or 'reference'")
-    weights = egnn.stacked_weights() if fused else ()
+    weights = egnn.stacked_weights() if fused or batched else ()
     if method == "hutchinson":
         eps = probes(n_probes, x_r, probe, generator)
         if fused:
             jvp_fn = lambda e: fused_jvp(x_r, h0, ptr, weights, e, egnn.layer_range)  # noqa: E731
+        elif batched:
+            jvp_fn = lambda e: divergence_batched.jvp(x_r, h0, ptr, weights, e, egnn.layer_range)  # noqa: E731
         else:
             field = reference_field(egnn, h0, ptr)
             jvp_fn = lambda e: field_jvp(field, x_r, e)  # noqa: E731
         v, div = hutchinson_trace(jvp_fn, eps, ptr)
     elif fused:
         v, div = fused_divergence(x_r, h0, ptr, weights, egnn.layer_range, tangent_chunk)
+    elif batched:
+        chunk = tangent_chunk or divergence_batched.default_tangent_chunk(ptr, egnn.hidden)
+        v, div = divergence_batched.divergence(x_r, h0, ptr, weights, egnn.layer_range, chunk)
     else:
         v, div = divergence_vmap_jvp(reference_field(egnn, h0, ptr), x_r, ptr, tangent_chunk)
     return (v if view is None else view.scatter(v)), div

@@ -142,24 +142,32 @@ def _primal_layer(w: _Layer, h: Tensor, x: Tensor, a: Tensor, row: Tensor, col: 
     return _EdgeCache(d, sq, s, nv, slope1, slope2, m0, g, slopec, phi), x_next, agg
 
 
+def _mul(a: Tensor, b: Tensor, inplace: bool) -> Tensor:
+    return a.mul_(b) if inplace else a * b
+
+
+def _addcmul(a: Tensor, b: Tensor, c: Tensor, inplace: bool) -> Tensor:
+    return a.addcmul_(b, c) if inplace else torch.addcmul(a, b, c)
+
+
 def _edge_tangent(w: _Layer, c: _EdgeCache, dd: Tensor, dpq: Tensor | None, da: Tensor | None,
-                  coords_range: float) -> tuple[Tensor, Tensor, Tensor]:
+                  coords_range: float, inplace: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Tangents of the edge MLP and coordinate head on (tangent, edge) pairs of any leading shape.
 
     dd [..., 3] tangent of d_ij; dpq [..., H] the h part of the first edge linear (None while the h
-    tangent is zero; overwritten); da [...] tangent of the edge attribute, None at layer 1, where it
-    equals the distance tangent. The cache c broadcasts against the leading shape. Returns the
-    coordinate update tangent [..., 3], the message tangent [..., H] and da. The [..., H] tensors
-    carry the memory traffic, so they are updated in place.
+    tangent is zero; overwritten when inplace); da [...] tangent of the edge attribute, None at layer
+    1, where it equals the distance tangent. The cache c broadcasts against the leading shape.
+    Returns the coordinate update tangent [..., 3], the message tangent [..., H] and da. The
+    [..., H] tensors carry the memory traffic, so they are updated in place unless autograd records.
     """
     dr = 2 * (dd * c.d).sum(-1)
     da = dr if da is None else da
-    dpre = dr.unsqueeze(-1) * w.wr if dpq is None else dpq.addcmul_(dr.unsqueeze(-1), w.wr)
-    dpre.addcmul_(da.unsqueeze(-1), w.wa).mul_(c.slope1)
-    y = fn.linear(dpre, w.w2).mul_(c.slope2)
-    gate = (y @ w.watt) * c.g * (1 - c.g)
-    dm = y.mul_(c.g.unsqueeze(-1)).addcmul_(c.m0, gate.unsqueeze(-1))
-    dphi = (1 - c.phi * c.phi) * (fn.linear(dm, w.wc1).mul_(c.slopec) @ w.wc2)
+    dpre = dr.unsqueeze(-1) * w.wr if dpq is None else _addcmul(dpq, dr.unsqueeze(-1), w.wr, inplace)
+    dpre = _mul(_addcmul(dpre, da.unsqueeze(-1), w.wa, inplace), c.slope1, inplace)
+    y = _mul(fn.linear(dpre, w.w2), c.slope2, inplace)
+    gate = (y @ w.watt) * c.g * (1 - c.g)  # before y is overwritten below
+    dm = _addcmul(_mul(y, c.g.unsqueeze(-1), inplace), c.m0, gate.unsqueeze(-1), inplace)
+    dphi = (1 - c.phi * c.phi) * (_mul(fn.linear(dm, w.wc1), c.slopec, inplace) @ w.wc2)
     dn = dd / c.s.unsqueeze(-1) - c.d * (dr / (2 * c.sq * c.s * c.s)).unsqueeze(-1)
     dtrans = (dn * c.phi.unsqueeze(-1) + c.nv * dphi.unsqueeze(-1)) * coords_range
     return dtrans, dm, da
@@ -179,6 +187,7 @@ def _forward_mode(layers: list[_Layer], x: Tensor, h0: Tensor, row: Tensor, col:
     """
     n_tan, n_atoms = dX.shape[:2]
     hidden = h0.shape[1]
+    inplace = not torch.is_grad_enabled()
     a = (x[row] - x[col]).pow(2).sum(1)
     h = h0
     dP = dQ = dH = da = None
@@ -188,25 +197,25 @@ def _forward_mode(layers: list[_Layer], x: Tensor, h0: Tensor, row: Tensor, col:
         rows = last_rows if last else first_rows if first else None
         if rows is None:
             dd = dX.index_select(1, row) - dX.index_select(1, col)
-            dpq = None if dP is None else dP.index_select(1, row).add_(dQ.index_select(1, col))
-            dtrans, dm, da_l = _edge_tangent(w, cache, dd, dpq, None if first else da, coords_range)
+            dpq = None if dP is None else dP.index_select(1, row) + dQ.index_select(1, col)
+            dtrans, dm, da_l = _edge_tangent(w, cache, dd, dpq, None if first else da, coords_range, inplace)
             target = (torch.arange(n_tan, device=x.device).unsqueeze(1) * n_atoms + row).reshape(-1)
         else:
             t_idx, e_idx = rows
             r_idx, c_idx = row[e_idx], col[e_idx]
             dd = dX[t_idx, r_idx] - dX[t_idx, c_idx]
-            dpq = None if dP is None else dP[t_idx, r_idx].add_(dQ[t_idx, c_idx])
+            dpq = None if dP is None else dP[t_idx, r_idx] + dQ[t_idx, c_idx]
             da_r = None if first else da[t_idx, e_idx]
-            dtrans, dm, da_l = _edge_tangent(w, cache.take(e_idx), dd, dpq, da_r, coords_range)
+            dtrans, dm, da_l = _edge_tangent(w, cache.take(e_idx), dd, dpq, da_r, coords_range, inplace)
             target = t_idx * n_atoms + r_idx
         if first:
             # Unit tangents leave the attributes of the edges outside first_rows at zero.
-            da = da_l if rows is None else dX.new_zeros(n_tan, row.numel()).index_put_((t_idx, e_idx), da_l)
+            da = da_l if rows is None else dX.new_zeros(n_tan, row.numel()).index_put((t_idx, e_idx), da_l)
         dX = dX.reshape(-1, 3).index_add(0, target, dtrans.reshape(-1, 3)).view(n_tan, n_atoms, 3)
         x = x_next
         if last:
             break
-        dagg = dX.new_zeros(n_tan * n_atoms, hidden).index_add_(0, target, dm.reshape(-1, hidden))
+        dagg = dX.new_zeros(n_tan * n_atoms, hidden).index_add(0, target, dm.reshape(-1, hidden))
         hz, slope = _silu_and_slope(fn.linear(h, w.wn1h, w.bn1) + fn.linear(agg, w.wn1a))
         h = h + fn.linear(hz, w.wn2, w.bn2)
         dz = fn.linear(dagg.view(n_tan, n_atoms, hidden), w.wn1a)
@@ -287,10 +296,10 @@ def default_tangent_chunk(mol_ptr: Tensor, hidden: int) -> int:
     return max(1, min(3 * n, BUDGET // (n * (n - 1) * hidden)))
 
 
-@torch.no_grad()
-def egnn_divergence(x: Tensor, h0: Tensor, mol_ptr: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
-    """(v [M, 3], div [B]); arguments as tbg::egnn_divergence (13 weights, coords_range, tangent_chunk)."""
-    weights, (coords_range, tangent_chunk) = args[:13], args[13:]
+def divergence(x: Tensor, h0: Tensor, mol_ptr: Tensor, weights: tuple[Tensor, ...], coords_range: float,
+               tangent_chunk: int) -> tuple[Tensor, Tensor]:
+    """(v [M, 3], div [B]) on a ragged batch; differentiable in x, h0 and the weights when autograd
+    records (then without the in-place updates, so slower and with every chunk's activations kept)."""
     _check_args("egnn_divergence", x, h0, mol_ptr, weights)
     if tangent_chunk < 1:
         raise RuntimeError(f"egnn_divergence: tangent_chunk must be >= 1, got {tangent_chunk}")
@@ -306,17 +315,15 @@ def egnn_divergence(x: Tensor, h0: Tensor, mol_ptr: Tensor, *args: Any) -> tuple
             received, sent = _rows_at_atom(loc_row, t0, n_tan), _rows_at_atom(loc_col, t0, n_tan)
             incident = (torch.cat([received[0], sent[0]]), torch.cat([received[1], sent[1]]))
             xl, dX = _forward_mode(layers, g.x, g.h0, g.row, g.col, tangents, coords_range, incident, received)
-            diag += ((dX - tangents) * tangents).sum((0, 2))
+            diag = diag + ((dX - tangents) * tangents).sum((0, 2))
         v[g.atoms] = remove_mean(xl - g.x, g.mol_ptr)
         div[g.molecules] = per_molecule_sum(diag, g.mol_ptr)
     return v, div
 
 
-@torch.no_grad()
-def egnn_jvp(x: Tensor, h0: Tensor, mol_ptr: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
-    """(v [M, 3], (dv/dx) tangents[k] [K, M, 3]); arguments as tbg::egnn_jvp (13 weights, tangents,
-    coords_range)."""
-    weights, (tangents, coords_range) = args[:13], args[13:]
+def jvp(x: Tensor, h0: Tensor, mol_ptr: Tensor, weights: tuple[Tensor, ...], tangents: Tensor,
+        coords_range: float) -> tuple[Tensor, Tensor]:
+    """(v [M, 3], (dv/dx) tangents[k] [K, M, 3]) on a ragged batch; differentiable like divergence."""
     _check_args("egnn_jvp", x, h0, mol_ptr, weights)
     if tangents.dim() != 3 or tangents.shape[1:] != x.shape:
         raise RuntimeError(f"egnn_jvp: tangents must have shape [K, M, 3] with M = {x.shape[0]}, "
@@ -328,11 +335,24 @@ def egnn_jvp(x: Tensor, h0: Tensor, mol_ptr: Tensor, *args: Any) -> tuple[Tensor
     layers = _split_layers(weights)
     n_probe = tangents.shape[0]
     chunk = max(1, min(n_probe, default_tangent_chunk(mol_ptr, h0.shape[1])))
-    v, jvp = torch.zeros_like(x), torch.zeros_like(tangents)
+    v, out = torch.zeros_like(x), torch.zeros_like(tangents)
     for g in _each_group(x, h0, mol_ptr, chunk * h0.shape[1]):
         for k0 in range(0, max(n_probe, 1), chunk):  # one pass even for K = 0: it computes v
             tan = tangents[k0:k0 + chunk].index_select(1, g.atoms)
             xl, dX = _forward_mode(layers, g.x, g.h0, g.row, g.col, tan, coords_range)
-            jvp[k0:k0 + chunk, g.atoms] = _remove_mean_tangents(dX - tan, g.mol_ptr)
+            out[k0:k0 + chunk, g.atoms] = _remove_mean_tangents(dX - tan, g.mol_ptr)
         v[g.atoms] = remove_mean(xl - g.x, g.mol_ptr)
-    return v, jvp
+    return v, out
+
+
+# The op implementations (registered for CUDA by tbg.nn.divergence), with the ops' signatures.
+@torch.no_grad()
+def egnn_divergence(x: Tensor, h0: Tensor, mol_ptr: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
+    """tbg::egnn_divergence: the 13 weights, coords_range, tangent_chunk after mol_ptr."""
+    return divergence(x, h0, mol_ptr, args[:13], *args[13:])
+
+
+@torch.no_grad()
+def egnn_jvp(x: Tensor, h0: Tensor, mol_ptr: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
+    """tbg::egnn_jvp: the 13 weights, tangents, coords_range after mol_ptr."""
+    return jvp(x, h0, mol_ptr, args[:13], *args[13:])

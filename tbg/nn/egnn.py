@@ -156,7 +156,9 @@ class EGNN(nn.Module):
         method "exact" (3 n_b unit tangents per molecule, ``tangent_chunk`` at a time) or
         "hutchinson" (``n_probes`` random probes, "rademacher" or "gaussian", drawn from
         ``generator``: unbiased). Padded atoms take no part. The fused ops have no gradient: with
-        grad mode on and parameters (or x) requiring grad the differentiable reference path runs,
+        grad mode on and parameters (or x) requiring grad a differentiable path runs (the batched
+        torch-ops code of the same algorithm, or the reference for ``backend="reference"`` and
+        models the fused ops do not cover), slower and holding activations for the backward pass,
         so call under ``torch.no_grad()`` when no gradient is needed. See ``tbg.nn.divergence``.
         """
         t = self._check_inputs(t, x, features, node_mask, mol_ptr)
