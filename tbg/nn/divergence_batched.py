@@ -1,4 +1,5 @@
-"""tbg::egnn_divergence and tbg::egnn_jvp in batched torch ops: their implementation on CUDA.
+"""tbg::egnn_divergence and tbg::egnn_jvp in batched torch ops: their implementation on CUDA, and
+the differentiable divergence of EGNN.divergence (autograd through ``divergence`` / ``jvp``).
 
 The algorithm is the CPU kernel's (csrc/divergence/divergence_cpu.cpp): forward-mode
 differentiation interleaved with the primal pass, layer by layer, with the same algebra (the first
@@ -9,12 +10,14 @@ with cache-sized blocks, this runs every step over a whole group of molecules as
 op, which is the shape a GPU wants: the two H x H edge products become [T * E, H] x [H, H] GEMMs.
 
 Unit tangents are shared by the molecules of a group (tangent (a, k) moves atom a of every
-molecule that has one; see tbg/nn/divergence.py), so a chunk of T tangents is one [T, M, 3] tensor.
+molecule that has one; ``tbg.nn.layout.unit_tangents``), so a chunk of T tangents is one [T, M, 3]
+tensor.
 Molecules are grouped, by size, so that T x edges x H stays under a budget (memory O(T E H) per
 group), and every (group, chunk) recomputes its primal pass, which costs about one tangent.
 
 Written in device-generic torch ops, so the CPU test suite checks it against the references
 (tests/test_divergence.py); on CPU the C++ kernel is the faster of the two (bench/RESULTS.md).
+Without autograd the large [T, E, H] tensors are updated in place; with it they are not.
 """
 from __future__ import annotations
 
