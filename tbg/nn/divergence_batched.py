@@ -108,10 +108,9 @@ def _check_args(op: str, x: Tensor, h0: Tensor, mol_ptr: Tensor, weights: tuple[
         check_mol_ptr(mol_ptr, x.shape[0])
     except ValueError as err:
         fail(str(err))
-    n_layers, hidden = (weights[0].shape[0] if weights[0].dim() == 3 else 0), h0.shape[1]
-    if n_layers < 1:
+    L, H = (weights[0].shape[0] if weights[0].dim() == 3 else 0), h0.shape[1]
+    if L < 1:
         fail(f"w1 must have shape [L, H, 2H + 2], got {tuple(weights[0].shape)}")
-    L, H = n_layers, hidden
     shapes = ((L, H, 2 * H + 2), (L, H), (L, H, H), (L, H), (L, H), (L,), (L, H, H), (L, H), (L, H),
               (L, H, 2 * H), (L, H), (L, H, H), (L, H))
     for name, w, shape in zip(_WEIGHT_NAMES, weights, shapes):
