@@ -252,6 +252,37 @@ class _Interrupt(Exception):
     pass
 
 
+def test_hydrogen_mass_repartitioning(ala2: chem.Peptide) -> None:
+    plain = chem.create_system(ala2.topology)
+    hmr = chem.create_system(ala2.topology, hydrogen_mass_amu=3.0)
+
+    def masses(system: openmm.System) -> np.ndarray:
+        return np.array([system.getParticleMass(i).value_in_unit(u.amu) for i in range(system.getNumParticles())])
+
+    m0, m1 = masses(plain), masses(hmr)
+    hydrogen = np.array([a.element.symbol == "H" for a in ala2.topology.atoms()])
+    assert np.isclose(m0.sum(), m1.sum(), rtol=0, atol=1e-9)  # total mass conserved
+    np.testing.assert_allclose(m1[hydrogen], 3.0)
+    # each heavy atom gives up exactly what its own hydrogens gained
+    gained = np.zeros(len(m0))
+    for bond in ala2.topology.bonds():
+        a, b = bond.atom1, bond.atom2
+        if (a.element.symbol == "H") != (b.element.symbol == "H"):
+            h, heavy = (a, b) if a.element.symbol == "H" else (b, a)
+            gained[heavy.index] += m1[h.index] - m0[h.index]
+    np.testing.assert_allclose(m0[~hydrogen] - m1[~hydrogen], gained[~hydrogen], atol=1e-9)
+    assert gained[~hydrogen].max() > 3.9  # the methyl carbons carry three hydrogens
+    # the potential energy, hence exp(-U/kT), does not depend on the masses
+    rng = np.random.default_rng(0)
+    positions = ala2.positions[None] + rng.normal(0, 0.003, (3, ala2.n_atoms, 3))
+    e0, f0 = _direct_reduced(plain, positions, 300.0, "Reference")
+    e1, f1 = _direct_reduced(hmr, positions, 300.0, "Reference")
+    np.testing.assert_array_equal(e0, e1)
+    np.testing.assert_array_equal(f0, f1)
+    with pytest.raises(ValueError, match="between 1 and 4"):
+        chem.create_system(ala2.topology, hydrogen_mass_amu=6.0)
+
+
 def test_simulation_interrupted_and_resumed(tmp_path, monkeypatch) -> None:
     kwargs = dict(n_frames=8, frame_interval_steps=20, equilibration_steps=40, checkpoint_every_frames=3,
                   threads=1, progress=False, platform="CPU")

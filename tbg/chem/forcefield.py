@@ -30,10 +30,16 @@ def forcefield(files: tuple[str, ...] = DEFAULT_FORCEFIELD_FILES) -> app.ForceFi
 
 
 def create_system(topology: app.Topology, *, forcefield_files: Sequence[str] = DEFAULT_FORCEFIELD_FILES,
-                  cutoff_nm: float = 2.0, constraints: str | None = None) -> openmm.System:
+                  cutoff_nm: float = 2.0, constraints: str | None = None,
+                  hydrogen_mass_amu: float | None = None) -> openmm.System:
     """OpenMM System for ``topology``: CutoffNonPeriodic at ``cutoff_nm`` as published.
 
     ``constraints``: None (published), "hbonds", "allbonds" or "hangles".
+    ``hydrogen_mass_amu``: hydrogen mass repartitioning. Every hydrogen gets this mass and the
+    difference is taken from the heavy atom it is bonded to, so the total mass is unchanged. Masses do
+    not enter the potential energy, so the configurational Boltzmann distribution exp(-U/kT) is the same;
+    heavier hydrogens only slow the fastest vibrations, which lets MD take longer stable time steps.
+    None keeps the force field's masses.
     """
     key = constraints.lower() if isinstance(constraints, str) else constraints
     if key not in _CONSTRAINTS:
@@ -41,9 +47,20 @@ def create_system(topology: app.Topology, *, forcefield_files: Sequence[str] = D
                          f"got {constraints!r}")
     if not cutoff_nm > 0:
         raise ValueError(f"cutoff_nm must be positive, got {cutoff_nm}")
+    if hydrogen_mass_amu is not None and not 1.0 <= hydrogen_mass_amu <= 4.0:
+        raise ValueError(f"hydrogen_mass_amu must be between 1 and 4 amu (3-4 is usual), got {hydrogen_mass_amu}")
     ff = forcefield(tuple(forcefield_files))
-    return ff.createSystem(topology, nonbondedMethod=app.CutoffNonPeriodic,
-                           nonbondedCutoff=cutoff_nm * u.nanometer, constraints=_CONSTRAINTS[key])
+    extra = {} if hydrogen_mass_amu is None else {"hydrogenMass": hydrogen_mass_amu * u.amu}
+    system = ff.createSystem(topology, nonbondedMethod=app.CutoffNonPeriodic,
+                             nonbondedCutoff=cutoff_nm * u.nanometer, constraints=_CONSTRAINTS[key], **extra)
+    if hydrogen_mass_amu is not None:
+        # A heavy atom carrying several hydrogens (a methyl carbon gives up 3 x (m_H - 1.008) amu) must keep
+        # a sensible mass of its own.
+        lightest = min(system.getParticleMass(i).value_in_unit(u.amu) for i in range(system.getNumParticles()))
+        if lightest < 1.0:
+            raise ValueError(f"hydrogen_mass_amu {hydrogen_mass_amu} leaves a heavy atom with {lightest:.2f} amu; "
+                             f"use a smaller hydrogen mass")
+    return system
 
 
 def platform(name: str | None = None) -> openmm.Platform:

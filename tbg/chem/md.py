@@ -35,7 +35,7 @@ logger = logging.getLogger("tbg")
 
 # Settings that must agree between a checkpoint and the call that resumes it.
 _RESUME_KEYS = ("frame_interval_steps", "timestep_fs", "friction_per_ps", "temperature", "seed", "constraints",
-                "forcefield_files", "n_atoms")
+                "hydrogen_mass_amu", "forcefield_files", "n_atoms")
 
 
 def resolve_peptide(peptide: Peptide | str) -> Peptide:
@@ -71,7 +71,7 @@ def simulate(peptide: Peptide | str, out_dir: str | Path, *, n_frames: int, fram
              timestep_fs: float = 0.5, friction_per_ps: float = 0.3, temperature: float | None = None,
              seed: int = 0, equilibration_steps: int = 20000, platform: openmm.Platform | str | None = None,
              checkpoint_every_frames: int = 100, constraints: str | None = None,
-             forcefield_files: Sequence[str] = DEFAULT_FORCEFIELD_FILES, threads: int | None = None,
+             hydrogen_mass_amu: float | None = None, forcefield_files: Sequence[str] = DEFAULT_FORCEFIELD_FILES, threads: int | None = None,
              dtype: type = np.float32, progress: bool = True) -> Path:
     """Langevin MD (LangevinMiddleIntegrator) of ``peptide``; returns the path of the arrays file.
 
@@ -79,6 +79,9 @@ def simulate(peptide: Peptide | str, out_dir: str | Path, *, n_frames: int, fram
     constraints, 310 K (300 K for capped peptides such as alanine dipeptide). The run minimises, draws
     velocities, equilibrates for ``equilibration_steps`` and then writes ``n_frames`` frames; calling again
     with the same settings resumes after the last checkpointed frame (or extends to a larger ``n_frames``).
+    ``hydrogen_mass_amu`` repartitions hydrogen masses (see ``tbg.chem.create_system``): the sampled
+    configurational distribution is unchanged, and without constraints it allows 4x the published time
+    step (measured for alanine dipeptide in the shipped data's README).
     """
     if n_frames < 1 or frame_interval_steps < 1 or checkpoint_every_frames < 1 or equilibration_steps < 0:
         raise ValueError("n_frames, frame_interval_steps and checkpoint_every_frames must be >= 1 and "
@@ -98,11 +101,13 @@ def simulate(peptide: Peptide | str, out_dir: str | Path, *, n_frames: int, fram
         temperature = ALANINE_DIPEPTIDE_TEMPERATURE if capped else DIPEPTIDE_TEMPERATURE
     settings = {"name": name, "frame_interval_steps": int(frame_interval_steps), "timestep_fs": float(timestep_fs),
                 "friction_per_ps": float(friction_per_ps), "temperature": float(temperature), "seed": int(seed),
-                "constraints": constraints, "forcefield_files": list(forcefield_files),
+                "constraints": constraints, "hydrogen_mass_amu": hydrogen_mass_amu,
+                "forcefield_files": list(forcefield_files),
                 "n_atoms": topology.getNumAtoms(), "equilibration_steps": int(equilibration_steps),
                 "integrator": "LangevinMiddleIntegrator", "nonbonded": "CutoffNonPeriodic 2.0 nm"}
 
-    system = create_system(topology, forcefield_files=tuple(forcefield_files), constraints=constraints)
+    system = create_system(topology, forcefield_files=tuple(forcefield_files), constraints=constraints,
+                           hydrogen_mass_amu=hydrogen_mass_amu)
     plat = pick_platform(platform) if not isinstance(platform, openmm.Platform) else platform
     integrator = openmm.LangevinMiddleIntegrator(temperature * u.kelvin, friction_per_ps / u.picosecond,
                                                  timestep_fs * u.femtoseconds)
