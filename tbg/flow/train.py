@@ -27,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tbg.flow import distributed as D
+from tbg.flow.coupling import Coupling, couple, interchangeable_groups
 from tbg.flow.prior import center_ragged, sample_ragged
 from tbg.nn.checkpoint import save_published
 from tbg.nn.egnn import EGNN
@@ -52,6 +53,7 @@ class TrainConfig:
     lr_milestones: tuple[int, ...] = ()  # steps at which the learning rate is multiplied by lr_gamma
     lr_gamma: float = 0.1
     sigma: float = 0.01
+    coupling: Coupling = "independent"  # or "aligned": x0 moved to its symmetry image closest to x1 (tbg.flow.coupling)
     grad_clip: float | None = None  # max global gradient norm
     ema_decay: float | None = None  # e.g. 0.999; validation and the final model then use the EMA weights
     seed: int = 0
@@ -71,6 +73,8 @@ class TrainConfig:
             raise ValueError(f"need sigma >= 0 and lr > 0, got {self.sigma}, {self.lr}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.coupling not in ("independent", "aligned"):
+            raise ValueError(f"coupling must be 'independent' or 'aligned', got {self.coupling!r}")
 
 
 @dataclass
@@ -127,14 +131,35 @@ class RaggedLoader:
             yield self.collate([self.items[i] for i in idx[start:start + self.batch_size]])
 
 
+def _aligned(x0: Tensor, x1: Tensor, features: Tensor, mol_ptr: Tensor,
+             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """The aligned coupling (tbg.flow.coupling) on a ragged batch: molecules with the same size and features
+    are aligned together in dense form."""
+    sizes = mol_ptr.diff().tolist()
+    x0_out, x1_out = torch.empty_like(x0), torch.empty_like(x1)
+    kinds: dict[tuple, list[int]] = {}
+    for b, n in enumerate(sizes):
+        f = features[mol_ptr[b]:mol_ptr[b + 1]]
+        kinds.setdefault((n, tuple(f.reshape(-1).tolist())), []).append(b)
+    for (n, _), members in kinds.items():
+        atoms = torch.cat([torch.arange(int(mol_ptr[b]), int(mol_ptr[b]) + n) for b in members]).to(x0.device)
+        groups = interchangeable_groups(features[atoms[:n]])
+        a, b_ = couple(x0[atoms].view(-1, n, 3), x1[atoms].view(-1, n, 3), groups, generator=generator)
+        x0_out[atoms], x1_out[atoms] = a.reshape(-1, 3), b_.reshape(-1, 3)
+    return x0_out, x1_out
+
+
 def flow_matching_loss(model: Callable[..., Tensor], batch: RaggedBatchLike, *, sigma: float = 0.01,
-                       generator: torch.Generator | None = None, backend: str = "auto") -> Tensor:
+                       generator: torch.Generator | None = None, backend: str = "auto",
+                       coupling: Coupling = "independent") -> Tensor:
     """Conditional flow-matching loss of every molecule in a ragged batch, [B] (see module docstring)."""
     ptr = batch.mol_ptr
     if batch.x.dim() != 2 or batch.x.shape[1] != 3:
         raise ValueError(f"batch.x must be ragged [M, 3], got {tuple(batch.x.shape)}")
     x1 = center_ragged(batch.x, ptr)
     x0 = sample_ragged(ptr, generator=generator, dtype=x1.dtype)
+    if coupling == "aligned":
+        x0, x1 = _aligned(x0, x1, batch.features, ptr, generator)
     noise = sample_ragged(ptr, generator=generator, dtype=x1.dtype)
     n_mol = ptr.numel() - 1
     t = torch.rand(n_mol, generator=generator, device=x1.device, dtype=x1.dtype)
@@ -223,7 +248,7 @@ def _validate(model: EGNN, val_data: Iterable[Any], cfg: TrainConfig, device: to
     with torch.no_grad():
         for batch in val_data:
             per = flow_matching_loss(model, _to_device(batch, device), sigma=cfg.sigma, generator=g,
-                                     backend=cfg.backend)
+                                     backend=cfg.backend, coupling=cfg.coupling)
             total += torch.stack([per.sum().double(), torch.tensor(per.numel(), dtype=torch.float64,
                                                                    device=device)])
     model.train(was_training)
@@ -330,7 +355,7 @@ def train(model: EGNN, train_data: Iterable[Any], out_dir: str | Path, config: T
             if b < batch_in_epoch:
                 continue  # consumed before the restart
             loss = flow_matching_loss(net, _to_device(batch, device), sigma=cfg.sigma, generator=gen,
-                                      backend=cfg.backend).mean()
+                                      backend=cfg.backend, coupling=cfg.coupling).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
