@@ -18,11 +18,12 @@ import numpy as np
 import openmm
 import openmm.app as app
 import openmm.unit as u
+import torch
 
 from tbg.chem.forcefield import (ALANINE_DIPEPTIDE_TEMPERATURE, DEFAULT_FORCEFIELD_FILES, DIPEPTIDE_TEMPERATURE,
                                  create_system, platform as pick_platform, platform_properties)
 from tbg.chem.peptides import Peptide
-from tbg.chem.units import kT as thermal_energy, to_nm
+from tbg.chem.units import SCALE, kT as thermal_energy, to_nm
 
 logger = logging.getLogger("tbg")
 
@@ -197,3 +198,30 @@ class EnergyModel:
         _, forces, invalid = self._run(self._positions_nm(positions, unit), True)
         forces = forces / self._kT
         return (forces, invalid) if return_flags else forces
+
+    def energy_and_forces(self, positions: np.ndarray, *, unit: Unit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(u [n], forces -du/dx in kT/nm [n, N, 3], invalid [n]) from one evaluation per configuration."""
+        energies, forces, invalid = self._run(self._positions_nm(positions, unit), True)
+        return energies / self._kT, forces / self._kT, invalid
+
+    def torch_reduced_energy(self, x: torch.Tensor, *, unit: Unit = "scaled") -> torch.Tensor:
+        """u(x) [B] as a differentiable torch function of x [B, 3N] or [B, N, 3] in ``unit``: its gradient is
+        -forces, converted to ``unit`` (du/dx_scaled = du/dx_nm / SCALE). Invalid configurations give
+        u = +inf and a zero gradient. For training by energy (reverse KL) and gradient-based samplers."""
+        return _ReducedEnergy.apply(x, self, unit)
+
+
+class _ReducedEnergy(torch.autograd.Function):
+    """u(x) with the OpenMM forces as its gradient (OpenMM is not differentiable by autograd)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, model: EnergyModel, unit: Unit) -> torch.Tensor:  # noqa: ANN001
+        u_red, forces, invalid = model.energy_and_forces(x, unit=unit)
+        grad = -np.nan_to_num(forces, nan=0.0) / (SCALE if unit == "scaled" else 1.0)
+        ctx.save_for_backward(torch.as_tensor(grad, dtype=x.dtype, device=x.device).reshape(x.shape))
+        return torch.as_tensor(u_red, dtype=x.dtype, device=x.device)
+
+    @staticmethod
+    def backward(ctx, grad_u: torch.Tensor):  # noqa: ANN001, ANN205
+        (grad,) = ctx.saved_tensors
+        return grad * grad_u.reshape(-1, *([1] * (grad.dim() - 1))), None, None
