@@ -6,28 +6,33 @@ Every figure has a fixed size in pixels (FIGURE_PIXELS) so that reports are comp
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-__all__ = ["FIGURE_PIXELS", "plot_energy_histograms", "plot_ramachandran", "plot_free_energy", "plot_log_weights"]
+__all__ = ["FIGURE_PIXELS", "effective_counts", "plot_energy_histograms", "plot_ramachandran", "plot_free_energy",
+           "plot_log_weights"]
 
 DPI = 100
 FIGURE_PIXELS: dict[str, tuple[int, int]] = {
     "energy_histogram": (700, 450),
-    "ramachandran": (1500, 480),
+    "ramachandran": (1600, 500),
     "free_energy": (700, 450),
     "log_weights": (700, 450),
 }
 _COLORS = {"MD": "tab:gray", "model": "tab:blue", "reweighted": "tab:orange"}
+_OUTLINE_COLOURS = ("tab:red", "black", "tab:pink", "tab:cyan")
 
 
 def _figure(kind: str) -> Figure:
     w, h = FIGURE_PIXELS[kind]
-    fig = Figure(figsize=(w / DPI, h / DPI), dpi=DPI)
+    # constrained layout keeps labels and colour bars inside the fixed pixel size
+    fig = Figure(figsize=(w / DPI, h / DPI), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
@@ -53,45 +58,106 @@ def plot_energy_histograms(path: Path, series: dict[str, tuple[np.ndarray, np.nd
     edges = np.linspace(lo - pad, hi + pad, bins + 1)
     for label, (e, w) in series.items():
         outside = int(((e < edges[0]) | (e > edges[-1])).sum())
-        ax.hist(e, bins=edges, weights=w, density=True, histtype="step", lw=1.5,
-                color=_COLORS.get(label), label=f"{label} ({outside} outside)" if outside else label)
+        size = f"n = {len(e)}" if w is None else f"n = {len(e)}, ESS {w.sum() ** 2 / (w**2).sum():.0f}"
+        text = f"{label} ({size}" + (f", {outside} outside the axis)" if outside else ")")
+        ax.hist(e, bins=edges, weights=w, density=True, histtype="step", lw=1.5, color=_COLORS.get(label), label=text)
     ax.set_xlabel("reduced energy u(x) [kT]")
     ax.set_ylabel("density")
     ax.legend()
-    fig.tight_layout()
     return _save(fig, path)
+
+
+def _intervals(lo: float, hi: float) -> list[tuple[float, float]]:
+    """An arc [lo, hi) (modulo 2 pi, see tbg.evaluate.metrics.Arc) as intervals inside [-pi, pi]."""
+    start = (lo + math.pi) % (2 * math.pi) - math.pi
+    stop = start + (hi - lo)
+    if stop <= math.pi + 1e-12:
+        return [(start, min(stop, math.pi))]
+    return [(start, math.pi), (-math.pi, stop - 2 * math.pi)]
+
+
+def _state_rectangles(arcs: tuple[tuple[str, float, float], ...]) -> list[tuple[float, float, float, float]]:
+    """(phi_lo, phi_hi, psi_lo, psi_hi) rectangles covering a state given by phi/psi arcs."""
+    ranges = {"phi": [(-math.pi, math.pi)], "psi": [(-math.pi, math.pi)]}
+    for name, lo, hi in arcs:
+        ranges[name] = _intervals(lo, hi)
+    return [(a, b, c, d) for a, b in ranges["phi"] for c, d in ranges["psi"]]
+
+
+def effective_counts(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None,
+                     edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(probability per bin, Kish effective number of samples per bin) of a weighted 2-D histogram."""
+    w = np.full(len(x), 1.0 / max(len(x), 1)) if weights is None else np.asarray(weights, dtype=np.float64)
+    total = w.sum()
+    p, _, _ = np.histogram2d(x, y, bins=[edges, edges], weights=w / total if total > 0 else w)
+    w2, _, _ = np.histogram2d(x, y, bins=[edges, edges], weights=w**2)
+    s, _, _ = np.histogram2d(x, y, bins=[edges, edges], weights=w)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n_eff = np.where(w2 > 0, s**2 / w2, 0.0)
+    return p, n_eff
 
 
 def plot_ramachandran(path: Path, panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
-                      *, bins: int = 60) -> Path:
-    """One 2D phi/psi histogram (log colour scale) per panel: label -> (phi, psi, weights or None)."""
+                      *, bins: int = 36, basins: Mapping[str, Any] | None = None, max_kt: float = 10.0,
+                      min_effective: float = 5.0) -> Path:
+    """Free energy F(phi, psi) = -log p in kT per panel (label -> (phi, psi, weights or None)).
+
+    All panels share one colour scale, 0 (each panel's most probable bin) to ``max_kt`` (higher is drawn
+    at the top colour), with one colour bar; empty bins are white. Bins whose probability rests on fewer
+    than ``min_effective`` effective samples (Kish, per bin) are drawn faded: their F is not determined by
+    the data. ``basins`` (BasinDefinition by key) are outlined on every panel, one colour per definition
+    (dashed: basin, dotted: reference state).
+    """
     fig = _figure("ramachandran")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     edges = np.linspace(-math.pi, math.pi, bins + 1)
+    mesh = None
     for ax, (label, (phi, psi, w)) in zip(axes, panels.items()):
-        hist, _, _ = np.histogram2d(phi, psi, bins=[edges, edges], weights=w, density=True)
-        positive = hist[hist > 0]
-        norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if positive.size else None
-        ax.pcolormesh(edges, edges, np.where(hist > 0, hist, np.nan).T, norm=norm, cmap="viridis")
-        ax.set_title(label)
+        p, n_eff = effective_counts(phi, psi, w, edges)
+        with np.errstate(divide="ignore"):
+            f = -np.log(p)
+        finite = np.isfinite(f)
+        if finite.any():
+            f = f - f[finite].min()
+        shown = np.where(finite, np.minimum(f, max_kt), np.nan)
+        thin = (n_eff > 0) & (n_eff < min_effective)
+        mesh = ax.pcolormesh(edges, edges, np.where(thin, np.nan, shown).T, cmap="viridis", vmin=0.0, vmax=max_kt)
+        ax.pcolormesh(edges, edges, np.where(thin, shown, np.nan).T, cmap="viridis", vmin=0.0, vmax=max_kt,
+                      alpha=0.3)
+        ess = (w.sum() ** 2 / (w**2).sum()) if w is not None and (w > 0).any() else len(phi)
+        ax.set_title(f"{label} (n = {len(phi)}" + (f", ESS {ess:.0f})" if w is not None else ")"), fontsize=10)
+        for definition, colour in zip((basins or {}).values(), _OUTLINE_COLOURS):
+            if not definition.torsions <= {"phi", "psi"}:
+                continue
+            for arcs, style in ((definition.basin, "--"), (definition.reference, ":")):
+                for a, b, c, d in _state_rectangles(arcs) if arcs else []:
+                    ax.add_patch(Rectangle((a, c), b - a, d - c, fill=False, ls=style, lw=1.0, ec=colour))
+        ax.set_xlim(-math.pi, math.pi)
+        ax.set_ylim(-math.pi, math.pi)
         ax.set_xlabel("phi [rad]")
         ax.set_ylabel("psi [rad]")
         ax.set_aspect("equal")
-    fig.tight_layout()
+    if mesh is not None:
+        bar = fig.colorbar(mesh, ax=list(axes), shrink=0.85, extend="max")
+        bar.set_label(f"F(phi, psi) [kT], panel minimum = 0; faded: < {min_effective:g} effective samples")
     return _save(fig, path)
 
 
-def plot_free_energy(path: Path, name: str, profiles: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
-    """Free-energy profiles F(theta) [kT]; profiles: label -> (bin centres, F with inf for empty bins)."""
+def plot_free_energy(path: Path, name: str, profiles: dict[str, tuple[np.ndarray, ...]]) -> Path:
+    """Free-energy profiles F(theta) [kT]; profiles: label -> (bin centres, F with inf for empty bins) or
+    (bin centres, F, standard error of F), drawn as a band of +- one standard error."""
     fig = _figure("free_energy")
     ax = fig.add_subplot()
-    for label, (centres, f) in profiles.items():
-        ax.plot(centres, np.where(np.isfinite(f), f, np.nan), lw=1.5, color=_COLORS.get(label), label=label)
+    for label, (centres, f, *err) in profiles.items():
+        f = np.where(np.isfinite(f), f, np.nan)
+        line, = ax.plot(centres, f, lw=1.5, color=_COLORS.get(label), label=label)
+        if err and err[0] is not None:
+            e = np.where(np.isfinite(err[0]), err[0], np.nan)
+            ax.fill_between(centres, f - e, f + e, color=line.get_color(), alpha=0.25, lw=0)
     ax.set_xlim(-math.pi, math.pi)
     ax.set_xlabel(f"{name} [rad]")
-    ax.set_ylabel(f"F({name}) [kT]")
-    ax.legend()
-    fig.tight_layout()
+    ax.set_ylabel(f"F({name}) [kT], minimum = 0")
+    ax.legend(title="band: +- 1 standard error" if any(len(v) > 2 for v in profiles.values()) else None)
     return _save(fig, path)
 
 
@@ -104,5 +170,4 @@ def plot_log_weights(path: Path, log_w: np.ndarray, *, bins: int = 80) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("log w - max log w")
     ax.set_ylabel("count")
-    fig.tight_layout()
     return _save(fig, path)

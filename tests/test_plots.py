@@ -1,0 +1,44 @@
+"""tbg.evaluate.plots: the numbers behind the figures (per-bin effective counts, basin outlines) and the
+figures' fixed pixel sizes."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from tbg.evaluate import FIGURE_PIXELS, RAMACHANDRAN_BASINS
+from tbg.evaluate import plots
+
+
+def test_effective_counts_per_bin() -> None:
+    edges = np.linspace(-math.pi, math.pi, 3)  # two bins per axis, split at 0
+    x = np.array([-1.0, -1.0, -1.0, 1.0])
+    y = np.array([-1.0, -1.0, -1.0, 1.0])
+    p, n_eff = plots.effective_counts(x, y, None, edges)
+    np.testing.assert_allclose(p, [[0.75, 0], [0, 0.25]])
+    np.testing.assert_allclose(n_eff, [[3, 0], [0, 1]])
+    w = np.array([1.0, 1.0, 2.0, 4.0])
+    p, n_eff = plots.effective_counts(x, y, w, edges)
+    np.testing.assert_allclose(p, [[0.5, 0], [0, 0.5]])
+    np.testing.assert_allclose(n_eff[0, 0], 16 / 6)  # (1 + 1 + 2)^2 / (1 + 1 + 4)
+
+
+@pytest.mark.parametrize(("lo", "hi", "expected"), [
+    (-1.7, 1.5, [(-1.7, 1.5)]),
+    (1.5, 2 * math.pi - 1.7, [(1.5, math.pi), (-math.pi, -1.7)]),  # across the +-pi seam
+    (2.0, 2 * math.pi, [(2.0, math.pi), (-math.pi, 0.0)]),
+])
+def test_arcs_become_intervals(lo, hi, expected) -> None:
+    np.testing.assert_allclose(plots._intervals(lo, hi), expected, atol=1e-12)
+
+
+def test_ramachandran_figure(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    phi, psi = rng.vonmises(-1.4, 3, 500), rng.vonmises(2.6, 4, 500)
+    w = rng.random(500)
+    path = plots.plot_ramachandran(tmp_path / "r.png", {"MD": (phi, psi, None), "reweighted": (phi, psi, w / w.sum())},
+                                   basins=RAMACHANDRAN_BASINS)
+    h, w_px = imread(path).shape[:2]
+    assert (w_px, h) == FIGURE_PIXELS["ramachandran"]
