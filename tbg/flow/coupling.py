@@ -49,26 +49,10 @@ def interchangeable_groups(features: Tensor) -> list[list[int]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-@functools.lru_cache(maxsize=16)
-def _relabellings_cached(n_atoms: int, groups: tuple[tuple[int, ...], ...]) -> Tensor:
-    return _enumerate_relabellings(n_atoms, groups)
-
-
-def _relabellings(n_atoms: int, groups: list[list[int]]) -> Tensor:
-    """Every joint relabelling of the groups as atom index maps [P, N] (identity first)."""
-    return _relabellings_cached(n_atoms, tuple(tuple(g) for g in groups))
-
-
-def _enumerate_relabellings(n_atoms: int, groups: tuple[tuple[int, ...], ...]) -> Tensor:
-    per_group = [list(itertools.permutations(g)) for g in groups]
-    out = []
-    for choice in itertools.product(*per_group):
-        index = list(range(n_atoms))
-        for group, perm in zip(groups, choice):
-            for dst, src in zip(group, perm):
-                index[dst] = src
-        out.append(index)
-    return torch.tensor(out, dtype=torch.long)
+@functools.lru_cache(maxsize=64)
+def _group_permutations(group: tuple[int, ...]) -> Tensor:
+    """Every ordering of one group's atoms, [P, g] (the identity first)."""
+    return torch.tensor(list(itertools.permutations(group)), dtype=torch.long)
 
 
 def random_orthogonal(n: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
@@ -80,32 +64,66 @@ def random_orthogonal(n: int, *, generator: torch.Generator | None = None, dtype
     return q.to(dtype)
 
 
-def _procrustes(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """The orthogonal R [..., 3, 3] minimising |a R - b|^2 for a, b [..., N, 3], and that minimum [...]."""
-    u, s, vh = torch.linalg.svd(a.transpose(-1, -2) @ b)
-    cost = a.pow(2).sum((-1, -2)) + b.pow(2).sum((-1, -2)) - 2 * s.sum(-1)
-    return u @ vh, cost.clamp(min=0)
+def _procrustes(a: Tensor, b: Tensor) -> Tensor:
+    """The orthogonal R [..., 3, 3] minimising |a R - b|^2 for a, b [..., N, 3]."""
+    u, _, vh = torch.linalg.svd(a.transpose(-1, -2) @ b)
+    return u @ vh
+
+
+def _nuclear_norm(h: Tensor) -> Tensor:
+    """Sum of the singular values of 3x3 matrices h [..., 3, 3]: max over orthogonal R of tr(R^T h).
+
+    From the eigenvalues of the symmetric m = h^T h in closed form (trigonometric solution of the
+    characteristic cubic): a batched LAPACK SVD of the many candidates of ``align_to`` costs far more on
+    a CPU.
+    """
+    m = h.transpose(-1, -2) @ h
+    q = torch.diagonal(m, dim1=-2, dim2=-1).sum(-1) / 3
+    off = m[..., 0, 1] ** 2 + m[..., 0, 2] ** 2 + m[..., 1, 2] ** 2
+    diag = torch.diagonal(m, dim1=-2, dim2=-1) - q.unsqueeze(-1)
+    p = torch.sqrt((diag.pow(2).sum(-1) + 2 * off) / 6)
+    safe = torch.where(p > 0, p, torch.ones_like(p))
+    shifted = (m - q[..., None, None] * torch.eye(3, dtype=m.dtype, device=m.device)) / safe[..., None, None]
+    phi = torch.acos((torch.linalg.det(shifted) / 2).clamp(-1, 1)) / 3
+    eig1 = q + 2 * p * torch.cos(phi)
+    eig3 = q + 2 * p * torch.cos(phi + 2 * math.pi / 3)
+    eig2 = 3 * q - eig1 - eig3
+    return sum(torch.sqrt(e.clamp(min=0)) for e in (eig1, eig2, eig3))
 
 
 def align_to(x0: Tensor, x1: Tensor, groups: list[list[int]]) -> Tensor:
-    """x0 [B, N, 3] moved to its orbit member closest to x1 [B, N, 3] (both centred); see module doc."""
-    n_atoms = x0.shape[1]
-    n_joint = math.prod(math.factorial(len(g)) for g in groups)
+    """x0 [B, N, 3] moved to its orbit member closest to x1 [B, N, 3] (both centred); see module doc.
+
+    |P a R - b|^2 = |a|^2 + |b|^2 - 2 tr(R^T h) with h = (P a)^T b, so the best relabelling P maximises the
+    nuclear norm of h. h is a sum of one term per group (and one for the atoms outside groups), so the
+    joint candidates are sums of per-group partial cross-covariances, never relabelled coordinates.
+    """
+    batch, n_atoms = x0.shape[:2]
     a, b = x0.double(), x1.double()
+    rows = torch.arange(batch, device=a.device)
+    perms = [_group_permutations(tuple(g)).to(a.device) for g in groups]
+    in_group = torch.zeros(n_atoms, dtype=torch.bool, device=a.device)
+    for g in groups:
+        in_group[g] = True
+    # partial[k] [B, P_k, 3, 3]: group k's contribution to h for each ordering of its atoms in x0
+    partial = [torch.einsum("bpgi,bgj->bpij", a[:, perm], b[:, perm[0]]) for perm in perms]
+    n_joint = math.prod(p.shape[0] for p in perms)
     if n_joint <= MAX_ENUMERATED_RELABELLINGS:
-        index = _relabellings(n_atoms, groups).to(x0.device)  # [P, N]
-        candidates = a[:, index]  # [B, P, N, 3]
-        _, cost = _procrustes(candidates, b.unsqueeze(1))
-        best = cost.argmin(1)
-        a = candidates[torch.arange(a.shape[0], device=a.device), best]
-    else:  # group by group, each exact given the others and the current orientation
-        for group in groups:
-            index = _relabellings(n_atoms, [group]).to(x0.device)
-            rot, _ = _procrustes(a, b)
-            cost = ((a @ rot)[:, index] - b.unsqueeze(1)).pow(2).sum((-1, -2))
-            a = a[:, index][torch.arange(a.shape[0], device=a.device), cost.argmin(1)]
-    rot, _ = _procrustes(a, b)
-    return (a @ rot).to(x0.dtype)
+        h = (a[:, ~in_group].transpose(1, 2) @ b[:, ~in_group]).unsqueeze(1)  # [B, 1, 3, 3]
+        for part in partial:  # outer sum over the orderings of every group: [B, P_1 * ... * P_k, 3, 3]
+            h = (h.unsqueeze(2) + part.unsqueeze(1)).flatten(1, 2)
+        best = _nuclear_norm(h).argmax(1)
+        choices = []
+        for perm in reversed(perms):  # decode the mixed-radix index, last group fastest
+            choices.append(best % perm.shape[0])
+            best = best // perm.shape[0]
+        choices.reverse()
+    else:  # group by group, each exact given the current orientation of the whole molecule
+        rot = _procrustes(a, b)
+        choices = [(torch.einsum("bpij,bij->bp", part, rot)).argmax(1) for part in partial]
+    for perm, choice in zip(perms, choices):
+        a = a.index_put((rows.unsqueeze(1), perm[0].expand(batch, -1)), a[rows.unsqueeze(1), perm[choice]])
+    return (a @ _procrustes(a, b)).to(x0.dtype)
 
 
 def couple(x0: Tensor, x1: Tensor, groups: list[list[int]], *,

@@ -138,7 +138,10 @@ def _aligned(x0: Tensor, x1: Tensor, features: Tensor, mol_ptr: Tensor,
     sizes = mol_ptr.diff().tolist()
     x0_out, x1_out = torch.empty_like(x0), torch.empty_like(x1)
     kinds: dict[tuple, list[int]] = {}
-    for b, n in enumerate(sizes):
+    n0 = sizes[0] if sizes else 0
+    if all(n == n0 for n in sizes) and torch.equal(features, features[:n0].repeat(len(sizes), 1)):
+        kinds[(n0, ())] = list(range(len(sizes)))  # one molecule in every slot (single-molecule training)
+    for b, n in enumerate(sizes if not kinds else []):
         f = features[mol_ptr[b]:mol_ptr[b + 1]]
         kinds.setdefault((n, tuple(f.reshape(-1).tolist())), []).append(b)
     for (n, _), members in kinds.items():
