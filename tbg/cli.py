@@ -19,13 +19,18 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from tbg.chem.data import ALANINE_DIPEPTIDE_DIR
+from tbg.errors import InputError
+
+if TYPE_CHECKING:
+    from tbg.chem.trajectory import MDData
 
 log = logging.getLogger("tbg")
 
-ALA2_DATA = Path(__file__).resolve().parent / "data" / "alanine-dipeptide"  # shipped MD data (tbg.chem.data)
+ALA2_DATA = ALANINE_DIPEPTIDE_DIR  # the shipped MD data, default of --data
 TRANSFER_FEATURES = 76  # [2 residue positions, 20 amino acids, 54 atom types] (tbg-model.md)
 PUBLISHED_ALA2_FEATURES = 21  # the published alanine-dipeptide one-hot width (see tbg.chem.encoding)
 
@@ -183,39 +188,6 @@ def _progress(args: argparse.Namespace) -> bool:
     return not args.no_progress
 
 
-@dataclass
-class MDData:
-    """One molecule's MD data in the published layout: {name}-traj-state0.pdb + {name}-traj-arrays.npz."""
-
-    name: str
-    pdb: Path
-    arrays: Path
-
-
-def _md_data(paths: list[str]) -> list[MDData]:
-    """Resolve --data arguments: folders (every *-traj-arrays.npz in them) or single arrays files."""
-    found: list[MDData] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            arrays = sorted(path.glob("*-traj-arrays.npz"))
-            if not arrays:
-                raise UsageError(f"--data {path}: no *-traj-arrays.npz files in this folder; run "
-                                 f"`tbg simulate --out {path}` first or point to the MD data folder")
-        elif path.is_file() and path.name.endswith("-traj-arrays.npz"):
-            arrays = [path]
-        else:
-            raise UsageError(f"--data {path}: expected a folder with MD data or a file named "
-                             f"NAME-traj-arrays.npz (with NAME-traj-state0.pdb beside it)")
-        for a in arrays:
-            name = a.name[: -len("-traj-arrays.npz")]
-            pdb = a.with_name(f"{name}-traj-state0.pdb")
-            if not pdb.is_file():
-                raise UsageError(f"{a} has no topology {pdb.name} beside it")
-            found.append(MDData(name, pdb, a))
-    return found
-
-
 def _features(n_features: int, topology, encoding: str = "auto"):  # -> torch.Tensor [N, F]
     """Atom features of ``topology`` for a model whose embedding takes ``n_features`` (+ time) inputs.
 
@@ -239,6 +211,16 @@ def _features(n_features: int, topology, encoding: str = "auto"):  # -> torch.Te
         f"check that --peptide/--pdb names the molecule the model was trained on")
 
 
+def _md_data(paths: list) -> list["MDData"]:
+    """The MD data named by --data (folders or arrays files)."""
+    from tbg.chem.trajectory import find_md_data
+
+    try:
+        return find_md_data(paths)
+    except InputError as err:
+        raise UsageError(f"--data {err}") from err
+
+
 def _load_pdb(path: Path):  # -> openmm.app.PDBFile
     import openmm.app as app
 
@@ -256,7 +238,7 @@ def _solver(args: argparse.Namespace):
 # ---------------------------------------------------------------------------------------------------
 # The jobs (each used by its subcommand and by `demo`).
 
-def run_train(args: argparse.Namespace, data: list[MDData], out: Path) -> Path:
+def run_train(args: argparse.Namespace, data: list["MDData"], out: Path) -> Path:
     """Flow-matching training on MD data; returns the final model path (out/model.pt)."""
     import torch
     from torch.utils.data import Subset
@@ -271,7 +253,7 @@ def run_train(args: argparse.Namespace, data: list[MDData], out: Path) -> Path:
         raise UsageError("--encoding atoms describes one molecule; use --encoding transfer for several")
     if not 0 <= args.val_fraction < 1:
         raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    frames = PeptideDataset([d.arrays for d in data], encoding=encoding)
+    frames = PeptideDataset(data, encoding=encoding)
     # A fixed random subset of frames is held out for the validation loss.
     order = torch.randperm(len(frames), generator=torch.Generator().manual_seed(args.seed)).tolist()
     n_val = int(args.val_fraction * len(frames))
@@ -294,7 +276,7 @@ def run_train(args: argparse.Namespace, data: list[MDData], out: Path) -> Path:
                          f"rerun with those settings to resume it, or choose a new --out")
     meta_file.write_text(json.dumps(meta, indent=1) + "\n")
     write_resolved_config(args, out)
-    shutil.copyfile(data[0].pdb, out / "topology.pdb")
+    data[0].write_topology_pdb(out / "topology.pdb")
     config = TrainConfig(n_steps=n_steps, lr=args.lr, lr_milestones=tuple(args.lr_milestones), seed=args.seed,
                          checkpoint_every=args.checkpoint_every, validate_every=args.checkpoint_every,
                          ema_decay=args.ema, backend=args.backend, progress=_progress(args))
@@ -339,7 +321,7 @@ def run_sample(args: argparse.Namespace, checkpoint: Path, topology_pdb: Path, o
     return sample(dyn, dyn.n_atoms, out, config)
 
 
-def run_evaluate(args: argparse.Namespace, samples_npz: Path, md: MDData, out: Path) -> tuple[dict, str]:
+def run_evaluate(args: argparse.Namespace, samples_npz: Path, md: "MDData", out: Path) -> tuple[dict, str]:
     """Validity, energies, reweighting and free energies of samples against MD; writes report + plots."""
     import mdtraj
     import numpy as np
@@ -355,15 +337,14 @@ def run_evaluate(args: argparse.Namespace, samples_npz: Path, md: MDData, out: P
         if "samples" not in f:
             raise UsageError(f"{samples_npz} has no 'samples' array (keys: {', '.join(f.files)})")
         arrays = {k: f[k] for k in ("samples", "prior_energy", "dlogp") if k in f}
-    pdb = _load_pdb(md.pdb)
+    pdb = _load_pdb(md.topology)
     topology = mdtraj.Topology.from_openmm(pdb.topology)
     n_atoms = topology.n_atoms
     x = arrays["samples"]
     if x.ndim != 2 or x.shape[1] != 3 * n_atoms:
-        raise UsageError(f"{samples_npz}: samples have shape {list(x.shape)}, but {md.pdb.name} has {n_atoms} "
+        raise UsageError(f"{samples_npz}: samples have shape {list(x.shape)}, but {md.topology.name} has {n_atoms} "
                          f"atoms ([n, {3 * n_atoms}] expected); evaluate against the molecule that was sampled")
-    with np.load(md.arrays) as f:
-        md_x = f["positions"]
+    md_x = md.load_positions()
     md_x = md_x[np.unique(np.linspace(0, len(md_x) - 1, min(args.md_frames, len(md_x))).astype(int))]
     capped = any(r.name in ("ACE", "NME") for r in pdb.topology.residues())
     temperature = args.temperature or (ALANINE_DIPEPTIDE_TEMPERATURE if capped else DIPEPTIDE_TEMPERATURE)
@@ -419,7 +400,7 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     _resolve(args)
-    data = _md_data(args.data or [str(ALA2_DATA)])
+    data = _md_data(args.data or [ALA2_DATA])
     out = _out_dir(args, record=False)  # run_train records them once the folder is known to fit
     print(f"model: {run_train(args, data, out)}")
 
@@ -501,7 +482,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         raise UsageError("--samples PATH is required (samples.npz written by `tbg sample`)")
     samples = Path(args.samples)
     samples = samples / "samples.npz" if samples.is_dir() else samples
-    data = _md_data([args.data or str(ALA2_DATA)])
+    data = _md_data([args.data or ALA2_DATA])
     if len(data) != 1:
         raise UsageError(f"--data {args.data} holds {len(data)} molecules; name one NAME-traj-arrays.npz file")
     out = _out_dir(args)
@@ -527,7 +508,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     preset = "quick" if args.quick else "full" if args.full else "default"
     _resolve(args, DEMO_PRESETS[preset])
     args.preset = preset
-    data = _md_data([args.data or str(ALA2_DATA)])
+    data = _md_data([args.data or ALA2_DATA])
     if len(data) != 1:
         raise UsageError(f"the demo trains on one molecule; --data {args.data} holds {len(data)}")
     out = _out_dir(args)
@@ -719,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _apply_config(args, argv)
         args._run(args)
-    except UsageError as err:
+    except (UsageError, InputError) as err:
         args._parser.error(str(err))  # prints usage + message, exits 2
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"tbg {args.command}: error: {err}", file=sys.stderr)

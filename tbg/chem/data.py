@@ -1,8 +1,8 @@
 """Training data: trajectories in the published layout -> centred, scaled, encoded ragged batches.
 
-A peptide ``name`` lives in a directory as ``{name}-traj-state0.pdb`` + ``{name}-traj-arrays.npz``
-(``positions`` [frames, atoms, 3] in nm, ``step``): the published layout, which ``tbg.chem.md.simulate``
-also writes. Items of ``PeptideDataset`` are (x [n, 3] float32 in model units = (positions - mean) * SCALE,
+Frames come from ``tbg.chem.trajectory.MDData`` sources: the published layout (a peptide ``name`` in
+a directory as ``{name}-traj-state0.pdb`` + ``{name}-traj-arrays.npz``, positions in nm, as
+``tbg.chem.md.simulate`` writes it). Items of ``PeptideDataset`` are (x [n, 3] float32 in model units = (positions - mean) * SCALE,
 features [n, F] float32, name); ``collate_ragged`` concatenates them into a ``RaggedBatch``.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from tbg.chem.encoding import encode_atoms, encode_transfer
+from tbg.chem.trajectory import MDData, layout_names, layout_source
 from tbg.chem.units import SCALE
 
 logger = logging.getLogger("tbg")
@@ -30,46 +31,14 @@ __all__ = ["SCALE", "ALANINE_DIPEPTIDE_DIR", "RaggedBatch", "PeptideDataset", "c
            "split_by_peptide", "find_peptides"]
 
 
-def _files(directory: str | Path, name: str | None) -> tuple[Path, Path, str]:
-    """(pdb, npz, name) for a directory + name, or for a single ``...-traj-arrays.npz`` path."""
-    path = Path(directory)
-    if path.suffix == ".npz":
-        npz = path
-        stem = path.name
-        if not stem.endswith("-traj-arrays.npz"):
-            raise ValueError(f"{path}: expected a '{{name}}-traj-arrays.npz' file")
-        name = name or stem[: -len("-traj-arrays.npz")]
-        pdb = path.with_name(f"{name}-traj-state0.pdb")
-    else:
-        if name is None:
-            raise ValueError(f"give the peptide name to load from the directory {path}")
-        pdb, npz = path / f"{name}-traj-state0.pdb", path / f"{name}-traj-arrays.npz"
-    for f in (pdb, npz):
-        if not f.is_file():
-            raise FileNotFoundError(f"missing trajectory file {f}")
-    return pdb, npz, name
-
-
 def load_trajectory(directory: str | Path, name: str | None = None) -> tuple[mdtraj.Topology, np.ndarray]:
     """(topology, positions [frames, atoms, 3] in nm) of peptide ``name`` in ``directory`` (or an .npz path)."""
-    pdb, npz, name = _files(directory, name)
-    topology = mdtraj.load_topology(str(pdb))
-    with np.load(npz, allow_pickle=False) as arrays:
-        if "positions" not in arrays:
-            raise KeyError(f"{npz} has no 'positions' array (keys: {list(arrays.keys())})")
-        positions = arrays["positions"]
-    if positions.ndim != 3 or positions.shape[1:] != (topology.n_atoms, 3):
-        raise ValueError(f"{npz}: positions {positions.shape} do not match the {topology.n_atoms} atoms of {pdb}")
-    if not np.isfinite(positions).all():
-        raise ValueError(f"{npz}: positions contain NaN/inf")
-    return topology, positions
+    return layout_source(directory, name).load()
 
 
 def find_peptides(directory: str | Path) -> list[str]:
     """Names of all peptides with both files of the published layout in ``directory``, sorted."""
-    directory = Path(directory)
-    names = [p.name[: -len("-traj-arrays.npz")] for p in directory.glob("*-traj-arrays.npz")]
-    return sorted(n for n in names if (directory / f"{n}-traj-state0.pdb").is_file())
+    return layout_names(directory)
 
 
 @dataclass
@@ -113,12 +82,12 @@ class PeptideDataset(Dataset):
     """Frames of one or many peptides as (x [n, 3], features [n, F], name) items.
 
     ``sources``: a directory (all peptides in it, or those in ``names``), a single ``-traj-arrays.npz``
-    path, or a list of such paths / (directory, name) pairs. ``encoding``: "transfer" (76-wide, see
+    path, an ``MDData``, or a list of such paths / (directory, name) pairs / MDData. ``encoding``: "transfer" (76-wide, see
     tbg.chem.encoding) or "atoms" (alanine-dipeptide style). ``stride`` and ``max_frames`` thin each
     trajectory. Positions are held in memory as float32 model units, centred per frame.
     """
 
-    def __init__(self, sources: str | Path | Sequence[str | Path | tuple[str | Path, str]], *,
+    def __init__(self, sources: str | Path | MDData | Sequence[str | Path | tuple[str | Path, str] | MDData], *,
                  names: Sequence[str] | None = None, encoding: Literal["transfer", "atoms"] = "transfer",
                  atom_types: Mapping[str, int] | str | Path | None = None, stride: int = 1,
                  max_frames: int | None = None) -> None:
@@ -131,9 +100,9 @@ class PeptideDataset(Dataset):
         self.topologies: dict[str, mdtraj.Topology] = {}
         self.features: dict[str, torch.Tensor] = {}
         self.positions: dict[str, torch.Tensor] = {}
-        for directory, name in self._expand(sources, names):
-            topology, pos = load_trajectory(directory, name)
-            name = name or _files(directory, None)[2]
+        for source in self._expand(sources, names):
+            topology, pos = source.load()
+            name = source.name
             if name in self.positions:
                 raise ValueError(f"peptide {name!r} given twice")
             pos = pos[::stride][:max_frames].astype(np.float64)
@@ -154,18 +123,18 @@ class PeptideDataset(Dataset):
         logger.info("PeptideDataset: %d peptides, %d frames", len(self.names), int(self._offsets[-1]))
 
     @staticmethod
-    def _expand(sources, names):  # noqa: ANN001, ANN205
+    def _expand(sources, names: Sequence[str] | None) -> list[MDData]:  # noqa: ANN001
+        if isinstance(sources, MDData):
+            return [sources]
         if isinstance(sources, (str, Path)):
             path = Path(sources)
             if path.suffix == ".npz":
-                return [(path, None)]
+                return [layout_source(path)]
             if not path.is_dir():
                 raise FileNotFoundError(f"no such data directory: {path}")
-            return [(path, n) for n in (names if names is not None else find_peptides(path))]
-        out = []
-        for src in sources:
-            out.append((Path(src[0]), src[1]) if isinstance(src, tuple) else (Path(src), None))
-        return out
+            return [layout_source(path, n) for n in (names if names is not None else layout_names(path))]
+        return [src if isinstance(src, MDData) else layout_source(*src) if isinstance(src, tuple)
+                else layout_source(src) for src in sources]
 
     def __len__(self) -> int:
         return int(self._offsets[-1])

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from tbg.chem.forcefield import (ALANINE_DIPEPTIDE_TEMPERATURE, DEFAULT_FORCEFIELD_FILES, DIPEPTIDE_TEMPERATURE,
                                  create_system, platform as pick_platform, platform_properties)
 from tbg.chem.peptides import Peptide, alanine_dipeptide, build_peptide
+from tbg.chem.trajectory import layout_files
 
 logger = logging.getLogger("tbg")
 
@@ -48,9 +49,7 @@ def resolve_peptide(peptide: Peptide | str) -> Peptide:
 
 
 def paths(out_dir: str | Path, name: str) -> dict[str, Path]:
-    out = Path(out_dir)
-    return {"pdb": out / f"{name}-traj-state0.pdb", "arrays": out / f"{name}-traj-arrays.npz",
-            "checkpoint": out / f"{name}-traj-checkpoint.npz", "info": out / f"{name}-traj-info.json"}
+    return layout_files(out_dir, name)
 
 
 def _atomic_write(path: Path, write) -> None:  # noqa: ANN001 - write(file object)
