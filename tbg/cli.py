@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("tbg")
 
 ALA2_DATA = ALANINE_DIPEPTIDE_DIR  # the shipped MD data, default of --data
-TRANSFER_FEATURES = 76  # [2 residue positions, 20 amino acids, 54 atom types] (tbg-model.md)
-PUBLISHED_ALA2_FEATURES = 21  # the published alanine-dipeptide one-hot width (see tbg.chem.encoding)
 
 
 class UsageError(Exception):
@@ -188,29 +186,6 @@ def _progress(args: argparse.Namespace) -> bool:
     return not args.no_progress
 
 
-def _features(n_features: int, topology, encoding: str = "auto"):  # -> torch.Tensor [N, F]
-    """Atom features of ``topology`` for a model whose embedding takes ``n_features`` (+ time) inputs.
-
-    The encoding is chosen by width: 76 = transfer encoding; N (the number of atoms) = one class per atom
-    (our alanine-dipeptide style models); 21 for 22 atoms = the published alanine-dipeptide encoding.
-    """
-    from tbg.chem import encoding as enc
-
-    n_atoms = topology.getNumAtoms()
-    if encoding == "transfer" or (encoding == "auto" and n_features == TRANSFER_FEATURES):
-        return enc.encode_transfer(topology)
-    if encoding == "atoms" or (encoding == "auto" and n_features == n_atoms):
-        return enc.encode_atoms(topology, n_classes=n_features)
-    if encoding == "auto" and n_features == PUBLISHED_ALA2_FEATURES and n_atoms == 22:
-        log.warning("using the published alanine-dipeptide encoding: valid only for the openmmtools atom "
-                    "order of Ace-Ala-Nme (the order of the published data)")
-        return enc.published_alanine_dipeptide_encoding()
-    raise UsageError(
-        f"the checkpoint expects {n_features} atom features, which fits neither the transfer encoding "
-        f"({TRANSFER_FEATURES}) nor the per-atom encoding of this {n_atoms}-atom molecule ({n_atoms}); "
-        f"check that --peptide/--pdb names the molecule the model was trained on")
-
-
 def _md_data(paths: list) -> list["MDData"]:
     """The MD data named by --data (folders or arrays files)."""
     from tbg.chem.trajectory import find_md_data
@@ -294,6 +269,7 @@ def run_sample(args: argparse.Namespace, checkpoint: Path, topology_pdb: Path, o
     """Sample a checkpoint (published or ours) for the molecule in ``topology_pdb``; returns samples.npz."""
     import torch
 
+    from tbg.chem.encoding import features_for_width
     from tbg.flow import SampleConfig, sample
     from tbg.nn import load_published
     from tbg.nn.checkpoint import egnn_state, infer_config, read_checkpoint
@@ -301,7 +277,7 @@ def run_sample(args: argparse.Namespace, checkpoint: Path, topology_pdb: Path, o
     device = _device(args)
     pdb = _load_pdb(topology_pdb)
     n_features = infer_config(egnn_state(read_checkpoint(checkpoint)))["n_features"]
-    features = _features(n_features, pdb.topology, encoding).to(device)
+    features = features_for_width(pdb.topology, n_features, encoding).to(device)
     dyn = load_published(checkpoint, features.to(getattr(torch, args.dtype)), backend=args.backend)
     out.mkdir(parents=True, exist_ok=True)
     # Sample chunks on disk are reused on a rerun: make sure they came from this very checkpoint.
@@ -327,7 +303,7 @@ def run_evaluate(args: argparse.Namespace, samples_npz: Path, md: "MDData", out:
     import numpy as np
 
     from tbg.chem.energy import EnergyModel
-    from tbg.chem.forcefield import ALANINE_DIPEPTIDE_TEMPERATURE, DIPEPTIDE_TEMPERATURE
+    from tbg.chem.forcefield import default_temperature
     from tbg.chem.units import SCALE
     from tbg.evaluate import evaluate
 
@@ -346,8 +322,7 @@ def run_evaluate(args: argparse.Namespace, samples_npz: Path, md: "MDData", out:
                          f"atoms ([n, {3 * n_atoms}] expected); evaluate against the molecule that was sampled")
     md_x = md.load_positions()
     md_x = md_x[np.unique(np.linspace(0, len(md_x) - 1, min(args.md_frames, len(md_x))).astype(int))]
-    capped = any(r.name in ("ACE", "NME") for r in pdb.topology.residues())
-    temperature = args.temperature or (ALANINE_DIPEPTIDE_TEMPERATURE if capped else DIPEPTIDE_TEMPERATURE)
+    temperature = args.temperature or default_temperature(pdb.topology)
     weights = {"prior_energy": arrays["prior_energy"], "dlogp": arrays["dlogp"]} if "dlogp" in arrays else {}
     if not weights:
         log.warning("%s has no dlogp (sampled without likelihood): no reweighting", samples_npz)

@@ -27,14 +27,20 @@ Longer peptides need ``n_positions`` >= their number of amino-acid residues (the
 from __future__ import annotations
 
 import io
+import logging
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import mdtraj
 import numpy as np
 import openmm.app as app
 import torch
+
+from tbg.errors import InputError
+
+logger = logging.getLogger("tbg")
 
 AMINO_ACID_ORDER: tuple[str, ...] = ("ALA", "ARG", "ASN", "ASP", "CYS", "GLN", "GLU", "GLY", "HIS", "ILE",
                                      "LEU", "LYS", "MET", "PHE", "PRO", "SER", "THR", "TRP", "TYR", "VAL")
@@ -43,6 +49,8 @@ RESIDUE_ALIASES: dict[str, str] = {"HID": "HIS", "HIE": "HIS", "HIP": "HIS", "HS
                                    "LYN": "LYS"}
 CAPS: tuple[str, ...] = ("ACE", "NME")
 RING_RESIDUES = frozenset({"HIS", "PHE", "TRP", "TYR"})
+TRANSFER_WIDTH = 76  # encode_transfer of dipeptides: 2 residue positions + 20 amino acids + 54 atom types
+PUBLISHED_ALA2_WIDTH = 21  # published_alanine_dipeptide_encoding
 PUBLISHED_ALA2_CLASSES: tuple[int, ...] = (0, 2, 2, 2, 4, 5, 6, 7, 8, 9, 10, 12, 12, 12, 14, 15, 16, 17, 18,
                                            20, 20, 20)
 
@@ -282,3 +290,30 @@ def published_alanine_dipeptide_encoding() -> torch.Tensor:
 
 def _one_hot(index: np.ndarray, n: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.as_tensor(index, dtype=torch.long), n).to(torch.float32)
+
+
+def features_for_width(topology: app.Topology | mdtraj.Topology, n_features: int,
+                       encoding: Literal["auto", "atoms", "transfer"] = "auto") -> torch.Tensor:
+    """Atom features [N, n_features] of ``topology`` for a model whose embedding takes ``n_features``
+    (+ time) inputs, e.g. a checkpoint's.
+
+    ``encoding="auto"`` chooses by width: TRANSFER_WIDTH (76) = ``encode_transfer``; N (the number of atoms) =
+    ``encode_atoms`` (one class per atom); PUBLISHED_ALA2_WIDTH (21) for 22 atoms = the published
+    alanine-dipeptide encoding (valid only in the openmmtools atom order of Ace-Ala-Nme). Any other width
+    raises InputError. "atoms" and "transfer" force that encoding.
+    """
+    if encoding not in ("auto", "atoms", "transfer"):
+        raise ValueError(f"encoding must be 'auto', 'atoms' or 'transfer', got {encoding!r}")
+    n_atoms = _md_topology(topology).n_atoms
+    if encoding == "transfer" or (encoding == "auto" and n_features == TRANSFER_WIDTH):
+        return encode_transfer(topology)
+    if encoding == "atoms" or (encoding == "auto" and n_features == n_atoms):
+        return encode_atoms(topology, n_classes=n_features)
+    if encoding == "auto" and n_features == PUBLISHED_ALA2_WIDTH and n_atoms == 22:
+        logger.warning("using the published alanine-dipeptide encoding: valid only for the openmmtools atom "
+                       "order of Ace-Ala-Nme (the order of the published data)")
+        return published_alanine_dipeptide_encoding()
+    raise InputError(
+        f"the checkpoint expects {n_features} atom features, which fits neither the transfer encoding "
+        f"({TRANSFER_WIDTH}) nor the per-atom encoding of this {n_atoms}-atom molecule ({n_atoms}); "
+        f"check that the topology is the molecule the model was trained on")

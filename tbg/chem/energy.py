@@ -21,7 +21,8 @@ import openmm.unit as u
 import torch
 
 from tbg.chem.forcefield import (ALANINE_DIPEPTIDE_TEMPERATURE, DEFAULT_FORCEFIELD_FILES, DIPEPTIDE_TEMPERATURE,
-                                 create_system, platform as pick_platform, platform_properties)
+                                 create_system, default_temperature, platform as pick_platform,
+                                 platform_properties)
 from tbg.chem.peptides import Peptide
 from tbg.chem.units import SCALE, kT as thermal_energy, to_nm
 
@@ -99,8 +100,7 @@ class EnergyModel:
         elif isinstance(peptide_or_topology, (app.Topology, mdtraj.Topology)):
             topology = (peptide_or_topology.to_openmm() if isinstance(peptide_or_topology, mdtraj.Topology)
                         else peptide_or_topology)
-            capped = any(r.name in ("ACE", "NME") for r in topology.residues())
-            default_t = ALANINE_DIPEPTIDE_TEMPERATURE if capped else DIPEPTIDE_TEMPERATURE
+            default_t = default_temperature(topology)
         else:
             raise TypeError(f"expected a Peptide, an openmm.app.Topology or an mdtraj.Topology, got "
                             f"{type(peptide_or_topology).__name__}")

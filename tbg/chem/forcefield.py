@@ -19,8 +19,18 @@ DIPEPTIDE_TEMPERATURE: float = 310.0
 ALANINE_DIPEPTIDE_TEMPERATURE: float = 300.0
 DEFAULT_FORCEFIELD_FILES: tuple[str, ...] = ("amber14-all.xml", "implicit/obc1.xml")
 
+CAP_RESIDUES: tuple[str, ...] = ("ACE", "NME")
+
 _CONSTRAINTS = {None: None, "none": None, "hbonds": app.HBonds, "allbonds": app.AllBonds,
                 "hangles": app.HAngles}
+
+
+def default_temperature(topology) -> float:  # noqa: ANN001 - openmm.app.Topology or mdtraj.Topology
+    """The temperature of the published data for a molecule: ALANINE_DIPEPTIDE_TEMPERATURE (300 K) for
+    capped peptides (ACE or NME residues, as alanine dipeptide), DIPEPTIDE_TEMPERATURE (310 K) otherwise."""
+    residues = topology.residues() if callable(topology.residues) else topology.residues  # OpenMM / mdtraj
+    capped = any(r.name in CAP_RESIDUES for r in residues)
+    return ALANINE_DIPEPTIDE_TEMPERATURE if capped else DIPEPTIDE_TEMPERATURE
 
 
 @functools.lru_cache(maxsize=8)
