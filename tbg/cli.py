@@ -9,16 +9,14 @@ tbg.flow, tbg.evaluate); this module only turns options into calls.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import shlex
-import shutil
 import subprocess
 import sys
-import time
 import tomllib
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +25,9 @@ from tbg.errors import InputError
 
 if TYPE_CHECKING:
     from tbg.chem.trajectory import MDData
+    from tbg.evaluate import EvaluationOptions
+    from tbg.flow import SampleConfig
+    from tbg.flow.runs import TrainingOptions
 
 log = logging.getLogger("tbg")
 
@@ -152,7 +153,7 @@ def _resolve(args: argparse.Namespace, *presets: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Helpers shared by the subcommands.
+# From options to the library's inputs (shared by the subcommands and `demo`).
 
 def _device(args: argparse.Namespace):  # -> torch.device
     import torch
@@ -182,11 +183,7 @@ def _out_dir(args: argparse.Namespace, *, record: bool = True) -> Path:
     return out
 
 
-def _progress(args: argparse.Namespace) -> bool:
-    return not args.no_progress
-
-
-def _md_data(paths: list) -> list["MDData"]:
+def _md_data(paths: list) -> list[MDData]:
     """The MD data named by --data (folders or arrays files)."""
     from tbg.chem.trajectory import find_md_data
 
@@ -196,143 +193,29 @@ def _md_data(paths: list) -> list["MDData"]:
         raise UsageError(f"--data {err}") from err
 
 
-def _load_pdb(path: Path):  # -> openmm.app.PDBFile
-    import openmm.app as app
+def _training_options(args: argparse.Namespace) -> TrainingOptions:
+    from tbg.flow.runs import TrainingOptions
 
-    if not path.is_file():
-        raise UsageError(f"topology file not found: {path}")
-    return app.PDBFile(str(path))
-
-
-def _solver(args: argparse.Namespace):
-    from tbg.flow import SolverConfig
-
-    return SolverConfig(method=args.method, atol=args.atol, rtol=args.rtol, n_steps=args.ode_steps)
+    return TrainingOptions(hidden=args.hidden, layers=args.layers, steps=args.steps, epochs=args.epochs,
+                           batch_size=args.batch_size, lr=args.lr, lr_milestones=tuple(args.lr_milestones),
+                           ema=args.ema, val_fraction=args.val_fraction, checkpoint_every=args.checkpoint_every,
+                           encoding=args.encoding, backend=args.backend, seed=args.seed, progress=not args.no_progress)
 
 
-# ---------------------------------------------------------------------------------------------------
-# The jobs (each used by its subcommand and by `demo`).
+def _sample_config(args: argparse.Namespace, device) -> SampleConfig:  # noqa: ANN001 - torch.device
+    from tbg.flow import SampleConfig, SolverConfig
 
-def run_train(args: argparse.Namespace, data: list["MDData"], out: Path) -> Path:
-    """Flow-matching training on MD data; returns the final model path (out/model.pt)."""
-    import torch
-    from torch.utils.data import Subset
-
-    from tbg.chem.data import PeptideDataset
-    from tbg.flow import RaggedLoader, TrainConfig, train
-    from tbg.nn import EGNN
-
-    device = _device(args)
-    encoding = args.encoding if args.encoding != "auto" else ("atoms" if len(data) == 1 else "transfer")
-    if encoding == "atoms" and len(data) > 1:
-        raise UsageError("--encoding atoms describes one molecule; use --encoding transfer for several")
-    if not 0 <= args.val_fraction < 1:
-        raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    frames = PeptideDataset(data, encoding=encoding)
-    # A fixed random subset of frames is held out for the validation loss.
-    order = torch.randperm(len(frames), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    n_val = int(args.val_fraction * len(frames))
-    train_set, val_set = Subset(frames, order[n_val:]), Subset(frames, order[:n_val])
-    if len(train_set) == 0:
-        raise UsageError(f"no training frames left after holding out --val-fraction {args.val_fraction}")
-    loader = RaggedLoader(train_set, args.batch_size, seed=args.seed, drop_last=len(train_set) >= args.batch_size)
-    val = RaggedLoader(val_set, args.batch_size, shuffle=False) if n_val else None
-    n_steps = args.steps if args.epochs is None else args.epochs * len(loader)
-    n_features = frames.features[frames.names[0]].shape[1]
-    torch.manual_seed(args.seed)
-    model = EGNN(n_features, hidden=args.hidden, n_layers=args.layers).to(device)
-    # Beside the weights: the topology and encoding, so `tbg sample --checkpoint` needs nothing else.
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"encoding": encoding, "n_features": n_features, "hidden": args.hidden, "layers": args.layers,
-            "molecules": [d.name for d in data]}
-    meta_file = out / "model.json"
-    if meta_file.is_file() and json.loads(meta_file.read_text()) != meta:
-        raise UsageError(f"{out} holds a training run with other settings ({meta_file.read_text().strip()}); "
-                         f"rerun with those settings to resume it, or choose a new --out")
-    meta_file.write_text(json.dumps(meta, indent=1) + "\n")
-    write_resolved_config(args, out)
-    data[0].write_topology_pdb(out / "topology.pdb")
-    config = TrainConfig(n_steps=n_steps, lr=args.lr, lr_milestones=tuple(args.lr_milestones), seed=args.seed,
-                         checkpoint_every=args.checkpoint_every, validate_every=args.checkpoint_every,
-                         ema_decay=args.ema, backend=args.backend, progress=_progress(args))
-    log.info("training %s on %d train / %d validation frames of %s for %d steps on %s",
-             model.extra_repr(), len(train_set), len(val_set), ", ".join(d.name for d in data), n_steps, device)
-    result = train(model, loader, out, config, val_data=val)
-    if result.history:
-        log.info("trained to step %d: loss %.4g, validation loss %s -> %s", result.step, result.train_loss,
-                 "-" if result.val_loss is None else f"{result.val_loss:.4g}", result.model_path)
-    return result.model_path
+    return SampleConfig(n_samples=args.n, batch_size=args.sample_batch_size, likelihood=args.likelihood,
+                        solver=SolverConfig(method=args.method, atol=args.atol, rtol=args.rtol, n_steps=args.ode_steps),
+                        n_quadrature=args.quadrature, seed=args.seed, dtype=args.dtype, device=str(device),
+                        progress=not args.no_progress)
 
 
-def run_sample(args: argparse.Namespace, checkpoint: Path, topology_pdb: Path, out: Path,
-               encoding: str = "auto") -> Path:
-    """Sample a checkpoint (published or ours) for the molecule in ``topology_pdb``; returns samples.npz."""
-    import torch
+def _evaluation_options(args: argparse.Namespace) -> EvaluationOptions:
+    from tbg.evaluate import EvaluationOptions
 
-    from tbg.chem.encoding import features_for_width
-    from tbg.flow import SampleConfig, sample
-    from tbg.nn import load_published
-    from tbg.nn.checkpoint import egnn_state, infer_config, read_checkpoint
-
-    device = _device(args)
-    pdb = _load_pdb(topology_pdb)
-    n_features = infer_config(egnn_state(read_checkpoint(checkpoint)))["n_features"]
-    features = features_for_width(pdb.topology, n_features, encoding).to(device)
-    dyn = load_published(checkpoint, features.to(getattr(torch, args.dtype)), backend=args.backend)
-    out.mkdir(parents=True, exist_ok=True)
-    # Sample chunks on disk are reused on a rerun: make sure they came from this very checkpoint.
-    source = {"checkpoint": str(checkpoint), "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
-    source_file = out / "checkpoint.json"
-    if source_file.is_file() and json.loads(source_file.read_text())["sha256"] != source["sha256"]:
-        raise UsageError(f"{out} holds samples of another model ({source_file.read_text().strip()}); "
-                         f"choose a new --out or delete {out} to sample {checkpoint}")
-    source_file.write_text(json.dumps(source, indent=1) + "\n")
-    if topology_pdb.resolve() != (out / "topology.pdb").resolve():
-        shutil.copyfile(topology_pdb, out / "topology.pdb")
-    config = SampleConfig(n_samples=args.n, batch_size=args.sample_batch_size, likelihood=args.likelihood,
-                          solver=_solver(args), n_quadrature=args.quadrature, seed=args.seed, dtype=args.dtype,
-                          device=str(device), progress=_progress(args))
-    log.info("sampling %d configurations of %s (%d atoms) with likelihood=%s, %s", args.n, topology_pdb.name,
-             dyn.n_atoms, args.likelihood, config.solver)
-    return sample(dyn, dyn.n_atoms, out, config)
-
-
-def run_evaluate(args: argparse.Namespace, samples_npz: Path, md: "MDData", out: Path) -> tuple[dict, str]:
-    """Validity, energies, reweighting and free energies of samples against MD; writes report + plots."""
-    import mdtraj
-    import numpy as np
-
-    from tbg.chem.energy import EnergyModel
-    from tbg.chem.forcefield import default_temperature
-    from tbg.chem.units import SCALE
-    from tbg.evaluate import evaluate
-
-    if not samples_npz.is_file():
-        raise UsageError(f"samples file not found: {samples_npz}; run `tbg sample` first")
-    with np.load(samples_npz) as f:
-        if "samples" not in f:
-            raise UsageError(f"{samples_npz} has no 'samples' array (keys: {', '.join(f.files)})")
-        arrays = {k: f[k] for k in ("samples", "prior_energy", "dlogp") if k in f}
-    pdb = _load_pdb(md.topology)
-    topology = mdtraj.Topology.from_openmm(pdb.topology)
-    n_atoms = topology.n_atoms
-    x = arrays["samples"]
-    if x.ndim != 2 or x.shape[1] != 3 * n_atoms:
-        raise UsageError(f"{samples_npz}: samples have shape {list(x.shape)}, but {md.topology.name} has {n_atoms} "
-                         f"atoms ([n, {3 * n_atoms}] expected); evaluate against the molecule that was sampled")
-    md_x = md.load_positions()
-    md_x = md_x[np.unique(np.linspace(0, len(md_x) - 1, min(args.md_frames, len(md_x))).astype(int))]
-    temperature = args.temperature or default_temperature(pdb.topology)
-    weights = {"prior_energy": arrays["prior_energy"], "dlogp": arrays["dlogp"]} if "dlogp" in arrays else {}
-    if not weights:
-        log.warning("%s has no dlogp (sampled without likelihood): no reweighting", samples_npz)
-    with EnergyModel(pdb.topology, temperature=temperature) as energy:
-        return evaluate(x.reshape(len(x), n_atoms, 3) / SCALE, topology=topology,
-                        reference_positions_nm=np.asarray(pdb.getPositions(asNumpy=True)._value),
-                        md_positions_nm=md_x, out_dir=out,
-                        energy_fn=lambda pos: energy.reduced_energy(pos, unit="nm"),
-                        clip_quantile=args.clip_quantile, bins=args.bins, n_bootstrap=args.bootstrap,
-                        seed=args.seed, **weights)
+    return EvaluationOptions(clip_quantile=args.clip_quantile, bins=args.bins, n_bootstrap=args.bootstrap,
+                             seed=args.seed)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -361,7 +244,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     path = simulate(args.peptide, out, n_frames=args.frames, frame_interval_steps=args.frame_interval,
                     equilibration_steps=args.equilibration, timestep_fs=args.timestep_fs,
                     temperature=args.temperature, hydrogen_mass_amu=args.hydrogen_mass, seed=args.seed,
-                    progress=_progress(args))
+                    progress=not args.no_progress)
     print(f"MD data: {path}")
 
 
@@ -374,10 +257,14 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    from tbg.flow.runs import train_on_md
+
     _resolve(args)
+    device = _device(args)
     data = _md_data(args.data or [ALA2_DATA])
-    out = _out_dir(args, record=False)  # run_train records them once the folder is known to fit
-    print(f"model: {run_train(args, data, out)}")
+    out = _out_dir(args, record=False)  # train_on_md records them once the folder is known to fit
+    model = train_on_md(data, out, _training_options(args), device, record=partial(write_resolved_config, args))
+    print(f"model: {model}")
 
 
 def _configure_sample(p: argparse.ArgumentParser) -> None:
@@ -400,20 +287,20 @@ def _configure_sample(p: argparse.ArgumentParser) -> None:
 
 def _checkpoint_source(args: argparse.Namespace) -> tuple[Path, Path | None]:
     """(checkpoint file, default topology) from --checkpoint (a run folder or file) or --published."""
-    from tbg.flow import latest_checkpoint
+    from tbg.flow.runs import find_run_model
 
     if args.published:
-        return Path(args.published), None
-    if not args.checkpoint:
+        checkpoint, topology = Path(args.published), None
+    elif args.checkpoint:
+        try:
+            checkpoint, topology = find_run_model(Path(args.checkpoint))
+        except InputError as err:
+            raise UsageError(f"--checkpoint {err}") from err
+    else:
         raise UsageError("give --checkpoint RUN (a `tbg train` folder or .pt file) or --published CKPT")
-    path = Path(args.checkpoint)
-    run = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    if path.is_dir():
-        path = path / "model.pt" if (path / "model.pt").is_file() else latest_checkpoint(path)
-        if path is None:
-            raise UsageError(f"--checkpoint {args.checkpoint}: no model.pt or checkpoints/step_*.pt in this folder")
-    topology = run / "topology.pdb"
-    return path, topology if topology.is_file() else None
+    if not checkpoint.is_file():
+        raise UsageError(f"checkpoint file not found: {checkpoint}")
+    return checkpoint, topology
 
 
 def _topology_for(args: argparse.Namespace, default: Path | None, out: Path) -> Path:
@@ -434,12 +321,14 @@ def _topology_for(args: argparse.Namespace, default: Path | None, out: Path) -> 
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
+    from tbg.flow.runs import sample_checkpoint
+
     _resolve(args)
     checkpoint, default_topology = _checkpoint_source(args)
-    if not checkpoint.is_file():
-        raise UsageError(f"checkpoint file not found: {checkpoint}")
     out = _out_dir(args)
-    path = run_sample(args, checkpoint, _topology_for(args, default_topology, out), out, args.encoding)
+    config = _sample_config(args, _device(args))
+    path = sample_checkpoint(checkpoint, _topology_for(args, default_topology, out), out, config,
+                             encoding=args.encoding, backend=args.backend)
     print(f"samples: {path}\ntopology: {out / 'topology.pdb'}")
 
 
@@ -451,17 +340,24 @@ def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     _eval_args(p)
 
 
+def _one_molecule(args: argparse.Namespace, data: list[MDData]) -> MDData:
+    if len(data) != 1:
+        raise UsageError(f"--data {args.data} holds {len(data)} molecules; name one NAME-traj-arrays.npz file")
+    return data[0]
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from tbg.evaluate.runs import evaluate_samples_file
+
     _resolve(args)
     if not args.samples:
         raise UsageError("--samples PATH is required (samples.npz written by `tbg sample`)")
     samples = Path(args.samples)
     samples = samples / "samples.npz" if samples.is_dir() else samples
-    data = _md_data([args.data or ALA2_DATA])
-    if len(data) != 1:
-        raise UsageError(f"--data {args.data} holds {len(data)} molecules; name one NAME-traj-arrays.npz file")
+    md = _one_molecule(args, _md_data([args.data or ALA2_DATA]))
     out = _out_dir(args)
-    run_evaluate(args, samples, data[0], out)  # logs the summary table
+    evaluate_samples_file(samples, md, out, _evaluation_options(args), md_frames=args.md_frames,
+                          temperature=args.temperature)  # logs the summary table
     print(f"report: {out / 'report.json'}")
 
 
@@ -480,64 +376,21 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
+    from tbg.evaluate.demo import run_demo
+
     preset = "quick" if args.quick else "full" if args.full else "default"
     _resolve(args, DEMO_PRESETS[preset])
     args.preset = preset
+    device = _device(args)
     data = _md_data([args.data or ALA2_DATA])
     if len(data) != 1:
         raise UsageError(f"the demo trains on one molecule; --data {args.data} holds {len(data)}")
     out = _out_dir(args)
-    t0 = time.perf_counter()
     log.info("== tbg demo (%s) on %s -> %s", preset, data[0].name, out)
-    log.info("== 1/3 train")
-    model = run_train(args, data, out / "train")
-    log.info("== 2/3 sample with likelihood=%s", args.likelihood)
-    samples = run_sample(args, model, out / "train" / "topology.pdb", out / "sample")
-    log.info("== 3/3 validate, reweight, evaluate")
-    report, table = run_evaluate(args, samples, data[0], out / "evaluate")
-    wall = time.perf_counter() - t0
-    summary = _demo_summary(report, wall)
-    (out / "summary.txt").write_text(table + "\n\n" + summary + "\n")
+    summary = run_demo(data[0], out, _training_options(args), _sample_config(args, device), _evaluation_options(args),
+                       device=device, md_frames=args.md_frames, temperature=args.temperature, backend=args.backend,
+                       record=partial(write_resolved_config, args))
     print(summary)
-
-
-# Below this Kish effective sample size the bootstrap errors of reweighted estimates mean little.
-_FEW_EFFECTIVE_SAMPLES = 30
-
-
-def _demo_summary(report: dict[str, Any], wall_s: float) -> str:
-    ess = report["ess"]
-
-    def pm(e: dict | None) -> str:
-        if e is None or e["value"] is None:
-            return "-"
-        error = "(no error bar)" if e["stderr"] is None else f"+- {e['stderr']:.2f}"
-        return f"{e['value']:+.2f} {error} kT"
-
-    few = ess["kish_n"] is not None and ess["kish_n"] < _FEW_EFFECTIVE_SAMPLES
-    ess_text = "-" if ess["kish_fraction"] is None else \
-        f"{100 * ess['kish_fraction']:.2f}% ({ess['kish_n']:.0f} samples)"
-    lines = [
-        f"summary ({report['n_samples']} samples, {wall_s / 60:.1f} min this run):",
-        f"  correct configurations  {100 * report['correct_configuration_rate']:.1f}%",
-        f"  ESS (Kish)              {ess_text}",
-    ]
-    if few:
-        lines += [f"  (under {_FEW_EFFECTIVE_SAMPLES} effective samples: the reweighted values below rest on a",
-                  "   handful of samples, and their error bars are not meaningful)"]
-    # Every basin definition of the report; compared with MD where the MD frames visit both states.
-    lines.append("  dF = F(basin) - F(reference), states in report.json delta_f:")
-    for d in report["delta_f"].values():
-        label, md = d["definition"]["label"], d["MD"]
-        if md is None or md["value"] is None:
-            frames = "" if md is None else f": {md['n_basin']} basin / {md['n_reference']} reference frames"
-            lines.append(f"    {label}: no MD value{frames}; model {pm(d['model'])}, reweighted {pm(d['reweighted'])}")
-            continue
-        lines += [f"    {label}", f"      MD          {pm(md)}"]
-        for name in ("model", "reweighted"):
-            e = d[name]
-            lines.append(f"      {name:<11} {pm(e)}   {name + ' - MD':<15} {pm(e and e['minus_md'])}")
-    return "\n".join(lines)
 
 
 def _bench_dir() -> Path:

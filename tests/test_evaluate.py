@@ -14,7 +14,8 @@ import openmm.unit as unit
 import pytest
 
 from tbg.chem import ALANINE_DIPEPTIDE_DIR, ALANINE_DIPEPTIDE_TEMPERATURE, EnergyModel, build_peptide, load_trajectory
-from tbg.evaluate import FIGURE_PIXELS, ValidityChecker, bond_pairs, evaluate
+from tbg.evaluate import (FIGURE_PIXELS, EvaluationOptions, MDFrames, ModelSamples, Molecule, ValidityChecker, bond_pairs,
+                          evaluate)
 from tbg.evaluate import validity as V
 
 class Ala2:
@@ -287,9 +288,9 @@ def test_report(ala2, tmp_path):
     samples[10:15] = swapped(samples[10:15], (ala2.index("ACE", "C"), ala2.index("ALA", "N")))  # invalid
     prior_energy = rng.normal(30, 1, 80)
     dlogp = rng.normal(0, 1, 80)
-    report, table = evaluate(samples, topology=ala2.topology, reference_positions_nm=ala2.reference_nm,
-                             md_positions_nm=frames, out_dir=tmp_path, energy_fn=ala2.reduced_energy,
-                             prior_energy=prior_energy, dlogp=dlogp, clip_quantile=0.99, n_bootstrap=20)
+    report, table = evaluate(ModelSamples(samples, prior_energy=prior_energy, dlogp=dlogp),
+                             Molecule(ala2.topology, ala2.reference_nm, ala2.reduced_energy), MDFrames(frames),
+                             tmp_path, EvaluationOptions(clip_quantile=0.99, n_bootstrap=20))
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk == report
     assert set(report) == REPORT_KEYS
@@ -368,8 +369,8 @@ def test_report_delta_f_against_thinned_md(ala2, tmp_path):
     MD carries both errors; the MD error exceeds the i.i.d. one (correlated frames)."""
     _, frames = load_trajectory(ALANINE_DIPEPTIDE_DIR, "ala2")
     md_x = frames[::10].astype(np.float64)
-    report, table = evaluate(ala2.frames[:60], topology=ala2.topology, reference_positions_nm=ala2.reference_nm,
-                             md_positions_nm=md_x, out_dir=tmp_path, n_bootstrap=50)
+    report, table = evaluate(ModelSamples(ala2.frames[:60]), Molecule(ala2.topology, ala2.reference_nm),
+                             MDFrames(md_x), tmp_path, EvaluationOptions(n_bootstrap=50))
     entry = report["delta_f"]["alphaR_beta"]
     md_e, model = entry["MD"], entry["model"]
     assert md_e["n_basin"] + md_e["n_reference"] == len(md_x)
@@ -385,9 +386,8 @@ def test_report_delta_f_against_thinned_md(ala2, tmp_path):
 
 def test_report_uniform_weights_and_no_energy(ala2, tmp_path):
     samples = ala2.frames[:40]
-    report, _ = evaluate(samples, topology=ala2.topology, reference_positions_nm=ala2.reference_nm,
-                         md_positions_nm=ala2.frames, out_dir=tmp_path, log_weights=np.zeros(40),
-                         n_bootstrap=10)
+    report, _ = evaluate(ModelSamples(samples, log_weights=np.zeros(40)), Molecule(ala2.topology, ala2.reference_nm),
+                         MDFrames(ala2.frames), tmp_path, EvaluationOptions(n_bootstrap=10))
     assert report["ess"]["kish_fraction"] == pytest.approx(1.0)
     assert all(v is None for k, v in report["energy"].items())
     assert "energy_histogram" not in report["plots"]
@@ -400,5 +400,9 @@ def test_report_uniform_weights_and_no_energy(ala2, tmp_path):
     assert report["torsions"]["phi"]["wasserstein_reweighted"] == pytest.approx(
         report["torsions"]["phi"]["wasserstein_model"], rel=1e-9)
     with pytest.raises(ValueError, match="together"):
-        evaluate(samples, topology=ala2.topology, reference_positions_nm=ala2.reference_nm,
-                 md_positions_nm=ala2.frames, out_dir=tmp_path, prior_energy=np.zeros(40))
+        ModelSamples(samples, prior_energy=np.zeros(40))
+    with pytest.raises(ValueError, match="need energy_fn"):
+        evaluate(ModelSamples(samples, prior_energy=np.zeros(40), dlogp=np.zeros(40)),
+                 Molecule(ala2.topology, ala2.reference_nm), MDFrames(ala2.frames), tmp_path)
+    with pytest.raises(ValueError, match="one per sample"):
+        ModelSamples(samples, log_weights=np.zeros(39))

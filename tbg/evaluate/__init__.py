@@ -12,12 +12,17 @@ from tbg.evaluate.metrics import (
     wasserstein_1d,
 )
 from tbg.evaluate.plots import FIGURE_PIXELS
-from tbg.evaluate.report import REPORT_FILE, evaluate, summary_table
+from tbg.evaluate.report import (REPORT_FILE, EvaluationOptions, MDFrames, ModelSamples, Molecule, evaluate,
+                                 summary_table)
 from tbg.evaluate.validity import (ValidityChecker, ValidityResult, bond_adjacency, bond_cutoffs, bond_pairs,
                                    chirality_signs)
 
 __all__ = [
     "BasinDefinition",
+    "EvaluationOptions",
+    "MDFrames",
+    "ModelSamples",
+    "Molecule",
     "FIGURE_PIXELS",
     "RAMACHANDRAN_BASINS",
     "REPORT_FILE",

@@ -1,4 +1,11 @@
-"""One-call evaluation of generated samples against MD: report.json + PNG plots + a summary table."""
+"""One-call evaluation of generated samples against MD: report.json + PNG plots + a summary table.
+
+``evaluate`` runs named steps, each usable alone: ``check_validity`` (bond graphs, chirality; invalid
+samples are dropped, mirrored ones fixed), ``compute_energies`` (MD frames and valid samples),
+``reweight`` (importance weights and ESS), ``energy_metrics``, ``free_energies`` (torsion profiles,
+Wasserstein distances, basin Delta F), ``write_plots`` and ``write_report``. Model quantities are over
+the valid samples only.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +23,14 @@ import numpy as np
 import scipy.special
 
 from tbg.evaluate import metrics, plots
-from tbg.evaluate.validity import ValidityChecker
+from tbg.evaluate.validity import ValidityChecker, ValidityResult
 from tbg.flow.reweight import clip_log_weights, kish_ess, log_importance_weights, weighted_mean
 
 logger = logging.getLogger("tbg")
 
-__all__ = ["evaluate", "summary_table", "REPORT_FILE"]
+__all__ = ["REPORT_FILE", "Energies", "EvaluationOptions", "FreeEnergies", "MDFrames", "ModelSamples", "Molecule",
+           "Reweighting", "Validity", "check_validity", "compute_energies", "energy_metrics", "evaluate",
+           "free_energies", "reweight", "summary_table", "write_plots", "write_report"]
 
 REPORT_FILE = "report.json"
 _LABELS = ("MD", "model", "reweighted")
@@ -59,87 +69,188 @@ def _energies(energy_fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, what
     return e
 
 
-def evaluate(
-    samples_nm: np.ndarray,
-    *,
-    topology: md.Topology,
-    reference_positions_nm: np.ndarray,
-    md_positions_nm: np.ndarray,
-    out_dir: str | Path,
-    energy_fn: Callable[[np.ndarray], np.ndarray] | None = None,
-    md_energies: np.ndarray | None = None,
-    log_weights: np.ndarray | None = None,
-    prior_energy: np.ndarray | None = None,
-    dlogp: np.ndarray | None = None,
-    clip_quantile: float | None = None,
-    basins: Mapping[str, metrics.BasinDefinition] = metrics.RAMACHANDRAN_BASINS,
-    bins: int = 60,
-    n_bootstrap: int = 200,
-    timeout_s: float = 5.0,
-    seed: int = 0,
-) -> tuple[dict[str, Any], str]:
-    """Evaluate model samples of one molecule against its MD data; write report.json and plots.
+@dataclass
+class Molecule:
+    """The molecule evaluated: its topology, a reference structure [N, 3] in nm (bond graph and chirality of
+    a correct configuration) and optionally ``energy_fn(positions_nm [k, N, 3]) -> u = U/kT [k]`` (e.g.
+    ``EnergyModel(...).reduced_energy`` with unit="nm"); without it the energy metrics are null."""
 
-    samples_nm [n, N, 3] (nm) model samples, atoms in the order of ``topology`` up to equivalent
-    atoms; md_positions_nm [m, N, 3] MD frames in topology order. energy_fn(positions_nm [k, N, 3]) ->
-    reduced energies u = U/kT [k] (e.g. ``EnergyModel(...).reduced_energy`` with unit="nm"); without it
-    the energy metrics are null. Model energies are evaluated on the valid samples after reordering and
-    mirroring (the raw order can put atoms on the wrong force-field parameters). md_energies, if given,
-    replaces energy_fn for the MD frames.
+    topology: md.Topology
+    reference_positions_nm: np.ndarray
+    energy_fn: Callable[[np.ndarray], np.ndarray] | None = None
 
-    Importance weights, one of: log_weights [n] (aligned with samples_nm; entries of invalid samples
-    are ignored), or prior_energy [n] and dlogp [n] from the sampler, combined with the model energies
-    as log w = -u + prior_energy + dlogp (needs energy_fn). Without weights the reweighted entries are
-    null. clip_quantile clips the largest log weights (tbg.flow.reweight.clip_log_weights) before the
-    reweighted estimates; the unclipped ESS is reported either way. ESS and all reweighted quantities
-    are over the valid samples (ess.kish_fraction = Kish ESS / number of valid samples).
 
-    Free energies are in kT; torsion Wasserstein distances are circular W1 in radians (see
-    tbg.evaluate.metrics). ``basins`` names the states whose free-energy difference is reported
-    (report["delta_f"][key], one entry per definition, with the definition itself): by default alpha_R vs
-    beta/PII along psi, which the shipped MD samples, and the published alpha_L (0 < phi < 2) vs rest.
-    md_positions_nm must be in time order: the MD error bars resample blocks of consecutive frames.
-    Returns (report dict, as written to out_dir/report.json; summary table string).
+@dataclass
+class ModelSamples:
+    """Model samples [n, N, 3] in nm, atoms in topology order up to equivalent atoms, with optional
+    importance weights, one of: ``log_weights`` [n] (entries of invalid samples are ignored), or
+    ``prior_energy`` [n] and ``dlogp`` [n] from the sampler, combined with the model energies as
+    log w = -u + prior_energy + dlogp (needs the molecule's energy_fn)."""
+
+    positions_nm: np.ndarray
+    log_weights: np.ndarray | None = None
+    prior_energy: np.ndarray | None = None
+    dlogp: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.positions_nm = np.asarray(self.positions_nm)
+        if self.log_weights is not None and (self.prior_energy is not None or self.dlogp is not None):
+            raise ValueError("give either log_weights or (prior_energy, dlogp), not both")
+        if (self.prior_energy is None) != (self.dlogp is None):
+            raise ValueError("prior_energy and dlogp must be given together")
+        n = len(self.positions_nm)
+        for name in ("log_weights", "prior_energy", "dlogp"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _as_array(getattr(self, name), name, n))
+
+
+@dataclass
+class MDFrames:
+    """MD frames [m, N, 3] in nm in time order (the MD error bars resample blocks of consecutive frames);
+    ``energies`` [m] (reduced), if given, replace the molecule's energy_fn for them."""
+
+    positions_nm: np.ndarray
+    energies: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.positions_nm = np.asarray(self.positions_nm)
+        if self.energies is not None:
+            self.energies = _as_array(self.energies, "md_energies", len(self.positions_nm))
+
+
+@dataclass
+class EvaluationOptions:
+    """``clip_quantile`` clips the largest log weights (tbg.flow.reweight.clip_log_weights) before the
+    reweighted estimates (the unclipped ESS is reported either way); ``basins`` names the states whose
+    free-energy difference is reported; ``bins`` of the free-energy profiles; ``n_bootstrap`` resamples
+    for their error bars; ``timeout_s`` per isomorphism search of the validity check."""
+
+    clip_quantile: float | None = None
+    basins: Mapping[str, metrics.BasinDefinition] = field(default_factory=lambda: metrics.RAMACHANDRAN_BASINS)
+    bins: int = 60
+    n_bootstrap: int = 200
+    timeout_s: float = 5.0
+    seed: int = 0
+
+
+@dataclass
+class Validity:
+    """The validity check of the samples and of the MD frames; ``positions_nm`` are the valid samples,
+    reordered to the topology's atom order and mirrored back where needed."""
+
+    result: ValidityResult
+    md_rate: float
+    md_n_frames: int
+    valid_idx: np.ndarray
+    positions_nm: np.ndarray
+
+
+@dataclass
+class Energies:
+    """Reduced energies of the MD frames and of the valid samples (None when not computed)."""
+
+    md: np.ndarray | None
+    model: np.ndarray | None
+
+
+@dataclass
+class Reweighting:
+    """Log importance weights of the valid samples (``log_w``, None without weights), the ones used for the
+    reweighted estimates (``log_w_used``, clipped if asked) and the ESS entry of the report."""
+
+    log_w: np.ndarray | None
+    log_w_used: np.ndarray | None
+    ess: dict[str, Any]
+
+    @property
+    def weights(self) -> np.ndarray | None:
+        """Normalised weights of the reweighted estimates."""
+        return None if self.log_w_used is None else metrics.weights_from_log(self.log_w_used, len(self.log_w_used))
+
+
+@dataclass
+class FreeEnergies:
+    """Torsion entries, free-energy profiles and basin Delta F of the report, and the torsions themselves
+    (name -> (atoms, angles)) for the plots."""
+
+    torsions: dict[str, Any]
+    free_energy: dict[str, Any]
+    delta_f: dict[str, Any]
+    profiles: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+    md_angles: dict[str, tuple[Any, np.ndarray]]
+    model_angles: dict[str, tuple[Any, np.ndarray]]
+
+
+def evaluate(samples: ModelSamples, molecule: Molecule, md_frames: MDFrames, out_dir: str | Path,
+             options: EvaluationOptions | None = None) -> tuple[dict[str, Any], str]:
+    """Evaluate model samples of one molecule against its MD frames; write report.json and plots.
+
+    Model energies are evaluated on the valid samples after reordering and mirroring (the raw order can
+    put atoms on the wrong force-field parameters). ESS and all reweighted quantities are over the valid
+    samples (ess.kish_fraction = Kish ESS / number of valid samples). Free energies are in kT; torsion
+    Wasserstein distances are circular W1 in radians (see tbg.evaluate.metrics). By default the basins
+    are alpha_R vs beta/PII along psi, which the shipped MD samples, and the published alpha_L
+    (0 < phi < 2) vs rest. Returns (report dict, as written to out_dir/report.json; summary table string).
     """
+    options = options or EvaluationOptions()
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    x = np.asarray(samples_nm)
-    md_x = np.asarray(md_positions_nm)
-    n_atoms = topology.n_atoms
+    _check_md_frames(md_frames, molecule.topology.n_atoms)
+    if samples.prior_energy is not None and molecule.energy_fn is None:
+        raise ValueError("prior_energy/dlogp need energy_fn to form log weights")
+
+    validity = check_validity(samples, molecule, md_frames, options.timeout_s)
+    energies = compute_energies(molecule, md_frames, validity.positions_nm)
+    weights = reweight(samples, validity, energies, options.clip_quantile)
+    energy, energy_series = energy_metrics(energies, weights)
+    free = free_energies(md_frames, validity, molecule.topology, weights, options)
+    written = write_plots(out, energy_series, free, weights)
+    report = write_report(out, validity, weights, energy, free, written, time.perf_counter() - t_start)
+    table = summary_table(report)
+    logger.info("evaluation written to %s\n%s", out, table)
+    return report, table
+
+
+def _check_md_frames(md_frames: MDFrames, n_atoms: int) -> None:
+    md_x = md_frames.positions_nm
     if md_x.ndim != 3 or md_x.shape[1:] != (n_atoms, 3) or len(md_x) == 0:
         raise ValueError(f"md_positions_nm must be [m>0, {n_atoms}, 3], got {md_x.shape}")
     if not np.isfinite(md_x).all():
         raise ValueError("md_positions_nm contains NaN/inf")
-    if log_weights is not None and (prior_energy is not None or dlogp is not None):
-        raise ValueError("give either log_weights or (prior_energy, dlogp), not both")
-    if (prior_energy is None) != (dlogp is None):
-        raise ValueError("prior_energy and dlogp must be given together")
-    if prior_energy is not None and energy_fn is None:
-        raise ValueError("prior_energy/dlogp need energy_fn to form log weights")
 
-    checker = ValidityChecker(topology, reference_positions_nm)
+
+def check_validity(samples: ModelSamples, molecule: Molecule, md_frames: MDFrames, timeout_s: float) -> Validity:
+    """Correct configurations among the samples (and the rate among the MD frames, as a check of the rule)."""
+    checker = ValidityChecker(molecule.topology, molecule.reference_positions_nm)
+    x = samples.positions_nm
     result = checker.check(x, timeout_s=timeout_s, progress=len(x) > 50_000)
-    md_rate = checker.check(md_x, timeout_s=timeout_s).rate
+    md_rate = checker.check(md_frames.positions_nm, timeout_s=timeout_s).rate
     valid_idx = np.flatnonzero(result.valid)
-    xv = result.samples_nm[valid_idx]
-    n, n_valid = len(x), len(valid_idx)
+    return Validity(result, md_rate, len(md_frames.positions_nm), valid_idx, result.samples_nm[valid_idx])
 
-    # ---- energies and weights (model quantities are over valid samples only)
-    e_md = e_model = None
-    if md_energies is not None:
-        e_md = _as_array(md_energies, "md_energies", len(md_x))
-    elif energy_fn is not None:
-        e_md = _energies(energy_fn, md_x, "MD frames")
-    if energy_fn is not None and n_valid:
-        e_model = _energies(energy_fn, xv, "valid samples")
+
+def compute_energies(molecule: Molecule, md_frames: MDFrames, valid_positions_nm: np.ndarray) -> Energies:
+    """Reduced energies of the MD frames (given or from energy_fn) and of the valid samples."""
+    e_md = md_frames.energies
+    if e_md is None and molecule.energy_fn is not None:
+        e_md = _energies(molecule.energy_fn, md_frames.positions_nm, "MD frames")
+    e_model = None
+    if molecule.energy_fn is not None and len(valid_positions_nm):
+        e_model = _energies(molecule.energy_fn, valid_positions_nm, "valid samples")
+    return Energies(e_md, e_model)
+
+
+def reweight(samples: ModelSamples, validity: Validity, energies: Energies,
+             clip_quantile: float | None) -> Reweighting:
+    """Log importance weights of the valid samples, their Kish ESS, and the clipped weights if asked."""
+    valid_idx, n_valid = validity.valid_idx, len(validity.valid_idx)
     log_w = None
-    if log_weights is not None:
-        log_w = _as_array(log_weights, "log_weights", n)[valid_idx]
-    elif prior_energy is not None and e_model is not None:
-        pe = _as_array(prior_energy, "prior_energy", n)[valid_idx]
-        dl = _as_array(dlogp, "dlogp", n)[valid_idx]
-        log_w = log_importance_weights(e_model, pe, dl).numpy()
+    if samples.log_weights is not None:
+        log_w = samples.log_weights[valid_idx]
+    elif samples.prior_energy is not None and energies.model is not None:
+        log_w = log_importance_weights(energies.model, samples.prior_energy[valid_idx],
+                                       samples.dlogp[valid_idx]).numpy()
     if log_w is not None and not np.isfinite(log_w).any():
         logger.warning("no valid sample has a finite log weight: reweighted metrics are null")
         log_w = None
@@ -153,102 +264,118 @@ def evaluate(
         if clip_quantile is not None:
             log_w_used = clip_log_weights(log_w, clip_quantile).numpy()
             ess["kish_fraction_clipped"] = kish_ess(log_w_used)
-    w_used = metrics.weights_from_log(log_w_used, n_valid) if log_w_used is not None else None
+    return Reweighting(log_w, log_w_used, ess)
 
-    # ---- energy metrics
+
+def energy_metrics(energies: Energies, weights: Reweighting
+                   ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray | None]]]:
+    """The report's energy entry (means, Wasserstein distances to MD) and the series for the histogram."""
     energy: dict[str, Any] = dict.fromkeys(
         ["md_mean", "model_mean", "reweighted_mean", "reweighted_stderr", "model_n_nonfinite",
          "wasserstein_model", "wasserstein_reweighted"])
-    energy_series: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    series: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    e_md, e_model, log_w = energies.md, energies.model, weights.log_w_used
     if e_md is not None:
         if not np.isfinite(e_md).all():
             raise ValueError("MD energies contain NaN/inf")
         energy["md_mean"] = float(e_md.mean())
-        energy_series["MD"] = (e_md, None)
-    if e_model is not None:
-        finite = np.isfinite(e_model)
-        energy["model_n_nonfinite"] = int((~finite).sum())
-        if finite.any():
-            energy["model_mean"] = float(e_model[finite].mean())
-            energy_series["model"] = (e_model[finite], None)
-            energy["wasserstein_model"] = metrics.wasserstein_1d(e_md, e_model[finite])
-        if log_w_used is not None:
-            # Non-finite energies get weight 0 from log_importance_weights; user-given log weights
-            # that put weight on them are inconsistent with the energy model.
-            positive = np.isfinite(log_w_used)
-            if (positive & ~finite).any():
-                raise ValueError("log_weights give positive weight to samples with non-finite energy")
-            mean, se = weighted_mean(e_model, log_w_used)
-            energy["reweighted_mean"], energy["reweighted_stderr"] = mean, se
-            energy["wasserstein_reweighted"] = metrics.wasserstein_1d(
-                e_md, e_model[positive], None, log_w_used[positive])
-            energy_series["reweighted"] = (e_model[positive],
-                                           metrics.weights_from_log(log_w_used[positive], int(positive.sum())))
+        series["MD"] = (e_md, None)
+    if e_model is None:
+        return energy, series
+    finite = np.isfinite(e_model)
+    energy["model_n_nonfinite"] = int((~finite).sum())
+    if finite.any():
+        energy["model_mean"] = float(e_model[finite].mean())
+        series["model"] = (e_model[finite], None)
+        energy["wasserstein_model"] = metrics.wasserstein_1d(e_md, e_model[finite])
+    if log_w is not None:
+        # Non-finite energies get weight 0 from log_importance_weights; user-given log weights that put
+        # weight on them are inconsistent with the energy model.
+        positive = np.isfinite(log_w)
+        if (positive & ~finite).any():
+            raise ValueError("log_weights give positive weight to samples with non-finite energy")
+        energy["reweighted_mean"], energy["reweighted_stderr"] = weighted_mean(e_model, log_w)
+        energy["wasserstein_reweighted"] = metrics.wasserstein_1d(e_md, e_model[positive], None, log_w[positive])
+        series["reweighted"] = (e_model[positive], metrics.weights_from_log(log_w[positive], int(positive.sum())))
+    return energy, series
 
-    # ---- torsions, free energies, basin Delta F
-    tors_md = metrics.backbone_torsions(md_x, topology)
-    tors_model = metrics.backbone_torsions(xv, topology) if n_valid else {}
+
+def free_energies(md_frames: MDFrames, validity: Validity, topology: md.Topology, weights: Reweighting,
+                  options: EvaluationOptions) -> FreeEnergies:
+    """Backbone torsions of MD and valid samples: free-energy profiles, circular W1 to MD, basin Delta F."""
+    tors_md = metrics.backbone_torsions(md_frames.positions_nm, topology)
+    tors_model = metrics.backbone_torsions(validity.positions_nm, topology) if len(validity.valid_idx) else {}
+    log_w = weights.log_w_used
     torsions: dict[str, Any] = {}
     free_energy: dict[str, Any] = {"bins": None}
+    all_profiles: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for name, (atoms, a_md) in tors_md.items():
         entry = {"atoms": atoms, "wasserstein_model": None, "wasserstein_reweighted": None}
-        profiles = {"MD": metrics.free_energy_profile(a_md, bins=bins)}
+        profiles = {"MD": metrics.free_energy_profile(a_md, bins=options.bins)}
         if name in tors_model:
             a_model = tors_model[name][1]
             entry["wasserstein_model"] = metrics.circular_wasserstein(a_md, a_model)
-            profiles["model"] = metrics.free_energy_profile(a_model, bins=bins)
-            if log_w_used is not None:
-                entry["wasserstein_reweighted"] = metrics.circular_wasserstein(a_md, a_model, None, log_w_used)
-                profiles["reweighted"] = metrics.free_energy_profile(a_model, log_w_used, bins=bins)
+            profiles["model"] = metrics.free_energy_profile(a_model, bins=options.bins)
+            if log_w is not None:
+                entry["wasserstein_reweighted"] = metrics.circular_wasserstein(a_md, a_model, None, log_w)
+                profiles["reweighted"] = metrics.free_energy_profile(a_model, log_w, bins=options.bins)
         torsions[name] = entry
         free_energy["bins"] = profiles["MD"][0]
         free_energy[name] = {label: profiles[label][1] if label in profiles else None for label in _LABELS}
-        plots.plot_free_energy(out / f"free_energy_{name}.png", name, profiles)
+        all_profiles[name] = profiles
+    delta_f = {key: _delta_f_entry(definition, tors_md, tors_model, log_w, options.n_bootstrap, options.seed)
+               for key, definition in options.basins.items()}
+    return FreeEnergies(torsions, free_energy, delta_f, all_profiles, tors_md, tors_model)
 
-    delta_f = {key: _delta_f_entry(definition, tors_md, tors_model, log_w_used, n_bootstrap, seed)
-               for key, definition in basins.items()}
 
-    # ---- plots
-    written = {}
+def write_plots(out: Path, energy_series: dict[str, tuple[np.ndarray, np.ndarray | None]], free: FreeEnergies,
+                weights: Reweighting) -> dict[str, Path]:
+    """Energy histograms, Ramachandran panels, free-energy profiles and the log-weight histogram (those
+    the data allow); returns name -> file."""
+    written: dict[str, Path] = {}
     if energy_series:
         written["energy_histogram"] = plots.plot_energy_histograms(out / "energy_histogram.png", energy_series)
+    tors_md, tors_model = free.md_angles, free.model_angles
     if "phi" in tors_md and "psi" in tors_md:
         panels = {"MD": (tors_md["phi"][1], tors_md["psi"][1], None)}
         if "phi" in tors_model:
             panels["model"] = (tors_model["phi"][1], tors_model["psi"][1], None)
-            if w_used is not None:
-                panels["reweighted"] = (tors_model["phi"][1], tors_model["psi"][1], w_used)
+            if weights.log_w_used is not None:
+                panels["reweighted"] = (tors_model["phi"][1], tors_model["psi"][1], weights.weights)
         written["ramachandran"] = plots.plot_ramachandran(out / "ramachandran.png", panels)
-    for name in tors_md:
-        written[f"free_energy_{name}"] = out / f"free_energy_{name}.png"
-    if log_w is not None:
-        written["log_weights"] = plots.plot_log_weights(out / "log_weights.png", log_w)
+    for name, profiles in free.profiles.items():
+        written[f"free_energy_{name}"] = plots.plot_free_energy(out / f"free_energy_{name}.png", name, profiles)
+    if weights.log_w is not None:
+        written["log_weights"] = plots.plot_log_weights(out / "log_weights.png", weights.log_w)
+    return written
 
+
+def write_report(out: Path, validity: Validity, weights: Reweighting, energy: dict[str, Any], free: FreeEnergies,
+                 written: dict[str, Path], seconds: float) -> dict[str, Any]:
+    """Assemble the report (JSON-safe: non-finite values become null) and write out/report.json."""
+    result = validity.result
     report = {
-        "n_samples": n,
-        "n_valid": n_valid,
+        "n_samples": len(result.valid),
+        "n_valid": len(validity.valid_idx),
         "correct_configuration_rate": result.rate,
         "n_mirrored": int(result.mirrored.sum()),
         "invalid_reasons": result.reason_counts(),
         "n_graphs_searched": result.n_graphs_searched,
         "n_isomorphism_timeouts": result.n_timeouts,
-        "md_n_frames": len(md_x),
-        "md_correct_configuration_rate": md_rate,
-        "ess": ess,
+        "md_n_frames": validity.md_n_frames,
+        "md_correct_configuration_rate": validity.md_rate,
+        "ess": weights.ess,
         "energy": energy,
-        "torsions": torsions,
-        "free_energy": free_energy,
-        "delta_f": delta_f,
+        "torsions": free.torsions,
+        "free_energy": free.free_energy,
+        "delta_f": free.delta_f,
         "plots": {k: Path(v).name for k, v in written.items()},
-        "timings_s": {**{f"validity_{k}": v for k, v in result.timings.items()},
-                      "total": time.perf_counter() - t_start},
+        "timings_s": {**{f"validity_{k}": v for k, v in result.timings.items()}, "total": seconds},
     }
     report = _json_safe(report)
     with open(out / REPORT_FILE, "w") as fh:
         json.dump(report, fh, indent=1, allow_nan=False)
-    table = summary_table(report)
-    logger.info("evaluation written to %s\n%s", out, table)
-    return report, table
+    return report
 
 
 def _delta_f_entry(definition: metrics.BasinDefinition, tors_md: dict, tors_model: dict,
