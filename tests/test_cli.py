@@ -3,6 +3,8 @@ simulate -> train -> sample -> evaluate chain, resuming, `demo --quick`, and pub
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,15 @@ def test_help(command: str | None, capsys: pytest.CaptureFixture) -> None:
     assert out.startswith("usage: tbg")
     if command:
         assert COMMANDS[command][0].split()[0] in out.lower()  # the command's own description
+
+
+def test_python_dash_m(tmp_path: Path) -> None:
+    """`python -m tbg` is the same command: help, and a usage error with exit status 2."""
+    ok = subprocess.run([sys.executable, "-m", "tbg", "--help"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.startswith("usage: tbg") and "demo" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "tbg", "sample", "--out", str(tmp_path / "s")], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "--checkpoint" in bad.stderr
 
 
 @pytest.mark.parametrize("argv, message", [
