@@ -38,7 +38,8 @@ from tbg.flow.reweight import (
     weighted_mean,
 )
 from tbg.flow.sample import SampleConfig, batch_size_for_budget, chunk_seed, sample
-from tbg.flow.train import RaggedLoader, TrainConfig, TrainResult, flow_matching_loss, latest_checkpoint, train
+from tbg.flow.checkpointing import latest_checkpoint
+from tbg.flow.train import RaggedLoader, TrainConfig, TrainResult, flow_matching_loss, train
 
 __all__ = [
     "AutogradDivergence",

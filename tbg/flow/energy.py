@@ -10,13 +10,12 @@ Two objectives, both using the flow's own samples and the divergence:
   the energy may be any callable, +inf allowed), and maximise sum_i wbar_i log q(x_i), where log q(x)
   = log q0(z') - int_0^1 div v along the path integrated back from x to z'.
 
-Checkpoints every ``checkpoint_every`` steps (published layout + optimizer + RNG + step); a restarted
-run continues from the newest one.
+Checkpoints every ``checkpoint_every`` steps (published layout + optimizer + RNG + step, the newest
+``keep_checkpoints`` kept; ``tbg.flow.checkpointing``); a restarted run continues from the newest one.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from collections.abc import Callable
@@ -28,12 +27,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tbg.flow.checkpointing import Checkpoints, CsvLog
 from tbg.flow.ode import SolverConfig, integrate
 from tbg.flow.prior import MeanFreeGaussian
 from tbg.flow.reweight import kish_ess, log_importance_weights, normalized_weights
-from tbg.flow.train import latest_checkpoint
 from tbg.nn.checkpoint import egnn_state, save_published
-from tbg.nn.egnn import EGNN
+from tbg.nn.egnn import EGNN, BoundDynamics
 
 log = logging.getLogger("tbg")
 
@@ -56,6 +55,7 @@ class EnergyTrainConfig:
     sample_solver: SolverConfig = field(default_factory=SolverConfig)  # importance: drawing x and its weight
     seed: int = 0
     checkpoint_every: int = 20
+    keep_checkpoints: int = 3
     backend: str = "auto"
     progress: bool = True
 
@@ -66,35 +66,6 @@ class EnergyTrainConfig:
             raise ValueError(f"divergence must be 'hutchinson' or 'exact', got {self.divergence!r}")
         if self.n_steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError("need n_steps >= 0, batch_size >= 1, checkpoint_every >= 1")
-
-
-class _Field:
-    """The EGNN bound to one molecule, with the divergence method of the config."""
-
-    def __init__(self, egnn: EGNN, features: Tensor, cfg: EnergyTrainConfig, generator: torch.Generator) -> None:
-        self.egnn, self.features, self.cfg, self.generator = egnn, features, cfg, generator
-        self.n_atoms = features.shape[0]
-
-    def __call__(self, t: Tensor, x: Tensor) -> Tensor:
-        v = self.egnn(t, x.reshape(x.shape[0], self.n_atoms, 3), self.features, backend=self.cfg.backend)
-        return v.reshape(x.shape)
-
-    def divergence(self, t: Tensor, x: Tensor, method: str | None = None) -> tuple[Tensor, Tensor]:
-        v, div = self.egnn.divergence(t, x.reshape(x.shape[0], self.n_atoms, 3), self.features,
-                                      method=method or self.cfg.divergence, n_probes=self.cfg.n_probes,
-                                      generator=self.generator, backend=self.cfg.backend)
-        return v.reshape(x.shape), div
-
-
-class _Exact:
-    def __init__(self, f: _Field) -> None:
-        self.f = f
-
-    def __call__(self, t: Tensor, x: Tensor) -> Tensor:
-        return self.f(t, x)
-
-    def divergence(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.f.divergence(t, x, method="exact")
 
 
 def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Tensor], Tensor],
@@ -113,31 +84,24 @@ def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Ten
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     step = 0
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if "energy_state" not in state.get("tbg", {}):
-            raise RuntimeError(f"{ckpt} is not an energy-training checkpoint; give train_by_energy its own out_dir")
+    checkpoints = Checkpoints(out, "energy_state", "an energy-training checkpoint", keep=cfg.keep_checkpoints)
+    if (found := checkpoints.load_latest()) is not None:
+        ckpt, state = found
         model.load_state_dict(egnn_state(state))
         optimizer.load_state_dict(state["optimizer_state_dict"])
         gen.set_state(state["tbg"]["energy_state"]["rng"])
         step = state["tbg"]["energy_state"]["step"]
         log.info("resuming energy training from %s at step %d", ckpt, step)
-    field_ = _Field(model, features, cfg, gen)
-    log_path = out / "energy_log.csv"
-    keep = [r for r in csv.DictReader(log_path.open())] if log_path.exists() else []
-    keep = [r for r in keep if int(r["step"]) <= step]
-    names = ["step", "loss", "mean_energy", "ess"]
-    with log_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, names)
-        w.writeheader()
-        w.writerows(keep)
+    # The field for the trained objective (divergence of the config) and, for the importance weights,
+    # the same field with the exact divergence.
+    field_ = BoundDynamics(model, features, backend=cfg.backend,
+                           divergence_options={"method": cfg.divergence, "n_probes": cfg.n_probes, "generator": gen})
+    exact = BoundDynamics(model, features, backend=cfg.backend, divergence_options={"method": "exact"})
+    csv_log = CsvLog(out / "energy_log.csv", ("step", "loss", "mean_energy", "ess"), step)
     rows: list[dict[str, float]] = []
 
     def checkpoint() -> None:
-        save_published(out / "checkpoints" / f"step_{step:08d}.pt", model, optimizer_state_dict=optimizer.state_dict(),
-                       global_it=step, tbg={"energy_state": {"step": step, "rng": gen.get_state(),
-                                                             "config": asdict(cfg)}})
+        checkpoints.save(step, model, optimizer, {"step": step, "rng": gen.get_state(), "config": asdict(cfg)})
 
     model.train()
     for _ in tqdm(range(step, cfg.n_steps), disable=not cfg.progress, desc=f"energy ({cfg.objective})"):
@@ -151,7 +115,7 @@ def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Ten
             loss = (u - res.dlogp).mean()
             log_w = (-u + prior.energy(z) + res.dlogp).detach()
         else:
-            fwd = integrate(_Exact(field_), z, solver=cfg.sample_solver)
+            fwd = integrate(exact, z, solver=cfg.sample_solver)
             u = reduced_energy(fwd.x).detach()
             log_w = log_importance_weights(u, prior.energy(z), fwd.dlogp)
             wbar = normalized_weights(log_w).to(dtype)
@@ -170,8 +134,7 @@ def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Ten
         row = {"step": step, "loss": float(loss.detach()), "mean_energy": float(u[finite].mean()) if finite.any() else math.inf,
                "ess": ess}
         rows.append(row)
-        with log_path.open("a", newline="") as f:
-            csv.DictWriter(f, names).writerow(row)
+        csv_log.write(row)
         if step % cfg.checkpoint_every == 0:
             checkpoint()
     if step % cfg.checkpoint_every != 0:

@@ -22,7 +22,8 @@ from torch.utils.data import Subset
 from tbg.chem.trajectory import MDData
 from tbg.errors import InputError
 from tbg.flow.sample import SampleConfig, sample
-from tbg.flow.train import RaggedLoader, TrainConfig, latest_checkpoint, train
+from tbg.flow.checkpointing import latest_checkpoint
+from tbg.flow.train import RaggedLoader, TrainConfig, train
 
 log = logging.getLogger("tbg")
 

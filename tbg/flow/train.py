@@ -13,7 +13,6 @@ deterministic per epoch (``RaggedLoader`` is: it shuffles with seed + epoch).
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import time
@@ -29,13 +28,14 @@ from tqdm.auto import tqdm
 from tbg.flow import distributed as D
 from tbg.flow.coupling import Coupling, couple, interchangeable_groups
 from tbg.flow.prior import center_ragged, sample_ragged
-from tbg.nn.checkpoint import save_published
+from tbg.flow.checkpointing import Checkpoints, CsvLog
+from tbg.nn.checkpoint import egnn_state, save_published
 from tbg.nn.egnn import EGNN
 from tbg.nn.layout import molecule_index
 
 log = logging.getLogger("tbg")
 
-__all__ = ["TrainConfig", "TrainResult", "RaggedLoader", "flow_matching_loss", "train", "latest_checkpoint"]
+__all__ = ["TrainConfig", "TrainResult", "RaggedLoader", "flow_matching_loss", "train"]
 
 
 class RaggedBatchLike(Protocol):
@@ -175,12 +175,6 @@ def flow_matching_loss(model: Callable[..., Tensor], batch: RaggedBatchLike, *, 
     return per_mol / (3 * ptr.diff().to(sq.dtype))
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest ``checkpoints/step_*.pt`` under out_dir, or None."""
-    found = sorted((Path(out_dir) / "checkpoints").glob("step_*.pt"))
-    return found[-1] if found else None
-
-
 def _to_device(batch: Any, device: torch.device) -> Any:
     return batch.to(device) if hasattr(batch, "to") else batch
 
@@ -202,43 +196,26 @@ class _EMA:
         self.shadow = current
 
 
-class _CsvLog:
-    """Append-only CSV of training rows; on resume drops rows written after the checkpoint."""
+# Columns of train_log.csv.
+LOG_FIELDS = ("step", "epoch", "lr", "loss", "val_loss", "grad_norm", "seconds")
 
-    FIELDS = ["step", "epoch", "lr", "loss", "val_loss", "grad_norm", "seconds"]
 
-    def __init__(self, path: Path, resume_step: int) -> None:
-        self.path = path
-        rows = []
-        if path.exists() and resume_step > 0:
-            with path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, self.FIELDS)
-            w.writeheader()
-            w.writerows(rows)
-        # Rows kept from before the restart, typed like the rows train() writes.
-        self.previous = [{k: self._parse(k, v) for k, v in r.items()} for r in rows]
+class _TensorBoard:
+    """The scalars of train_log.csv in TensorBoard (out/tensorboard) when it is installed."""
+
+    def __init__(self, out: Path, resume_step: int) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
 
-            self.tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=resume_step + 1)
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1)
         except ImportError:
-            self.tb = None
-
-    @staticmethod
-    def _parse(key: str, value: str) -> Any:
-        if value == "":
-            return ""
-        return int(value) if key in ("step", "epoch") else float(value)
+            self.writer = None
 
     def write(self, row: dict[str, Any]) -> None:
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, self.FIELDS).writerow(row)
-        if self.tb is not None:
+        if self.writer is not None:
             for k in ("lr", "loss", "val_loss", "grad_norm"):
                 if row.get(k) not in (None, ""):
-                    self.tb.add_scalar(k, float(row[k]), row["step"])
+                    self.writer.add_scalar(k, float(row[k]), row["step"])
 
 
 def _validate(model: EGNN, val_data: Iterable[Any], cfg: TrainConfig, device: torch.device) -> float:
@@ -288,18 +265,16 @@ def train(model: EGNN, train_data: Iterable[Any], out_dir: str | Path, config: T
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + rank)
     step = epoch = batch_in_epoch = 0
 
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None and not cfg.resume:
+    checkpoints = Checkpoints(out, "train_state", "a flow-matching training checkpoint", keep=cfg.keep_checkpoints)
+    if not cfg.resume and (ckpt := checkpoints.latest()) is not None:
         raise FileExistsError(f"{out} already holds checkpoints ({ckpt.name}); pass resume=True to continue that "
                               f"run or use another output folder")
-    if ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if (found := checkpoints.load_latest()) is not None:
+        ckpt, state = found
         ts = state["tbg"]["train_state"]
         if ts["world_size"] != world:
             raise RuntimeError(f"{ckpt} was written by {ts['world_size']} processes; resume with the same number "
                                f"(this run has {world})")
-        from tbg.nn.checkpoint import egnn_state  # noqa: PLC0415
-
         model.load_state_dict(egnn_state(state))
         optimizer.load_state_dict(state["optimizer_state_dict"])
         scheduler.load_state_dict(ts["scheduler"])
@@ -319,7 +294,8 @@ def train(model: EGNN, train_data: Iterable[Any], out_dir: str | Path, config: T
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
-    csv_log = _CsvLog(out / "train_log.csv", step) if rank == 0 else None
+    csv_log = CsvLog(out / "train_log.csv", LOG_FIELDS, step, int_fields=("step", "epoch")) if rank == 0 else None
+    tensorboard = _TensorBoard(out, step) if rank == 0 else None
     # The rows logged so far, including those of earlier runs of this training (resume).
     history: list[dict[str, Any]] = list(csv_log.previous) if csv_log is not None else []
     window: list[float] = []
@@ -333,11 +309,7 @@ def train(model: EGNN, train_data: Iterable[Any], out_dir: str | Path, config: T
         train_state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "world_size": world,
                        "scheduler": scheduler.state_dict(), "rng": rngs, "config": asdict(cfg),
                        "ema": None if ema is None else {k: v.cpu() for k, v in ema.shadow.items()}}
-        path = out / "checkpoints" / f"step_{step:08d}.pt"
-        save_published(path, model, optimizer_state_dict=optimizer.state_dict(), global_it=step, epoch=epoch,
-                       tbg={"train_state": train_state})
-        for old in sorted((out / "checkpoints").glob("step_*.pt"))[:-cfg.keep_checkpoints]:
-            old.unlink()
+        checkpoints.save(step, model, optimizer, train_state, epoch=epoch)
 
     def validate() -> float:
         if ema is not None:
@@ -387,6 +359,7 @@ def train(model: EGNN, train_data: Iterable[Any], out_dir: str | Path, config: T
                 window = []
                 if csv_log is not None:
                     csv_log.write(row)
+                    tensorboard.write(row)
                     history.append(row)
                     pbar.set_postfix(loss=f"{row['loss']:.4g}")
             if step % cfg.checkpoint_every == 0:

@@ -9,7 +9,7 @@ are built for the tensors' device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -236,13 +236,17 @@ class BoundDynamics(nn.Module):
     features [N, F]: one molecule, x [B, 3N] or [B, N, 3], any B.
     features [B, N, F] with optional node_mask [B, N]: padded transfer batch of B molecules.
     features [M, F] with mol_ptr [B + 1]: ragged batch, x [M, 3].
+    ``divergence_options`` are default keyword arguments of ``divergence`` (e.g. method="hutchinson",
+    n_probes, generator), so code that calls ``dyn.divergence(t, x)`` (the ODE solvers) uses them.
     """
 
     def __init__(self, egnn: EGNN, features: Tensor, *, node_mask: Tensor | None = None,
-                 mol_ptr: Tensor | None = None, backend: Backend = "auto") -> None:
+                 mol_ptr: Tensor | None = None, backend: Backend = "auto",
+                 divergence_options: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.egnn = egnn
         self.backend: Backend = backend
+        self.divergence_options: dict[str, Any] = dict(divergence_options or {})
         self.register_buffer("features", features, persistent=False)
         self.register_buffer("node_mask", node_mask, persistent=False)
         self.register_buffer("mol_ptr", mol_ptr, persistent=False)
@@ -267,8 +271,9 @@ class BoundDynamics(nn.Module):
         return v.reshape(x.shape)
 
     def divergence(self, t: Tensor | float, x: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
-        """(v, div [B]) with v shaped like x; keyword arguments as ``EGNN.divergence``."""
-        kwargs.setdefault("backend", self.backend)
+        """(v, div [B]) with v shaped like x; keyword arguments as ``EGNN.divergence``, by default the
+        ``divergence_options`` and the backend of this dynamics."""
+        kwargs = {"backend": self.backend, **self.divergence_options, **kwargs}
         v, div = self.egnn.divergence(t, self._dense(x), self.features, node_mask=self.node_mask,
                                       mol_ptr=self.mol_ptr, **kwargs)
         return v.reshape(x.shape), div

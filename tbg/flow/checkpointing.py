@@ -1,0 +1,94 @@
+"""Resumable training on disk, shared by ``tbg.flow.train`` and ``tbg.flow.energy``.
+
+``Checkpoints`` keeps numbered checkpoints ``checkpoints/step_XXXXXXXX.pt`` of a run folder: the published
+layout (``tbg.nn.save_published``, written to a temporary name and renamed, so a crash never leaves half a
+file) plus the loop's own state under ``"tbg"`` -> ``state_key``; after each save only the newest ``keep``
+remain. ``CsvLog`` is the run's CSV log: on resume it drops the rows written after the checkpoint the run
+continues from, so a killed and restarted run logs every step exactly once.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tbg.nn.checkpoint import save_published
+from tbg.nn.egnn import EGNN
+
+log = logging.getLogger("tbg")
+
+__all__ = ["CHECKPOINT_DIR", "Checkpoints", "CsvLog", "latest_checkpoint"]
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest ``checkpoints/step_*.pt`` under out_dir, or None."""
+    found = sorted((Path(out_dir) / CHECKPOINT_DIR).glob("step_*.pt"))
+    return found[-1] if found else None
+
+
+class Checkpoints:
+    """The numbered checkpoints of one training loop; ``description`` names them in errors, e.g. "an
+    energy-training checkpoint"."""
+
+    def __init__(self, out_dir: str | Path, state_key: str, description: str, keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.out, self.state_key, self.description, self.keep = Path(out_dir), state_key, description, keep
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.out)
+
+    def load_latest(self) -> tuple[Path, dict[str, Any]] | None:
+        """(path, checkpoint dict) of the newest checkpoint, None when there is none; refuses one written by
+        another kind of training."""
+        path = self.latest()
+        if path is None:
+            return None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if self.state_key not in checkpoint.get("tbg", {}):
+            raise RuntimeError(f"{path} is not {self.description}; give each training its own output folder")
+        return path, checkpoint
+
+    def save(self, step: int, model: EGNN, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+             **extra: Any) -> Path:
+        """Write checkpoint ``step`` (model, optimizer, ``state`` and published ``extra`` entries such as
+        epoch), then delete all but the newest ``keep``."""
+        path = self.out / CHECKPOINT_DIR / f"step_{step:08d}.pt"
+        save_published(path, model, optimizer_state_dict=optimizer.state_dict(), global_it=step,
+                       tbg={self.state_key: state}, **extra)
+        for old in sorted((self.out / CHECKPOINT_DIR).glob("step_*.pt"))[:-self.keep]:
+            old.unlink()
+        return path
+
+
+class CsvLog:
+    """Append-only CSV of training rows with columns ``fields``; rows after ``resume_step`` are dropped."""
+
+    def __init__(self, path: Path, fields: Sequence[str], resume_step: int, *,
+                 int_fields: Sequence[str] = ("step",)) -> None:
+        self.path, self.fields, self.int_fields = path, list(fields), tuple(int_fields)
+        rows = []
+        if path.exists() and resume_step > 0:
+            with path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, self.fields)
+            w.writeheader()
+            w.writerows(rows)
+        # Rows kept from before the restart, typed like the rows the loop writes ("" stays "").
+        self.previous = [{k: self._parse(k, v) for k, v in r.items()} for r in rows]
+
+    def _parse(self, key: str, value: str) -> Any:
+        if value == "":
+            return ""
+        return int(value) if key in self.int_fields else float(value)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.fields).writerow(row)
