@@ -266,3 +266,29 @@ def test_batch_budget_and_checkpoint_guard(tmp_path) -> None:
     (tmp_path / "checkpoints" / "step_00000010.pt").write_bytes(b"")
     with pytest.raises(FileExistsError, match="resume=True"):
         train(tbg.EGNN(1, 8, 1), [], tmp_path, TrainConfig(resume=False))
+
+
+def test_autograd_divergence_any_width_and_differentiable() -> None:
+    """The brute-force adapter on D = 5 (not whole atoms): the trace of v = tanh(x A^T) and its gradient."""
+    from tbg.flow import AutogradDivergence
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 5, dtype=torch.float64, generator=g)
+    x = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    dyn = AutogradDivergence(lambda t, y: torch.tanh(t * y @ a.T))
+    t = torch.tensor(0.7, dtype=torch.float64)
+
+    def exact(y: torch.Tensor) -> torch.Tensor:  # sum_i (1 - tanh^2(t a_i.y)) t A_ii
+        return ((1 - torch.tanh(t * y @ a.T) ** 2) * t * torch.diagonal(a)).sum(1)
+
+    v, div = dyn.divergence(t, x)
+    assert v.shape == x.shape and div.shape == (4,)
+    assert_close(v, torch.tanh(t * x @ a.T))
+    assert_close(div, exact(x))
+    (grad,) = torch.autograd.grad(div.sum(), x)  # create_graph under grad mode: differentiable
+    (expected,) = torch.autograd.grad(exact(x).sum(), x)
+    assert_close(grad, expected)
+    with torch.no_grad():
+        v0, div0 = dyn.divergence(t, x)
+    assert not div0.requires_grad and not v0.requires_grad
+    assert_close(div0, exact(x).detach())

@@ -18,6 +18,7 @@ Two ways to get the exact log-likelihood of x(1) = flow(z):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torchdiffeq import odeint
+
+from tbg.nn.divergence import divergence_bruteforce
 
 __all__ = [
     "Dynamics",
@@ -52,28 +55,31 @@ class Dynamics(Protocol):
 class AutogradDivergence:
     """Wrap a plain field ``f(t, x)`` with an exact divergence by one backward pass per coordinate.
 
-    This is the published method's brute-force trace; it works for any differentiable field (toy fields
-    in tests, custom fields) but costs D backward passes.
+    This is the published method's brute-force trace (``tbg.nn.divergence.divergence_bruteforce``, here on
+    flat states x [B, D]); it works for any differentiable field (toy fields in tests, custom fields) but
+    costs D backward passes. Under grad mode the trace stays differentiable (training by energy).
     """
 
-    def __init__(self, field: "callable") -> None:
+    def __init__(self, field: Callable[[Tensor, Tensor], Tensor]) -> None:
         self.field = field
 
     def __call__(self, t: Tensor, x: Tensor) -> Tensor:
         return self.field(t, x)
 
     def divergence(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        # Under grad mode the trace stays differentiable (create_graph), for training by energy.
-        create = torch.is_grad_enabled()
-        with torch.enable_grad():
-            xr = x if create and x.requires_grad else x.detach().requires_grad_(True)
-            v = self.field(t, xr)
-            div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-            for i in range(x.shape[1]):
-                (g,) = torch.autograd.grad(v[:, i].sum(), xr, retain_graph=create or i + 1 < x.shape[1],
-                                           create_graph=create)
-                div = div + g[:, i]
-        return (v, div) if create else (v.detach(), div.detach())
+        # The brute-force trace works on atoms (rows of 3 coordinates, one molecule per sample): pad D to
+        # a multiple of 3 with coordinates the field does not see (their diagonal entries are 0).
+        batch, dim = x.shape
+        pad = -dim % 3
+        mol_ptr = torch.arange(batch + 1, device=x.device) * ((dim + pad) // 3)
+
+        def atoms_field(atoms: Tensor) -> Tensor:
+            v = self.field(t, atoms.reshape(batch, dim + pad)[:, :dim])
+            return torch.nn.functional.pad(v, (0, pad)).reshape(-1, 3)
+
+        atoms = torch.nn.functional.pad(x, (0, pad)).reshape(-1, 3)
+        v, div = divergence_bruteforce(atoms_field, atoms, mol_ptr, create_graph=torch.is_grad_enabled())
+        return v.reshape(batch, dim + pad)[:, :dim], div
 
 
 def as_dynamics(dyn: object) -> Dynamics:
