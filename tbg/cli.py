@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tbg.chem.data import ALANINE_DIPEPTIDE_DIR
+from tbg.chem.trajectory import WRITE_FORMATS
+from tbg.chem.units import SCALE
 from tbg.errors import InputError
 
 if TYPE_CHECKING:
     from tbg.chem.trajectory import MDData
     from tbg.evaluate import EvaluationOptions
-    from tbg.flow import SampleConfig
-    from tbg.flow.runs import TrainingOptions
+    from tbg.flow.runs import SamplingOptions, TrainingOptions
 
 log = logging.getLogger("tbg")
 
@@ -49,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "backend": "auto",
     # sampling (published: dopri5, atol = rtol = 1e-4, batches of 500)
     "n": 1000, "sample_batch_size": 500, "likelihood": "joint", "method": "dopri5", "atol": 1e-4, "rtol": 1e-4,
-    "ode_steps": 20, "quadrature": 16, "dtype": "float32",
+    "ode_steps": 20, "quadrature": 16, "dtype": "float32", "trajectory": ["pdb", "dcd"],
     # evaluation
     "md_frames": 5000, "temperature": None, "clip_quantile": None, "bins": 60, "bootstrap": 200,
     # simulation (published: 0.5 fs Langevin, frames every 10000 steps)
@@ -65,7 +66,8 @@ DEMO_PRESETS: dict[str, dict[str, Any]] = {
     "default": {"hidden": 32, "layers": 3, "steps": 3000, "batch_size": 64, "lr": 2e-3, "checkpoint_every": 100,
                 "lr_milestones": [2400], "n": 1000, "sample_batch_size": 250, "likelihood": "decoupled",
                 "quadrature": 8, "atol": 1e-3, "rtol": 1e-3, "md_frames": 2000, "out": "tbg-demo"},
-    "full": {"epochs": 1000, "n": 100_000, "md_frames": 20_000, "out": "tbg-demo-full"},
+    # 1e5 samples as a multi-model PDB would take ~200 MB: DCD (with sample/topology.pdb) only.
+    "full": {"epochs": 1000, "n": 100_000, "md_frames": 20_000, "trajectory": ["dcd"], "out": "tbg-demo-full"},
 }
 
 
@@ -124,6 +126,12 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     _opt(g, "--ode-steps", "steps of fixed-step solvers", type=int, metavar="N")
     _opt(g, "--quadrature", "quadrature nodes of --likelihood decoupled", type=int, metavar="K")
     _opt(g, "--dtype", "floating-point type of the integration", choices=["float32", "float64"])
+    g.add_argument("--trajectory", nargs="*", choices=WRITE_FORMATS, default=None, metavar="FORMAT",
+                   help="also write the samples as samples.FORMAT beside samples.npz, for VMD, PyMOL, MDAnalysis: "
+                        f"{', '.join(WRITE_FORMATS)}; positions in nm (samples / {SCALE:g}, not re-centred), atoms in "
+                        "the order of topology.pdb; with a likelihood also samples_weights.csv (reduced energy, "
+                        "log weight, normalised weight per frame); --trajectory alone writes none "
+                        f"(default: {' '.join(DEFAULTS['trajectory'])})")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -136,6 +144,18 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
          "0.999 (default: no clipping)", type=float, metavar="Q")
     _opt(g, "--bins", "histogram bins of the free-energy profiles", type=int)
     _opt(g, "--bootstrap", "bootstrap resamples for the free-energy error bars", type=int, metavar="N")
+
+
+DATA_HELP = ("folders in the published layout (NAME-traj-arrays.npz + NAME-traj-state0.pdb), NAME-traj-arrays.npz "
+             "files, or trajectories mdtraj reads (.dcd, .xtc, .trr, .h5, multi-model .pdb ...; DCD, XTC, TRR "
+             "need --topology); positions are read in nm (mdtraj converts each format's units; the network sees "
+             f"them centred x {SCALE:g})")
+
+
+def _topology_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--topology", metavar="FILE", help="topology of the --data trajectory files: a PDB (or any "
+                   "topology file mdtraj reads) of the molecule, atoms in the trajectory's order; not needed for "
+                   "the published layout, multi-model PDB or HDF5 (.h5) trajectories")
 
 
 def _resolve(args: argparse.Namespace, *presets: dict[str, Any]) -> None:
@@ -183,12 +203,12 @@ def _out_dir(args: argparse.Namespace, *, record: bool = True) -> Path:
     return out
 
 
-def _md_data(paths: list) -> list[MDData]:
-    """The MD data named by --data (folders or arrays files)."""
+def _md_data(args: argparse.Namespace, paths: list) -> list[MDData]:
+    """The MD data named by --data (and --topology)."""
     from tbg.chem.trajectory import find_md_data
 
     try:
-        return find_md_data(paths)
+        return find_md_data(paths, args.topology)
     except InputError as err:
         raise UsageError(f"--data {err}") from err
 
@@ -202,13 +222,16 @@ def _training_options(args: argparse.Namespace) -> TrainingOptions:
                            encoding=args.encoding, backend=args.backend, seed=args.seed, progress=not args.no_progress)
 
 
-def _sample_config(args: argparse.Namespace, device) -> SampleConfig:  # noqa: ANN001 - torch.device
+def _sampling_options(args: argparse.Namespace, device, encoding: str) -> SamplingOptions:  # noqa: ANN001
     from tbg.flow import SampleConfig, SolverConfig
+    from tbg.flow.runs import SamplingOptions
 
-    return SampleConfig(n_samples=args.n, batch_size=args.sample_batch_size, likelihood=args.likelihood,
-                        solver=SolverConfig(method=args.method, atol=args.atol, rtol=args.rtol, n_steps=args.ode_steps),
-                        n_quadrature=args.quadrature, seed=args.seed, dtype=args.dtype, device=str(device),
-                        progress=not args.no_progress)
+    solver = SolverConfig(method=args.method, atol=args.atol, rtol=args.rtol, n_steps=args.ode_steps)
+    config = SampleConfig(n_samples=args.n, batch_size=args.sample_batch_size, likelihood=args.likelihood,
+                          solver=solver, n_quadrature=args.quadrature, seed=args.seed, dtype=args.dtype, device=str(device),
+                          progress=not args.no_progress)
+    return SamplingOptions(config, encoding=encoding, backend=args.backend, trajectory_formats=args.trajectory,
+                           temperature=args.temperature)
 
 
 def _evaluation_options(args: argparse.Namespace) -> EvaluationOptions:
@@ -250,9 +273,9 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
     _common(p, "run folder: checkpoints/, model.pt, train_log.csv (required; a rerun resumes)")
-    p.add_argument("--data", nargs="+", metavar="PATH",
-                   help="MD data: folders with NAME-traj-arrays.npz + NAME-traj-state0.pdb, or arrays files "
-                        f"(default: the shipped alanine dipeptide data, {ALA2_DATA})")
+    p.add_argument("--data", nargs="+", metavar="PATH", help=f"MD data: {DATA_HELP} (default: the shipped alanine "
+                   f"dipeptide data, {ALA2_DATA})")
+    _topology_arg(p)
     _model_args(p)
 
 
@@ -261,15 +284,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     _resolve(args)
     device = _device(args)
-    data = _md_data(args.data or [ALA2_DATA])
+    data = _md_data(args, args.data or [ALA2_DATA])
     out = _out_dir(args, record=False)  # train_on_md records them once the folder is known to fit
     model = train_on_md(data, out, _training_options(args), device, record=partial(write_resolved_config, args))
     print(f"model: {model}")
 
 
 def _configure_sample(p: argparse.ArgumentParser) -> None:
-    _common(p, "folder for samples.npz (latents, samples [n, 3N] in model units, dlogp, prior_energy) and "
-               "topology.pdb (required; a rerun resumes)")
+    _common(p, f"folder for samples.npz (latents, samples [n, 3N] in model units = nm x {SCALE:g}, centred; dlogp, "
+               "prior_energy), topology.pdb, the samples as trajectories (--trajectory) (required; a rerun resumes)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="PATH", help="a `tbg train` run folder or one of its .pt files")
     src.add_argument("--published", metavar="CKPT", help="a checkpoint trained with the published TBG code")
@@ -283,6 +306,8 @@ def _configure_sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["auto", "fused", "reference"], default=None,
                    help="EGNN implementation (default: auto)")
     _sample_args(p)
+    p.add_argument("--temperature", type=float, metavar="K", help="temperature in K of samples_weights.csv "
+                   "(default: 300 for capped peptides such as alanine dipeptide, 310 otherwise)")
 
 
 def _checkpoint_source(args: argparse.Namespace) -> tuple[Path, Path | None]:
@@ -326,23 +351,24 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     _resolve(args)
     checkpoint, default_topology = _checkpoint_source(args)
     out = _out_dir(args)
-    config = _sample_config(args, _device(args))
-    path = sample_checkpoint(checkpoint, _topology_for(args, default_topology, out), out, config,
-                             encoding=args.encoding, backend=args.backend)
+    options = _sampling_options(args, _device(args), args.encoding)
+    path = sample_checkpoint(checkpoint, _topology_for(args, default_topology, out), out, options)
     print(f"samples: {path}\ntopology: {out / 'topology.pdb'}")
 
 
 def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     _common(p, "folder for report.json and the plots (required)")
     p.add_argument("--samples", metavar="PATH", help="samples.npz of `tbg sample`, or its folder (required)")
-    p.add_argument("--data", metavar="PATH", help="MD data of the same molecule: NAME-traj-arrays.npz or its "
-                   f"folder (default: the shipped alanine dipeptide data, {ALA2_DATA})")
+    p.add_argument("--data", metavar="PATH", help=f"MD data of the same molecule: {DATA_HELP} (default: the shipped "
+                   f"alanine dipeptide data, {ALA2_DATA})")
+    _topology_arg(p)
     _eval_args(p)
 
 
 def _one_molecule(args: argparse.Namespace, data: list[MDData]) -> MDData:
     if len(data) != 1:
-        raise UsageError(f"--data {args.data} holds {len(data)} molecules; name one NAME-traj-arrays.npz file")
+        raise UsageError(f"--data {args.data} holds {len(data)} molecules; name one NAME-traj-arrays.npz or "
+                         "trajectory file")
     return data[0]
 
 
@@ -354,7 +380,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         raise UsageError("--samples PATH is required (samples.npz written by `tbg sample`)")
     samples = Path(args.samples)
     samples = samples / "samples.npz" if samples.is_dir() else samples
-    md = _one_molecule(args, _md_data([args.data or ALA2_DATA]))
+    md = _one_molecule(args, _md_data(args, [args.data or ALA2_DATA]))
     out = _out_dir(args)
     evaluate_samples_file(samples, md, out, _evaluation_options(args), md_frames=args.md_frames,
                           temperature=args.temperature)  # logs the summary table
@@ -369,7 +395,9 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
     size.add_argument("--full", action="store_true", default=None,
                       help="published alanine-dipeptide settings (H 64, L 5, 1000 epochs, 1e5 samples with the "
                            "joint exact likelihood at dopri5 1e-4); meant for a GPU")
-    p.add_argument("--data", metavar="PATH", help=f"MD data (default: shipped alanine dipeptide, {ALA2_DATA})")
+    p.add_argument("--data", metavar="PATH", help=f"MD data of one molecule: {DATA_HELP} (default: shipped alanine "
+                   f"dipeptide, {ALA2_DATA})")
+    _topology_arg(p)
     _model_args(p)
     _sample_args(p)
     _eval_args(p)
@@ -382,13 +410,13 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     _resolve(args, DEMO_PRESETS[preset])
     args.preset = preset
     device = _device(args)
-    data = _md_data([args.data or ALA2_DATA])
+    data = _md_data(args, [args.data or ALA2_DATA])
     if len(data) != 1:
         raise UsageError(f"the demo trains on one molecule; --data {args.data} holds {len(data)}")
     out = _out_dir(args)
     log.info("== tbg demo (%s) on %s -> %s", preset, data[0].name, out)
-    summary = run_demo(data[0], out, _training_options(args), _sample_config(args, device), _evaluation_options(args),
-                       device=device, md_frames=args.md_frames, temperature=args.temperature, backend=args.backend,
+    summary = run_demo(data[0], out, _training_options(args), _sampling_options(args, device, "auto"),
+                       _evaluation_options(args), device=device, md_frames=args.md_frames,
                        record=partial(write_resolved_config, args))
     print(summary)
 
@@ -460,7 +488,8 @@ COMMANDS: dict[str, Command] = {
     "simulate": ("run MD of a peptide with OpenMM into the published data layout (resumable)",
                  _configure_simulate, _cmd_simulate),
     "train": ("train the EGNN flow by flow matching on MD data (resumable)", _configure_train, _cmd_train),
-    "sample": ("sample a trained or published model with exact likelihood into an .npz (resumable)",
+    "sample": ("sample a trained or published model with exact likelihood into samples.npz and trajectory files "
+               "for molecular viewers (resumable)",
                _configure_sample, _cmd_sample),
     "evaluate": ("check validity, reweight and compare samples with MD: report.json, plots, summary",
                  _configure_evaluate, _cmd_evaluate),

@@ -7,12 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mdtraj
 import numpy as np
 import pytest
 import torch
 
 import tbg
+from tbg.chem.energy import EnergyModel
+from tbg.chem.trajectory import layout_source, write_trajectory
+from tbg.chem.units import SCALE
 from tbg.cli import COMMANDS, main
+from tbg.evaluate.runs import thin_evenly
 
 # Tiny sampling: fixed-step solver, decoupled likelihood with few quadrature nodes.
 FAST_SAMPLE = ["--method", "rk4", "--ode-steps", "2", "--likelihood", "decoupled", "--quadrature", "2",
@@ -124,6 +129,20 @@ def test_pipeline(md_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -
         assert f["samples"].shape == f["latents"].shape == (6, 66)
         assert f["dlogp"].shape == f["prior_energy"].shape == (6,)
         first = f["samples"].copy()
+        prior_energy, dlogp = f["prior_energy"], f["dlogp"]
+    _check_sample_trajectories(sample_dir, first, {"dcd": 1e-6, "pdb": 5.01e-5})
+    # Weights beside them: log w = -u + prior_energy + dlogp of the raw samples at 300 K (capped peptide).
+    import openmm.app as app
+
+    table = np.genfromtxt(sample_dir / "samples_weights.csv", delimiter=",", names=True)
+    assert list(table["frame"]) == list(range(6))
+    with EnergyModel(app.PDBFile(str(sample_dir / "topology.pdb")).topology, temperature=300.0) as energy:
+        u = energy.reduced_energy(first, unit="scaled")
+    np.testing.assert_allclose(table["reduced_energy"], u, rtol=1e-6)
+    np.testing.assert_allclose(table["log_weight"], -u + prior_energy + dlogp, rtol=1e-6)
+    finite = np.isfinite(table["log_weight"])
+    expected_w = np.exp(table["log_weight"] - table["log_weight"][finite].max()) if finite.any() else np.zeros(6)
+    np.testing.assert_allclose(table["weight"], expected_w / max(expected_w.sum(), 1), rtol=1e-6)
     # A rerun finds every chunk on disk and reproduces the same file.
     code, _, err = run(["sample", "--checkpoint", train_dir, "--n", 6, "--sample-batch-size", 4, "--out",
                         sample_dir, *FAST_SAMPLE], capsys)
@@ -153,6 +172,59 @@ def test_pipeline(md_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -
     code, _, err = run(["evaluate", "--samples", other / "x-traj-arrays.npz", "--data", md_dir, "--out",
                         tmp_path / "e2"], capsys)
     assert code == 2 and "22 atoms" in err
+
+
+def _check_sample_trajectories(sample_dir: Path, samples: np.ndarray, precision: dict[str, float]) -> None:
+    """samples.FORMAT read back with mdtraj: one frame per sample, atoms of topology.pdb in order, positions =
+    samples.npz / SCALE in nm up to each format's precision."""
+    top = mdtraj.load_topology(str(sample_dir / "topology.pdb"))
+    for fmt, atol in precision.items():
+        traj = mdtraj.load(str(sample_dir / f"samples.{fmt}"), **({} if fmt in ("pdb", "h5") else {"top": top}))
+        assert [(a.name, a.residue.name) for a in traj.topology.atoms] == [(a.name, a.residue.name) for a in top.atoms]
+        np.testing.assert_allclose(traj.xyz, samples.reshape(len(samples), top.n_atoms, 3) / SCALE, atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_samples(md_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """samples.npz of a model trained for 2 steps on md_dir."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    assert main(["train", "--data", str(md_dir), "--out", str(tmp / "t"), "--steps", "2", "--hidden", "8", "--layers",
+                 "1", "--batch-size", "8", "--checkpoint-every", "2", "--no-progress"]) == 0
+    assert main(["sample", "--checkpoint", str(tmp / "t"), "--n", "6", "--out", str(tmp / "s"), "--trajectory",
+                 *FAST_SAMPLE]) == 0
+    return tmp / "s" / "samples.npz"
+
+
+@pytest.mark.parametrize("fmt", ["dcd", "xtc", "trr", "h5", "pdb"])
+def test_md_trajectory_formats(fmt: str, md_dir: Path, tiny_samples: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture) -> None:
+    """MD frames written in another format train and evaluate like the published layout: DCD/XTC/TRR with
+    --topology, HDF5 and multi-model PDB on their own."""
+    shipped = layout_source(md_dir, "ala2")
+    topology, frames = shipped.load()
+    path = write_trajectory(frames, topology, tmp_path / f"md.{fmt}")
+    top = ["--topology", shipped.topology] if fmt in ("dcd", "xtc", "trr") else []
+    if top:
+        code, _, err = run(["train", "--data", path, "--out", tmp_path / "t"], capsys)
+        assert code == 2 and "holds no topology" in err
+    code, out, err = run(["train", "--data", path, *top, "--out", tmp_path / "t", "--steps", 2, "--hidden", 8,
+                          "--layers", 1, "--batch-size", 8, "--checkpoint-every", 2, "--no-progress"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "t" / "model.json").read_text())["molecules"] == ["md"]
+    assert mdtraj.load(str(tmp_path / "t" / "topology.pdb")).n_atoms == 22
+    code, _, err = run(["evaluate", "--samples", tiny_samples, "--data", path, *top, "--out", tmp_path / "e",
+                        "--md-frames", 20, "--bootstrap", 5], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["n_samples"] == 6 and report["md_n_frames"] == 20 and report["md_correct_configuration_rate"] == 1.0
+    # The MD energies are those of the file's frames (20 of them, evenly thinned), at 300 K.
+    read_back = mdtraj.load(str(path), **({"top": topology} if top else {})).xyz
+    with EnergyModel(topology, temperature=300.0) as energy:
+        expected = energy.reduced_energy(thin_evenly(read_back, 20), unit="nm").mean()
+        exact = energy.reduced_energy(thin_evenly(frames, 20), unit="nm").mean()
+    assert report["energy"]["md_mean"] == pytest.approx(expected, rel=1e-6)
+    if fmt in ("trr", "h5"):  # stored without rounding: the energies of the published layout's frames
+        assert report["energy"]["md_mean"] == pytest.approx(exact, rel=1e-6)
 
 
 def test_demo_quick(md_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -207,9 +279,10 @@ def test_published_checkpoint_transfer(tmp_path: Path, capsys: pytest.CaptureFix
     tbg.save_published(ckpt, model)
     assert any(k.startswith(PREFIX) for k in torch.load(ckpt, weights_only=True)["model_state_dict"])
     out = tmp_path / "ay"
-    code, _, err = run(["sample", "--published", ckpt, "--peptide", "AY", "--n", 5, "--out", out, *FAST_SAMPLE],
-                       capsys)
+    code, _, err = run(["sample", "--published", ckpt, "--peptide", "AY", "--n", 5, "--out", out, "--trajectory",
+                        "xtc", "trr", "h5", *FAST_SAMPLE], capsys)
     assert code == 0, err
+    assert not (out / "samples.pdb").exists() and (out / "samples_weights.csv").is_file()
     import openmm.app as app
 
     topology = app.PDBFile(str(out / "topology.pdb")).topology
@@ -220,6 +293,7 @@ def test_published_checkpoint_transfer(tmp_path: Path, capsys: pytest.CaptureFix
         assert f["dlogp"].shape == (5,)
         z, x, dlogp = (torch.from_numpy(f[k]) for k in ("latents", "samples", "dlogp"))
     assert np.isfinite(dlogp.numpy()).all() and dlogp.abs().max() > 0
+    _check_sample_trajectories(out, x.numpy(), {"xtc": 5.01e-4, "trr": 0.0, "h5": 0.0})
     dyn = tbg.load_published(ckpt, encode_transfer(topology))
     expected = decoupled_likelihood(dyn, z, n_nodes=2, solver=SolverConfig(method="rk4", n_steps=2))
     torch.testing.assert_close(x, expected.x, rtol=1e-4, atol=1e-4)
@@ -232,6 +306,8 @@ def test_published_checkpoint_transfer(tmp_path: Path, capsys: pytest.CaptureFix
     assert code == 0, err
     with np.load(tmp_path / "nolik" / "samples.npz") as f:
         assert f["samples"].shape == (3, 3 * n_atoms) and "dlogp" not in f.files
+        _check_sample_trajectories(tmp_path / "nolik", f["samples"], {"pdb": 5.01e-5, "dcd": 1e-6})
+    assert not (tmp_path / "nolik" / "samples_weights.csv").exists()  # no likelihood, no weights
 
 
 def test_published_checkpoint_atom_encoding(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

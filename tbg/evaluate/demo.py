@@ -13,8 +13,7 @@ import torch
 from tbg.chem.trajectory import MDData
 from tbg.evaluate.report import EvaluationOptions
 from tbg.evaluate.runs import evaluate_samples_file
-from tbg.flow.runs import TOPOLOGY_FILE, TrainingOptions, sample_checkpoint, train_on_md
-from tbg.flow.sample import SampleConfig
+from tbg.flow.runs import TOPOLOGY_FILE, SamplingOptions, TrainingOptions, sample_checkpoint, train_on_md
 
 log = logging.getLogger("tbg")
 
@@ -25,21 +24,21 @@ SUMMARY_FILE = "summary.txt"
 FEW_EFFECTIVE_SAMPLES = 30
 
 
-def run_demo(md: MDData, out: Path, training: TrainingOptions, sampling: SampleConfig,
+def run_demo(md: MDData, out: Path, training: TrainingOptions, sampling: SamplingOptions,
              evaluation: EvaluationOptions, *, device: torch.device | str, md_frames: int,
-             temperature: float | None = None, backend: str = "auto",
              record: Callable[[Path], None] | None = None) -> str:
-    """Train (out/train), sample (out/sample) and evaluate (out/evaluate); every stage resumes from what is
-    on disk. Writes out/summary.txt (the report's table and ``demo_summary``) and returns the summary.
-    ``record`` is passed on to ``train_on_md``."""
+    """Train (out/train), sample (out/sample) and evaluate against ``md_frames`` MD frames (out/evaluate,
+    energies at the sampling temperature); every stage resumes from what is on disk. Writes
+    out/summary.txt (the report's table and ``demo_summary``) and returns the summary. ``record`` is passed
+    on to ``train_on_md``."""
     t0 = time.perf_counter()
     log.info("== 1/3 train")
     model = train_on_md([md], out / "train", training, device, record=record)
-    log.info("== 2/3 sample with likelihood=%s", sampling.likelihood)
-    samples = sample_checkpoint(model, out / "train" / TOPOLOGY_FILE, out / "sample", sampling, backend=backend)
+    log.info("== 2/3 sample with likelihood=%s", sampling.config.likelihood)
+    samples = sample_checkpoint(model, out / "train" / TOPOLOGY_FILE, out / "sample", sampling)
     log.info("== 3/3 validate, reweight, evaluate")
     report, table = evaluate_samples_file(samples, md, out / "evaluate", evaluation, md_frames=md_frames,
-                                          temperature=temperature)
+                                          temperature=sampling.temperature)
     summary = demo_summary(report, time.perf_counter() - t0)
     (out / SUMMARY_FILE).write_text(table + "\n\n" + summary + "\n")
     return summary

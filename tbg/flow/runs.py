@@ -3,37 +3,51 @@
 A training run folder holds, besides what ``tbg.flow.train`` writes (checkpoints/, model.pt,
 train_log.csv), ``model.json`` (the model settings and molecules: a rerun with other settings is refused
 instead of mixing two models) and ``topology.pdb`` (the molecule, so that sampling needs nothing else).
-A sampling folder holds what ``tbg.flow.sample`` writes (chunks/, samples.npz), ``topology.pdb`` and
-``checkpoint.json`` (path and SHA-256 of the model sampled: chunks of another model are never reused).
+A sampling folder holds what ``tbg.flow.sample`` writes (chunks/, samples.npz, positions in model units =
+nm x SCALE), ``topology.pdb``, ``checkpoint.json`` (path and SHA-256 of the model sampled: chunks of another
+model are never reused) and the samples for molecular viewers (``export_samples``): ``samples.pdb``,
+``samples.dcd`` ... in nm, atoms in the order of topology.pdb, with ``samples_weights.csv`` beside them
+when the samples have a likelihood.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from tbg.chem.trajectory import MDData
+from tbg.chem.trajectory import MDData, write_trajectory
+from tbg.chem.units import SCALE
 from tbg.errors import InputError
-from tbg.flow.sample import SampleConfig, sample
+from tbg.flow import distributed as D
 from tbg.flow.checkpointing import latest_checkpoint
+from tbg.flow.reweight import log_importance_weights, normalized_weights
+from tbg.flow.sample import SampleConfig, sample
 from tbg.flow.train import RaggedLoader, TrainConfig, train
+
+if TYPE_CHECKING:
+    import openmm.app as app
 
 log = logging.getLogger("tbg")
 
-__all__ = ["MODEL_FILE", "SOURCE_FILE", "TOPOLOGY_FILE", "TrainingOptions", "check_run_settings",
-           "find_run_model", "record_sample_source", "sample_checkpoint", "split_frames", "train_on_md"]
+__all__ = ["MODEL_FILE", "SOURCE_FILE", "TOPOLOGY_FILE", "WEIGHTS_FILE", "SamplingOptions", "TrainingOptions",
+           "check_run_settings", "export_samples", "find_run_model", "record_sample_source", "sample_checkpoint",
+           "split_frames", "train_on_md"]
 
 MODEL_FILE = "model.json"
 TOPOLOGY_FILE = "topology.pdb"
 SOURCE_FILE = "checkpoint.json"
 FINAL_MODEL = "model.pt"
+WEIGHTS_FILE = "samples_weights.csv"
 
 
 @dataclass
@@ -148,13 +162,26 @@ def record_sample_source(out: Path, checkpoint: Path) -> None:
     path.write_text(json.dumps(source, indent=1) + "\n")
 
 
-def sample_checkpoint(checkpoint: Path, topology_pdb: Path, out: Path, config: SampleConfig, *,
-                      encoding: Literal["auto", "atoms", "transfer"] = "auto", backend: str = "auto") -> Path:
+@dataclass
+class SamplingOptions:
+    """Sampling a checkpoint: the sampler's ``config``, the atom ``encoding`` ("auto": by the checkpoint's
+    input width), the EGNN ``backend``, and what is written beside samples.npz (``export_samples``):
+    trajectories in ``trajectory_formats`` and weights at ``temperature`` (None: the molecule's default)."""
+
+    config: SampleConfig = field(default_factory=SampleConfig)
+    encoding: Literal["auto", "atoms", "transfer"] = "auto"
+    backend: str = "auto"
+    trajectory_formats: Sequence[str] = ("pdb", "dcd")
+    temperature: float | None = None
+
+
+def sample_checkpoint(checkpoint: Path, topology_pdb: Path, out: Path, options: SamplingOptions) -> Path:
     """Sample a checkpoint (published layout: ours or the published code's) for the molecule in
     ``topology_pdb`` into ``out`` (resuming the chunks there); returns samples.npz.
 
     The atom features follow the checkpoint's input width (``tbg.chem.encoding.features_for_width``);
-    topology.pdb in ``out`` is the molecule in the atom order of the samples.
+    topology.pdb in ``out`` is the molecule in the atom order of the samples, which are also written out
+    for viewers (``export_samples``).
     """
     import openmm.app as app
 
@@ -166,13 +193,74 @@ def sample_checkpoint(checkpoint: Path, topology_pdb: Path, out: Path, config: S
         raise InputError(f"topology file not found: {topology_pdb}")
     topology = app.PDBFile(str(topology_pdb)).topology
     n_features = infer_config(egnn_state(read_checkpoint(checkpoint)))["n_features"]
-    features = features_for_width(topology, n_features, encoding)
+    features = features_for_width(topology, n_features, options.encoding)
+    config = options.config
     device = torch.device(config.device or "cpu")
     dyn = load_published(checkpoint, features.to(device=device, dtype=getattr(torch, config.dtype)),
-                         backend=backend)
+                         backend=options.backend)
     record_sample_source(out, checkpoint)
     if topology_pdb.resolve() != (out / TOPOLOGY_FILE).resolve():
-        (out / TOPOLOGY_FILE).write_bytes(topology_pdb.read_bytes())
+        shutil.copyfile(topology_pdb, out / TOPOLOGY_FILE)
     log.info("sampling %d configurations of %s (%d atoms) with likelihood=%s, %s", config.n_samples,
              topology_pdb.name, dyn.n_atoms, config.likelihood, config.solver)
-    return sample(dyn, dyn.n_atoms, out, config)
+    samples = sample(dyn, dyn.n_atoms, out, config)
+    if D.rank() == 0:
+        export_samples(samples, out / TOPOLOGY_FILE, options.trajectory_formats, options.temperature)
+    return samples
+
+
+def export_samples(samples_npz: Path, topology_pdb: Path, formats: Sequence[str],
+                   temperature: float | None = None) -> list[Path]:
+    """Write the samples of ``samples_npz`` beside it for molecular viewers; returns the files written.
+
+    ``samples.<format>`` for each format (tbg.chem.trajectory.WRITE_FORMATS): positions in nm (the samples
+    / SCALE, not re-centred), atoms in the order of ``topology_pdb``, one frame per sample in the order of
+    samples.npz. When the samples have a likelihood, also ``samples_weights.csv``: per frame the reduced
+    energy u (tbg.chem's force field at ``temperature``, by default the molecule's), the log importance
+    weight log w = -u + prior_energy + dlogp and the normalised weight. These are the weights of the raw
+    samples: ``tbg evaluate`` also checks their chemistry and reweights the correct configurations only.
+    """
+    import mdtraj
+    import openmm.app as app
+
+    with np.load(samples_npz) as f:
+        arrays = {k: f[k] for k in ("samples", "prior_energy", "dlogp") if k in f}
+    topology = mdtraj.load_topology(str(topology_pdb))
+    positions_nm = arrays["samples"].reshape(len(arrays["samples"]), topology.n_atoms, 3) / SCALE
+    written = [write_trajectory(positions_nm, topology, samples_npz.with_suffix(f".{fmt}")) for fmt in formats]
+    if "dlogp" in arrays:
+        weights = _sample_weights(positions_nm, app.PDBFile(str(topology_pdb)).topology, arrays["prior_energy"],
+                                  arrays["dlogp"], temperature)
+        if weights is not None:
+            written.append(_write_weights(samples_npz.with_name(WEIGHTS_FILE), *weights))
+    log.info("samples for viewers: %s", ", ".join(p.name for p in written))
+    return written
+
+
+def _sample_weights(positions_nm: np.ndarray, topology: app.Topology, prior_energy: np.ndarray,
+                    dlogp: np.ndarray, temperature: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(u, log w, normalised w) of every sample, None when the force field does not cover the molecule."""
+    from tbg.chem.energy import EnergyModel
+
+    try:
+        energy = EnergyModel(topology, temperature=temperature)
+    except ValueError as err:  # OpenMM names the residue it has no template for
+        log.warning("no sample weights: the force field does not cover this molecule (%s)", err)
+        return None
+    with energy:
+        u = energy.reduced_energy(positions_nm, unit="nm")
+    log_w = log_importance_weights(u, prior_energy, dlogp)
+    if not torch.isfinite(log_w).any():  # e.g. an untrained model: every sample broken
+        log.warning("no sample has a finite energy: every weight in %s is 0", WEIGHTS_FILE)
+        return u, log_w.numpy(), np.zeros(len(u))
+    return u, log_w.numpy(), normalized_weights(log_w).numpy()
+
+
+def _write_weights(path: Path, u: np.ndarray, log_w: np.ndarray, w: np.ndarray) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["frame", "reduced_energy", "log_weight", "weight"])
+        out.writerows([i, f"{u[i]:.10g}", f"{log_w[i]:.10g}", f"{w[i]:.10g}"] for i in range(len(u)))
+    tmp.replace(path)
+    return path
