@@ -1,4 +1,8 @@
-"""Evaluation of generated samples: chemical validity, reweighting diagnostics, free energies, reports."""
+"""Evaluation of generated samples: chemical validity, reweighting diagnostics, free energies, reports.
+
+``evaluate`` (tbg.evaluate.report) works on arrays; ``tbg.evaluate.runs`` evaluates a samples.npz against MD
+data on disk and ``tbg.evaluate.demo`` is the demo pipeline (both imported on demand: they load OpenMM).
+"""
 
 from tbg.evaluate.metrics import (
     RAMACHANDRAN_BASINS,

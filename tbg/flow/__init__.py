@@ -11,6 +11,9 @@
 - training by energy: ``train_by_energy`` (reverse KL or importance-weighted) with ``EnergyTrainConfig``.
 - reweighting: ``log_importance_weights``, ``kish_ess``, ``normalized_weights``, ``weighted_mean``,
   ``clip_log_weights``.
+- ``tbg.flow.checkpointing``: the resume helpers of both training loops (numbered checkpoints, CSV log).
+- ``tbg.flow.runs`` (imported on demand: it loads the chemistry): run folders of flows trained on MD data
+  and of their samples, as the `tbg` command makes them (``train_on_md``, ``sample_checkpoint``).
 """
 
 from tbg.flow.energy import EnergyTrainConfig, train_by_energy
