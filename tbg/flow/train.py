@@ -26,9 +26,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tbg.flow import distributed as D
+from tbg.flow.checkpointing import Checkpoints, CsvLog
 from tbg.flow.coupling import Coupling, couple, interchangeable_groups
 from tbg.flow.prior import center_ragged, sample_ragged
-from tbg.flow.checkpointing import Checkpoints, CsvLog
 from tbg.nn.checkpoint import egnn_state, save_published
 from tbg.nn.egnn import EGNN
 from tbg.nn.layout import molecule_index
