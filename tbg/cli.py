@@ -219,7 +219,8 @@ def _training_options(args: argparse.Namespace) -> TrainingOptions:
     return TrainingOptions(hidden=args.hidden, layers=args.layers, steps=args.steps, epochs=args.epochs,
                            batch_size=args.batch_size, lr=args.lr, lr_milestones=tuple(args.lr_milestones),
                            ema=args.ema, val_fraction=args.val_fraction, checkpoint_every=args.checkpoint_every,
-                           encoding=args.encoding, backend=args.backend, seed=args.seed, progress=not args.no_progress)
+                           encoding=args.encoding, backend=args.backend, seed=args.seed,
+                           progress=not args.no_progress)
 
 
 def _sampling_options(args: argparse.Namespace, device, encoding: str) -> SamplingOptions:  # noqa: ANN001
@@ -228,8 +229,8 @@ def _sampling_options(args: argparse.Namespace, device, encoding: str) -> Sampli
 
     solver = SolverConfig(method=args.method, atol=args.atol, rtol=args.rtol, n_steps=args.ode_steps)
     config = SampleConfig(n_samples=args.n, batch_size=args.sample_batch_size, likelihood=args.likelihood,
-                          solver=solver, n_quadrature=args.quadrature, seed=args.seed, dtype=args.dtype, device=str(device),
-                          progress=not args.no_progress)
+                          solver=solver, n_quadrature=args.quadrature, seed=args.seed, dtype=args.dtype,
+                          device=str(device), progress=not args.no_progress)
     return SamplingOptions(config, encoding=encoding, backend=args.backend, trajectory_formats=args.trajectory,
                            temperature=args.temperature)
 

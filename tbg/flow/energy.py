@@ -131,8 +131,8 @@ def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Ten
         u = u.detach()
         finite = torch.isfinite(u)
         ess = kish_ess(log_w) if torch.isfinite(log_w).any() else 0.0
-        row = {"step": step, "loss": float(loss.detach()), "mean_energy": float(u[finite].mean()) if finite.any() else math.inf,
-               "ess": ess}
+        mean_energy = float(u[finite].mean()) if finite.any() else math.inf
+        row = {"step": step, "loss": float(loss.detach()), "mean_energy": mean_energy, "ess": ess}
         rows.append(row)
         csv_log.write(row)
         if step % cfg.checkpoint_every == 0:
