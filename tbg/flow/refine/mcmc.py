@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from tbg.flow.refine.mala import adapt_step_size, mala_step
+from tbg.flow.refine.resampling import seeded_generator
 from tbg.flow.refine.targets import AnnealingPath, Costs, Density, ParticleState, Potential
 
 log = logging.getLogger("tbg")
@@ -145,7 +146,7 @@ def independence_metropolis(log_q: Tensor, reduced_energy: Tensor, *, samples: T
     start = time.perf_counter()
     costs = Costs(n_proposals=chains * length)
     path = AnnealingPath(potential, density, project=project, costs=costs) if local else None
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = seeded_generator(cfg.seed, "mcmc")
     order = torch.arange(chains * length).reshape(length, chains)  # order[t, c]: chain c's proposal t
     current = order[0].clone()
     cur_log_w = log_w_all[current].clone()

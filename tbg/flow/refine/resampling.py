@@ -17,13 +17,23 @@ so the schedule takes many small steps where q and p disagree and large ones whe
 from __future__ import annotations
 
 import math
+import zlib
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from tbg.flow.reweight import normalized_weights
 
-__all__ = ["systematic_resample", "conditional_ess", "next_beta"]
+__all__ = ["systematic_resample", "conditional_ess", "next_beta", "seeded_generator"]
+
+
+def seeded_generator(seed: int, purpose: str) -> torch.Generator:
+    """A CPU generator for ``purpose`` (e.g. "smc") derived from ``seed``: its stream differs from the one
+    ``torch.Generator().manual_seed(seed)`` gives, so that moves never reuse the random numbers that drew
+    the samples they move when both were seeded alike (that correlation biases the estimates)."""
+    state = np.random.SeedSequence([seed, zlib.crc32(purpose.encode())]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
 def systematic_resample(log_w: Tensor, n: int | None = None, *, generator: torch.Generator | None = None) -> Tensor:

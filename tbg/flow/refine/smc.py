@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from tbg.flow.refine.mala import adapt_step_size, mala_step
-from tbg.flow.refine.resampling import conditional_ess, next_beta, systematic_resample
+from tbg.flow.refine.resampling import conditional_ess, next_beta, seeded_generator, systematic_resample
 from tbg.flow.refine.targets import AnnealingPath, Costs, Density, Drift, ParticleState, Potential
 from tbg.flow.reweight import kish_ess
 
@@ -144,7 +144,7 @@ class SMCResult:
 
     def resample(self, n: int | None = None, seed: int = 0) -> Tensor:
         """Indices of n equally weighted particles (systematic resampling of the final weights)."""
-        return systematic_resample(self.log_w, n, generator=torch.Generator().manual_seed(seed))
+        return systematic_resample(self.log_w, n, generator=seeded_generator(seed, "resample"))
 
     def log_dict(self) -> list[dict[str, float]]:
         return [asdict(s) for s in self.stages]
@@ -182,7 +182,7 @@ def smc(potential: Potential, samples: Tensor, *, log_q: Tensor | None = None, d
     if log_q is None and density is None:
         raise ValueError("give log_q of the samples or the flow's density")
     path = AnnealingPath(potential, density, drift=cfg.drift, project=project, costs=Costs(n_proposals=n))
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = seeded_generator(cfg.seed, "smc")
     x = samples.detach().to(torch.float64)
     if log_q is None:
         log_q = path.log_q(x)
