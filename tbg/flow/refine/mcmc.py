@@ -46,7 +46,7 @@ class MCMCConfig:
     n_chains: int = 1
     burn_in: int = 0
     local_steps: int = 0
-    step_size: float = 1e-4
+    step_size: float = 1e-3
     adapt_step_size: bool = True
     target_acceptance: float = 0.57
     adaptation_gain: float = 1.0

@@ -238,10 +238,6 @@ class AnnealingPath:
         self.costs.flow_nfe += getattr(self.density, "nfe", 0) - nfe0
         return out
 
-    def energy(self, x: Tensor) -> Tensor:
-        self.costs.energy_evaluations += x.shape[0]
-        return self.potential.energy(x).to(torch.float64)
-
     def _density_terms(self, x: Tensor, beta: float, log_q: Tensor | None,
                        grad_log_q: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """(log q, d log q / dx) as moves at ``beta`` need them, computing only what is missing."""
