@@ -11,8 +11,8 @@ from tbg.chem import ALANINE_DIPEPTIDE_DIR, load_trajectory
 from tbg.evaluate import (RAMACHANDRAN_BASINS, BasinDefinition, backbone_torsions, basin_free_energy_difference,
                           circular_wasserstein, free_energy_profile, in_arc, state_free_energy_difference,
                           wasserstein_1d)
-from tbg.evaluate.metrics import (TICA, block_length, energy_w2, fit_tica, point_set_w2, ramachandran_jsd, tica_features,
-                                   tica_w2, torus_w2)
+from tbg.evaluate.metrics import (TICA, block_length, energy_w2, fit_tica, point_set_w2, ramachandran_jsd,
+                                   tica_features, tica_w2, torus_w2)
 from tbg.flow.reweight import kish_ess
 
 

@@ -9,6 +9,21 @@
 - targets: ``Potential`` (``AutogradPotential`` for analytic energies, ``energy_model_potential``
   for OpenMM), ``Density`` (``FlowDensity``: exact log q by integrating the flow back), ``mean_free_projection``
   for molecules, ``Costs``.
+
+From a sampling run (``tbg.flow.sample``: samples.npz in model units) to weighted SMC particles::
+
+    data = np.load(run / "samples.npz")
+    prior = MeanFreeGaussian(n_atoms)
+    density = FlowDensity(BoundDynamics(egnn, features), prior, solver=SolverConfig())
+    log_q = density.log_prob_from_sampling(data["prior_energy"], data["dlogp"])
+    with EnergyModel(peptide, platform="CPU") as energy_model:
+        result = smc(EnergyModelPotential(energy_model, "scaled"), torch.from_numpy(data["samples"]),
+                     log_q=log_q, density=density, project=mean_free_projection(n_atoms),
+                     config=SMCConfig(schedule="adaptive"))
+    result.log_w, result.stages, result.costs  # weights at beta = 1, per-stage log, what it cost
+
+The same call with ``SMCConfig(schedule="resample_move")`` runs the cheap scheme, and
+``independence_metropolis(log_q, u, ...)`` the exact MCMC; compare them at equal ``costs``.
 """
 
 from tbg.flow.refine.mala import adapt_step_size, mala_log_acceptance, mala_step

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from tbg.flow.refine.mala import adapt_step_size, mala_step
 from tbg.flow.refine.resampling import seeded_generator
-from tbg.flow.refine.targets import AnnealingPath, Costs, Density, ParticleState, Potential
+from tbg.flow.refine.targets import AnnealingPath, Costs, Density, Potential
 
 log = logging.getLogger("tbg")
 
@@ -171,8 +171,8 @@ def independence_metropolis(log_q: Tensor, reduced_energy: Tensor, *, samples: T
             cur_log_w = torch.where(accept, log_w_all[proposal], cur_log_w)
             if t >= cfg.burn_in:
                 n_accepted += int(accept.sum())
-            if local and accept.any():
-                state = state.where(accept, path.evaluate(x_all[proposal], 1.0))  # gradient at the new states
+            if local and accept.any():  # the gradient at the newly taken proposals
+                state = state.replace(accept, path.evaluate(x_all[proposal[accept]], 1.0))
         if local:
             moved = torch.zeros(chains, dtype=torch.bool)
             for _ in range(cfg.local_steps):

@@ -184,6 +184,18 @@ class ParticleState:
         return ParticleState(*(None if v is None else v[index] for v in
                                (self.x, self.u, self.grad_u, self.log_q, self.grad_log_q)))
 
+    def replace(self, mask: Tensor, rows: ParticleState) -> ParticleState:
+        """A copy with the particles where mask is True replaced by ``rows`` (one row per True entry);
+        fields missing in either become None."""
+        def put(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+            if a is None or b is None:
+                return None
+            out = a.clone()
+            out[mask] = b.to(out.dtype)
+            return out
+        return ParticleState(put(self.x, rows.x), put(self.u, rows.u), put(self.grad_u, rows.grad_u),
+                             put(self.log_q, rows.log_q), put(self.grad_log_q, rows.grad_log_q))
+
     def where(self, mask: Tensor, other: ParticleState) -> ParticleState:
         """Per particle: ``other`` where mask is True, else self (fields missing in either become None)."""
         def pick(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -276,15 +288,15 @@ class AnnealingPath:
                              *self._density_terms(state.x, beta, state.log_q, state.grad_log_q))
 
     def log_target(self, state: ParticleState, beta: float) -> Tensor:
-        """log pi_beta at the particles (-inf where u is +inf)."""
+        """log pi_beta at the particles, beta in (0, 1] (-inf where u is +inf)."""
         log_p = -state.u
         if beta >= 1.0:
             return log_p
         if state.log_q is None:
             raise ValueError("log pi_beta at beta < 1 needs log q of the particles")
-        out = (1.0 - beta) * state.log_q + beta * log_p
-        # beta = 0 with u = +inf: 0 * inf is NaN, but q alone decides there.
-        return torch.where(torch.isfinite(state.u) | (beta > 0), out, state.log_q)
+        if not beta > 0:
+            raise ValueError(f"moves need beta in (0, 1], got {beta}")
+        return (1.0 - beta) * state.log_q + beta * log_p
 
     def drift(self, state: ParticleState, beta: float) -> Tensor:
         """Proposal direction at the particles, projected; zero where the gradient is not finite."""
