@@ -305,6 +305,10 @@ def test_point_set_w2_weighted_and_subsampled(rng):
     assert 0.15 < floor < 0.35
     assert point_set_w2(prop, target, log_w, max_points=600) < 1.6 * floor
     assert point_set_w2(prop, target, max_points=600) > 1.0
+    # A weighted set with few distinct points is resampled to the size of the unweighted one: weights
+    # (1/2, 1/4, 1/4) are the multiplicities (2, 1, 1) of four points, exactly.
+    three = rng.standard_normal((3, 2))
+    assert point_set_w2(three, three[[0, 0, 1, 2]], np.log([0.5, 0.25, 0.25])) == 0.0
     # Subsampling is deterministic given the seed; m = min(max_points, n_a, n_b).
     assert point_set_w2(prop, target, log_w, max_points=200, seed=3) == point_set_w2(prop, target, log_w,
                                                                                      max_points=200, seed=3)

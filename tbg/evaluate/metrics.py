@@ -21,10 +21,10 @@ The metrics the Boltzmann-generator literature reports (every one accepts import
   histograms.
 
 Point-set W2 (torus, TICA) is an exact optimal-transport problem; it is solved exactly on equal-mass
-point sets of m = min(max_points, n_a, n_b) points each (``point_set_w2``): an unweighted set larger
-than m is subsampled without replacement, a weighted set is turned into m equal-mass points by systematic
-resampling of its normalised weights, and the two m-point sets are matched by
-scipy.optimize.linear_sum_assignment (an optimal plan between two uniform m-point sets is a
+point sets of m points each, m = max_points or the size of a smaller unweighted set (``point_set_w2``):
+an unweighted set larger than m is subsampled without replacement, a weighted set is turned into m
+equal-mass points by systematic resampling of its normalised weights, and the two m-point sets are
+matched by scipy.optimize.linear_sum_assignment (an optimal plan between two uniform m-point sets is a
 permutation). Two unweighted sets of equal size <= max_points give the exact W2 of the samples; otherwise
 the value is that of m-point subsamples, whose expectation exceeds the population W2 (sampling noise
 does not average out in a distance): compare numbers at the same m, and read them against the W2 of two
@@ -371,7 +371,8 @@ def point_set_w2(a: np.ndarray, b: np.ndarray, a_log_w: np.ndarray | torch.Tenso
 
     The ground distance is Euclidean, or with ``period`` the periodic one of a torus of that period in
     every coordinate. Exact for two unweighted sets of equal size <= max_points; otherwise the exact W2 of
-    equal-mass subsamples of m = min(max_points, n_a, n_b) points (deterministic given ``seed``). The
+    equal-mass subsamples of m points (deterministic given ``seed``): m = max_points, or the size of an
+    unweighted set if smaller (a weighted set is resampled to any m, however few distinct points it has). The
     assignment costs O(m^3) in the worst case: m = 2000 takes ~1-10 s on one CPU core.
     """
     a, lwa = _positive_weight(a, a_log_w, "a")
@@ -386,7 +387,8 @@ def point_set_w2(a: np.ndarray, b: np.ndarray, a_log_w: np.ndarray | torch.Tenso
     if max_points < 1:
         raise ValueError(f"max_points must be >= 1, got {max_points}")
     rng = np.random.default_rng(seed)
-    m = min(max_points, len(a), len(b))
+    # Resampling turns a weighted set into any number of points; only unweighted sets cap m.
+    m = min([max_points] + [len(x) for x, lw in ((a, lwa), (b, lwb)) if lw is None])
     pa = a[_equal_mass_points(len(a), lwa, m, rng)]
     pb = b[_equal_mass_points(len(b), lwb, m, rng)]
     diff = np.abs(pa[:, None, :] - pb[None, :, :])
