@@ -1,6 +1,6 @@
 """Refinement schemes on a toy with a known answer: plain IS, resample-move SMC, annealed SMC, independence MH.
 
-Target: the 2-D two-Gaussian mixture of tests/test_refine.py (normalised, so log Z = 0; E[x1] = 0.8,
+Target: the 2-D two-Gaussian mixture of tests/refine_toy.py (normalised, so log Z = 0; E[x1] = 0.8,
 P(x1 > 0) = 0.7); proposal: the deliberately wrong Gaussian "flow" there (exact log q, free to sample).
 Each scheme runs over several seeds; the table gives the evaluations per run (energies, with or without
 forces, and flow likelihoods), the root-mean-square error of E[x1] and P(x1 > 0) over the seeds, and the
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_refine import EXACT, MODE_P, MODE_STD, MODES, GaussianProposal, mixture_energy, observables  # noqa: E402
+from refine_toy import EXACT, MODE_P, MODE_STD, MODES, GaussianProposal, mixture_energy, observables  # noqa: E402
 
 from tbg.evaluate.metrics import energy_w2, point_set_w2  # noqa: E402
 from tbg.flow.refine import AutogradPotential, MCMCConfig, SMCConfig, independence_metropolis, smc  # noqa: E402
