@@ -10,7 +10,9 @@
 - sampling: ``sample`` (chunked, resumable, sharded over ranks) with ``SampleConfig``.
 - training by energy: ``train_by_energy`` (reverse KL or importance-weighted) with ``EnergyTrainConfig``.
 - reweighting: ``log_importance_weights``, ``kish_ess``, ``normalized_weights``, ``weighted_mean``,
-  ``clip_log_weights``.
+  tail treatments ``clip_log_weights`` and ``energy_cutoff_log_weights``, compared with plain importance
+  sampling by ``tail_treatments``.
+- refinement beyond reweighting (SMC, MCMC with the flow as proposal): the subpackage ``tbg.flow.refine``.
 - ``tbg.flow.checkpointing``: the resume helpers of both training loops (numbered checkpoints, CSV log).
 - ``tbg.flow.runs`` (imported on demand: it loads the chemistry): run folders of flows trained on MD data
   and of their samples, as the `tbg` command makes them (``train_on_md``, ``sample_checkpoint``).
@@ -34,10 +36,13 @@ from tbg.flow.prior import (
     sample_ragged,
 )
 from tbg.flow.reweight import (
+    TailTreatment,
     clip_log_weights,
+    energy_cutoff_log_weights,
     kish_ess,
     log_importance_weights,
     normalized_weights,
+    tail_treatments,
     weighted_mean,
 )
 from tbg.flow.sample import SampleConfig, batch_size_for_budget, chunk_seed, sample
@@ -53,6 +58,7 @@ __all__ = [
     "RaggedLoader",
     "SampleConfig",
     "SolverConfig",
+    "TailTreatment",
     "TrainConfig",
     "TrainResult",
     "as_dynamics",
@@ -61,6 +67,7 @@ __all__ = [
     "chunk_seed",
     "clip_log_weights",
     "decoupled_likelihood",
+    "energy_cutoff_log_weights",
     "flow_matching_loss",
     "integrate",
     "kish_ess",
@@ -71,6 +78,7 @@ __all__ = [
     "prior_energy_ragged",
     "sample",
     "sample_ragged",
+    "tail_treatments",
     "train",
     "train_by_energy",
     "weighted_mean",

@@ -11,7 +11,10 @@ log space (logsumexp) so that weights spanning hundreds of orders of magnitude s
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,7 +26,12 @@ __all__ = [
     "normalized_weights",
     "weighted_mean",
     "clip_log_weights",
+    "energy_cutoff_log_weights",
+    "TailTreatment",
+    "tail_treatments",
 ]
+
+log = logging.getLogger("tbg")
 
 
 def _as_tensor(a: Tensor | np.ndarray | list | float) -> Tensor:
@@ -123,3 +131,65 @@ def clip_log_weights(log_w: Tensor | np.ndarray, quantile: float = 0.999) -> Ten
     finite = lw[torch.isfinite(lw)]
     cap = torch.quantile(finite, quantile)
     return torch.minimum(lw, cap)
+
+
+def energy_cutoff_log_weights(log_w: Tensor | np.ndarray, reduced_energy: Tensor | np.ndarray,
+                              cutoff: float) -> Tensor:
+    """log w with every sample whose reduced energy u exceeds ``cutoff`` (kT, absolute) set to -inf.
+
+    Like clipping, this trades bias for variance: the estimates become those of p restricted to
+    u <= cutoff, which is harmless only when p puts negligible mass above the cutoff (e.g. a cutoff far
+    above the MD energies). Report it beside the untreated estimate (``tail_treatments``).
+    """
+    if not math.isfinite(cutoff):
+        raise ValueError(f"the energy cutoff must be finite, got {cutoff}")
+    lw = _check_log_w(log_w)
+    u = _as_tensor(reduced_energy).to(torch.float64).reshape(-1).to(lw.device)
+    if u.shape != lw.shape:
+        raise ValueError(f"reduced_energy has shape {tuple(u.shape)}, log_w {tuple(lw.shape)}")
+    if torch.isnan(u).any():
+        raise ValueError("reduced_energy contains NaN (use +inf for broken samples)")
+    return torch.where(u > cutoff, torch.full_like(lw, -math.inf), lw)
+
+
+@dataclass
+class TailTreatment:
+    """One way of weighting the same samples: its log weights, Kish ESS (fraction of all n samples),
+    number of samples with positive weight, and the estimates (mean, standard error) of the observables.
+    ``ess`` is 0 and the estimates are NaN when the treatment leaves no sample with positive weight."""
+
+    name: str
+    log_w: Tensor
+    ess: float
+    n_positive: int
+    estimates: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def tail_treatments(log_w: Tensor | np.ndarray, observables: Mapping[str, Tensor | np.ndarray] | None = None, *,
+                    reduced_energy: Tensor | np.ndarray | None = None, clip_quantiles: Sequence[float] = (0.999,),
+                    energy_cutoffs: Sequence[float] = ()) -> dict[str, TailTreatment]:
+    """Plain importance sampling and each tail treatment side by side, so that a treated number is never
+    shown alone.
+
+    Returns {name: TailTreatment} in the order "plain", then "clip q=<quantile>" for each quantile
+    (``clip_log_weights``), then "energy cutoff u<=<cutoff>" for each cutoff (``energy_cutoff_log_weights``,
+    needs ``reduced_energy``). ``observables`` maps names to per-sample values [n]; each treatment holds
+    their self-normalised estimates with standard errors (``weighted_mean``).
+    """
+    lw = _check_log_w(log_w)
+    if energy_cutoffs and reduced_energy is None:
+        raise ValueError("energy cutoffs need reduced_energy")
+    variants: list[tuple[str, Tensor]] = [("plain", lw)]
+    variants += [(f"clip q={q:g}", clip_log_weights(lw, q)) for q in clip_quantiles]
+    variants += [(f"energy cutoff u<={c:g}", energy_cutoff_log_weights(lw, reduced_energy, c)) for c in energy_cutoffs]
+    out: dict[str, TailTreatment] = {}
+    for name, treated in variants:
+        positive = int(torch.isfinite(treated).sum())
+        if positive == 0:
+            log.warning("tail treatment %r leaves no sample with positive weight", name)
+            nan = (math.nan, math.nan)
+            out[name] = TailTreatment(name, treated, 0.0, 0, {k: nan for k in (observables or {})})
+            continue
+        estimates = {k: weighted_mean(v, treated) for k, v in (observables or {}).items()}
+        out[name] = TailTreatment(name, treated, kish_ess(treated), positive, estimates)
+    return out
