@@ -26,7 +26,7 @@ from typing import Any
 log = logging.getLogger("tbg")
 
 ALA2_DATA = Path(__file__).resolve().parent / "data" / "alanine-dipeptide"  # shipped MD data (tbg.chem.data)
-TRANSFER_FEATURES = 76  # [2 residue positions, 20 amino acids, 54 atom types] (tbg-model.md)
+TRANSFER_FEATURES = 76  # [2 residue positions, 20 amino acids, 54 atom types] (docs/model.md)
 PUBLISHED_ALA2_FEATURES = 21  # the published alanine-dipeptide one-hot width (see tbg.chem.encoding)
 
 
