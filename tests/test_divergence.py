@@ -1,7 +1,8 @@
 """Exact divergence and Hutchinson: the fused ops vs the plain-PyTorch references.
 
 References (tbg.nn.reference): the published brute force (one backward pass per coordinate) and the
-trace of torch.func.jacfwd, both on the reference EGNN. Implementations under test: the ops through
+trace of torch.func.jacfwd, both on the ops' reference twin egnn_velocity; JVPs against the twin
+egnn_jvp. Implementations under test: the ops through
 the dispatcher ("op": the C++ kernel on CPU, on CUDA the torch implementation) and that torch
 implementation called directly on CPU ("torch", tbg.nn.divergence_torch), so the CUDA path's
 algorithm is checked on every machine. Tolerances: fp64 1e-10 relative; fp32 1e-5
@@ -52,18 +53,24 @@ def _batch(layout: str, sizes: list[int], dtype: torch.dtype, device: str):
 
 def _references(model: tbg.EGNN, t: torch.Tensor, x: torch.Tensor, f: torch.Tensor, ptr: torch.Tensor,
                 jacfwd: bool = True):
-    """(v, div by brute force, div by jacfwd or None) on the fp64 reference."""
+    """(v, div by brute force, div by jacfwd or None) on the fp64 reference (the ops' twin)."""
     model64 = model.to(torch.float64)
     x, f, t = x.double(), f.double(), t.double()
-    with torch.no_grad():
-        h0 = model64.embed(t[molecule_index(ptr)].unsqueeze(1), f)
-    field = reference.egnn_field(model64, h0, ptr)
+    field = _twin_field(model64, t, f, ptr)
     v, div_bf = reference.divergence_bruteforce(field, x, ptr)
     if not jacfwd:
         return v, div_bf, None
     with torch.no_grad():
         _, div_jf = reference.divergence_jacfwd(field, x, ptr)
     return v, div_bf, div_jf
+
+
+def _twin_field(model: tbg.EGNN, t: torch.Tensor, f: torch.Tensor, ptr: torch.Tensor):
+    """x -> reference.egnn_velocity(x, h0, ...) with the model's embeddings and stacked weights."""
+    with torch.no_grad():
+        h0 = model.embed(t[molecule_index(ptr)].unsqueeze(1), f)
+        weights = [w.detach() for w in model.stacked_weights()]
+    return lambda y: reference.egnn_velocity(y, h0, ptr, weights, model.layer_range)
 
 
 IMPLS = ["op", "torch"]
@@ -107,9 +114,7 @@ def test_exact_divergence_matches_bruteforce_and_jacfwd(device, impl, dtype, lay
     if dtype == torch.float32 and div_bf.numel():
         # Near-coincident atoms make some random fp32 inputs ill-conditioned: then allow what the
         # fp32 reference itself gets wrong (x3), never less than 1e-5 relative.
-        with torch.no_grad():
-            h0 = model.to(dtype).embed(t[molecule_index(ptr)].unsqueeze(1), f_r)
-        _, div_bf32 = reference.divergence_bruteforce(reference.egnn_field(model, h0, ptr), x_r, ptr)
+        _, div_bf32 = reference.divergence_bruteforce(_twin_field(model.to(dtype), t, f_r, ptr), x_r, ptr)
         atol = max(atol, 3 * (div_bf32.double() - div_bf).abs().max().item())
     torch.testing.assert_close(div.double(), div_bf, rtol=0.0, atol=atol)
     if layout == "padded" and impl == "op":
@@ -150,6 +155,29 @@ def test_vmap_jvp_reference_and_module_reference_backend(device) -> None:
         _, div = model.divergence(t, **inputs, backend="reference")
     _, div_bf, _ = _references(model, t, x_r, f_r, ptr)
     torch.testing.assert_close(div, div_bf, rtol=1e-10, atol=1e-10)
+
+
+def test_reference_twins_are_the_module_reference() -> None:
+    """reference.egnn_velocity / egnn_divergence / egnn_jvp (the ops' signatures, stacked weights) and
+    the module's reference path (per-layer parameters) are one definition."""
+    model = random_egnn(F, 8, 3)
+    _, (x, f, ptr) = _batch("ragged", [4, 1, 5], torch.float64, "cpu")
+    t = torch.rand(3, dtype=torch.float64)
+    with torch.no_grad():
+        h0 = model.embed(t[molecule_index(ptr)].unsqueeze(1), f)
+        weights, rng = model.stacked_weights(), model.layer_range
+        v = reference.egnn_velocity(x, h0, ptr, weights, rng)
+        torch.testing.assert_close(v, model(t, x, f, mol_ptr=ptr, backend="reference"), rtol=1e-12, atol=1e-12)
+        v_div, div = reference.egnn_divergence(x, h0, ptr, weights, rng, tangent_chunk=4)
+        v_mod, div_mod = model.divergence(t, x, f, mol_ptr=ptr, backend="reference")
+        tangents = torch.randn(3, x.shape[0], 3, dtype=torch.float64)
+        _, jvp = reference.egnn_jvp(x, h0, ptr, weights, tangents, rng)
+        _, jvp_mod = reference.field_jvp(reference.egnn_field(model, h0, ptr), x, tangents)
+    torch.testing.assert_close(v_div, v, rtol=0, atol=0)
+    torch.testing.assert_close(div, div_mod, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(jvp, jvp_mod, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="13 stacked weight"):
+        reference.egnn_velocity(x, h0, ptr, weights[:-1], rng)
 
 
 # ---- the structure the kernels rely on -----------------------------------------------------------------
@@ -246,7 +274,7 @@ def test_jvp_matches_reference(device, impl, dtype, n_layers) -> None:
         h0 = model.embed(t[molecule_index(ptr)].unsqueeze(1), f)
         tangents = torch.randn(5, x.shape[0], 3, dtype=dtype, device=device)
         v, jvp = jvp_of(x, h0, ptr, model.stacked_weights(), tangents, model.layer_range)
-        v_ref, jvp_ref = reference.field_jvp(reference.egnn_field(model, h0, ptr), x, tangents)
+        v_ref, jvp_ref = reference.egnn_jvp(x, h0, ptr, model.stacked_weights(), tangents, model.layer_range)
         torch.testing.assert_close(v, v_ref, **_tol(dtype))
         scale = max(jvp_ref.abs().max().item(), 1.0)
         torch.testing.assert_close(jvp, jvp_ref, rtol=0, atol=_tol(dtype)["rtol"] * scale)
