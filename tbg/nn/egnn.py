@@ -23,6 +23,9 @@ from tbg.nn.spec import STACKED_WEIGHTS, StackedWeight
 
 Backend = Literal["auto", "reference", "fused"]
 Method = Literal["exact", "hutchinson"]
+# Paths of the stacked parameters inside an EGCL, for plain attribute access: get_parameter would reject
+# the plain tensors torch.func.functional_call swaps in, and torch.compile cannot trace operator.attrgetter.
+_PARAMETER_PATHS = tuple(tuple(w.parameter.split(".")) for w in STACKED_WEIGHTS)
 
 
 class EGCL(nn.Module):
@@ -112,13 +115,16 @@ class EGNN(nn.Module):
         (``tbg.nn.spec.STACKED_WEIGHTS``)."""
         layers = self.layers
 
-        def stacked(w: StackedWeight) -> Tensor:
-            module, _, name = w.parameter.rpartition(".")
-            # getattr, not get_parameter: torch.func.functional_call swaps in plain tensors.
-            per_layer = [getattr(gcl.get_submodule(module), name) for gcl in layers]
+        def parameter(gcl: nn.Module, path: tuple[str, ...]) -> Tensor:
+            for name in path:
+                gcl = getattr(gcl, name)
+            return gcl
+
+        def stacked(w: StackedWeight, path: tuple[str, ...]) -> Tensor:
+            per_layer = [parameter(gcl, path) for gcl in layers]
             return torch.stack([p[0] if w.first_row else p for p in per_layer]).contiguous()
 
-        return tuple(stacked(w) for w in STACKED_WEIGHTS)
+        return tuple(stacked(w, path) for w, path in zip(STACKED_WEIGHTS, _PARAMETER_PATHS))
 
     def embed(self, t_atoms: Tensor, features: Tensor) -> Tensor:
         """h0 = embedding([features, t]) per atom; t_atoms [M, 1], features [M, F]."""
