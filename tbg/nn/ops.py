@@ -111,7 +111,11 @@ for _op in ("egnn_divergence", "egnn_jvp"):
 # ---- device implementations --------------------------------------------------------------------------
 def cuda_implementations() -> dict[str, Callable[..., Any]]:
     """The Python implementation of each op that runs on CUDA where the native library has no
-    compiled CUDA kernel for it, keyed by op name (the functions take the op's schema)."""
+    compiled CUDA kernel for it, keyed by op name (the functions take the op's schema).
+
+    Today the torch implementation serves both divergence ops. This is the one place to choose
+    another (e.g. Triton kernels): return it here; it is installed once, at import.
+    """
     return {"egnn_divergence": divergence_torch.egnn_divergence, "egnn_jvp": divergence_torch.egnn_jvp}
 
 
