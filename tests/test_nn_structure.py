@@ -174,6 +174,7 @@ def test_import_graph_is_acyclic() -> None:
 
 # ---- one definition of the weight order and the constants, and the C++ side agrees ------------------
 def test_stacked_weights_follow_the_spec() -> None:
+    assert reference.LayerWeights._fields == spec.WEIGHT_NAMES  # unstack_weights fills it by name
     model = random_egnn(3, 8, 4)
     weights = model.stacked_weights()
     assert tuple(tuple(w.shape) for w in weights) == spec.weight_shapes(4, 8)

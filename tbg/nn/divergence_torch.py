@@ -75,11 +75,12 @@ class _EdgeCache(NamedTuple):
 
 
 def _split_layers(weights: tuple[Tensor, ...]) -> list[_Layer]:
-    w1, b1, w2, b2, watt, batt, wc1, bc1, wc2, wn1, bn1, wn2, bn2 = weights
-    hidden = w1.shape[1]
-    return [_Layer(w1[l, :, :hidden], w1[l, :, hidden:2 * hidden], w1[l, :, 2 * hidden], w1[l, :, 2 * hidden + 1],
-                   b1[l], w2[l], b2[l], watt[l], batt[l], wc1[l], bc1[l], wc2[l], wn1[l, :, :hidden],
-                   wn1[l, :, hidden:], bn1[l], wn2[l], bn2[l]) for l in range(w1.shape[0])]
+    w = dict(zip(spec.WEIGHT_NAMES, weights))  # the stacked weights by schema name
+    hidden = w["w1"].shape[1]
+    return [_Layer(w["w1"][l, :, :hidden], w["w1"][l, :, hidden:2 * hidden], w["w1"][l, :, 2 * hidden],
+                   w["w1"][l, :, 2 * hidden + 1], w["b1"][l], w["w2"][l], w["b2"][l], w["watt"][l], w["batt"][l],
+                   w["wc1"][l], w["bc1"][l], w["wc2"][l], w["wn1"][l, :, :hidden], w["wn1"][l, :, hidden:],
+                   w["bn1"][l], w["wn2"][l], w["bn2"][l]) for l in range(w["w1"].shape[0])]
 
 
 def _silu_and_slope(z: Tensor) -> tuple[Tensor, Tensor]:

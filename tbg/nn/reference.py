@@ -34,7 +34,7 @@ import torch.nn.functional as fn
 from torch import Tensor, nn
 
 from tbg.nn.layout import local_index, max_atoms, molecule_index, per_molecule_sum, ragged_edges, unit_tangents
-from tbg.nn.spec import EDGE_EPS, N_WEIGHTS
+from tbg.nn.spec import EDGE_EPS, N_WEIGHTS, STACKED_WEIGHTS, WEIGHT_NAMES
 
 Field = Callable[[Tensor], Tensor]
 
@@ -72,9 +72,11 @@ def unstack_weights(weights: Sequence[Tensor]) -> list[LayerWeights]:
     """The 13 stacked tensors of the fused ops (``tbg.nn.spec.STACKED_WEIGHTS``) as per-layer weights."""
     if len(weights) != N_WEIGHTS:
         raise ValueError(f"expected {N_WEIGHTS} stacked weight tensors, got {len(weights)}")
-    w1, b1, w2, b2, watt, batt, wc1, bc1, wc2, wn1, bn1, wn2, bn2 = weights
-    return [LayerWeights(w1[l], b1[l], w2[l], b2[l], watt[l:l + 1], batt[l:l + 1], wc1[l], bc1[l], wc2[l:l + 1],
-                         wn1[l], bn1[l], wn2[l], bn2[l]) for l in range(w1.shape[0])]
+    w = dict(zip(WEIGHT_NAMES, weights))  # LayerWeights' fields are the schema names
+    # The one-output linears get their [1, H] weight / [1] bias shape back (first_row in the spec).
+    first_row = {entry.name for entry in STACKED_WEIGHTS if entry.first_row}
+    return [LayerWeights(**{name: t[l:l + 1] if name in first_row else t[l] for name, t in w.items()})
+            for l in range(w["w1"].shape[0])]
 
 
 class _EGNNLike(Protocol):
