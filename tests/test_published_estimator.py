@@ -75,6 +75,19 @@ def test_matches_bruteforce_float64(case: str) -> None:
     assert not dxs.requires_grad and not minus_div.requires_grad
     if case == "padded":
         assert (dxs[:, 3 * n_real:] == 0).all()
+    with torch.no_grad():
+        empty_dxs, empty_div = _estimate(estimator, dynamics, t, xs[:0])
+    assert empty_dxs.shape == (0, xs.shape[1]) and empty_div.shape == (0, 1)
+
+
+def test_empty_first_batch_decides_nothing() -> None:
+    dynamics, estimator = _ala_like(), ExactDivergenceEstimator()
+    with torch.no_grad():
+        dxs, minus_div = _estimate(estimator, dynamics, torch.tensor(0.1), torch.zeros(0, 21, dtype=torch.float64))
+    assert dxs.shape == (0, 21) and minus_div.shape == (0, 1) and not estimator.uses_engine(dynamics)
+    with torch.no_grad():
+        _estimate(estimator, dynamics, torch.tensor(0.1), _latent(dynamics, 2, 7))
+    assert estimator.uses_engine(dynamics)
 
 
 def test_float32_uses_the_kernels_within_their_tolerance(monkeypatch) -> None:
