@@ -127,7 +127,7 @@ def _engine_for(dynamics: object) -> _Engine:
             features, mask, edge_mask = dynamics.h_initial, dynamics.node_mask, dynamics.edge_mask
         except AttributeError as err:
             raise NotRecognised(f"padded dynamics without h_initial, node_mask or edge_mask ({err})") from err
-        features, mask, edge_mask = features.reshape(-1, features.shape[-1]), mask.reshape(-1), edge_mask
+        features, mask = features.reshape(-1, features.shape[-1]), mask.reshape(-1)
         n_max = mask.numel()
         real = mask != 0
         expected = real[:, None] & real[None, :] & ~torch.eye(n_max, dtype=torch.bool, device=real.device)
