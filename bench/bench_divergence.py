@@ -4,7 +4,7 @@ Side by side in one run, for alanine dipeptide (N = 22, H = 64, L = 5) and dipep
 sizes drawn from 20..51):
   fused      tbg::egnn_divergence (ragged; forward-mode tangents, chunked): on CPU the C++ kernel, on
              CUDA the batched torch-ops implementation (there "fused" and "batched" are one code)
-  batched    tbg.nn.divergence_batched called directly (the same algorithm as one large op per step
+  batched    tbg.nn.divergence_torch called directly (the same algorithm as one large op per step
              over the whole batch, GEMMs in BLAS / cuBLAS), with its own default chunk
   published  one autograd backward pass per coordinate on the reference; for dipeptides on the batch
              padded to 51 atoms with node/edge masks (3 * 51 = 153 passes), as the published code does
@@ -28,9 +28,7 @@ import torch
 from common import machine, matmul_peak_gflops, measure
 
 import tbg
-from tbg.nn import divergence as D
-from tbg.nn import divergence_batched as B
-from tbg.nn import reference
+from tbg.nn import divergence_torch, ops, reference
 from tbg.nn.layout import mol_ptr_from_sizes, molecule_index, ragged_edges
 
 
@@ -59,20 +57,21 @@ def run_case(name: str, model: tbg.EGNN, sizes: list[int], n_pad: int | None, de
     with torch.no_grad():
         h0 = model.embed(t[molecule_index(ptr)].unsqueeze(1), f)
         weights = model.stacked_weights()
-    chunk = chunk or D.default_tangent_chunk(ptr, model.hidden)
+    chunk = chunk or ops.default_tangent_chunk(ptr, model.hidden)
     res: dict = {}
     with torch.no_grad():
-        res["fused"] = measure(lambda: D.fused_divergence(x, h0, ptr, weights, model.layer_range, chunk), device,
+        res["fused"] = measure(lambda: ops.egnn_divergence(x, h0, ptr, weights, model.layer_range, chunk), device,
                              repeats)
-        batched_chunk = B.default_tangent_chunk(ptr, model.hidden)
-        res["batched"] = measure(lambda: B.egnn_divergence(x, h0, ptr, *weights, model.layer_range, batched_chunk),
-                                 device, repeats)
-    field = D.reference_field(model, h0, ptr)
+        batched_chunk = divergence_torch.default_tangent_chunk(ptr, model.hidden)
+        res["batched"] = measure(
+            lambda: divergence_torch.egnn_divergence(x, h0, ptr, *weights, model.layer_range, batched_chunk),
+            device, repeats)
+    field = reference.egnn_field(model, h0, ptr)
     with torch.no_grad():
-        res["vmap(jvp)"] = measure(lambda: D.divergence_vmap_jvp(field, x, ptr, chunk_size=32), device, 1,
+        res["vmap(jvp)"] = measure(lambda: reference.divergence_vmap_jvp(field, x, ptr, chunk_size=32), device, 1,
                                    warmup=0)
     if n_pad is None:
-        res["published"] = measure(lambda: D.divergence_bruteforce(field, x, ptr), device, 1, warmup=0)
+        res["published"] = measure(lambda: reference.divergence_bruteforce(field, x, ptr), device, 1, warmup=0)
     else:  # the published padded batch: every molecule padded to n_pad atoms, masks on nodes and edges
         b = len(sizes)
         mask = (torch.arange(n_pad, device=device) < torch.tensor(sizes, device=device).unsqueeze(1))
@@ -89,7 +88,8 @@ def run_case(name: str, model: tbg.EGNN, sizes: list[int], n_pad: int | None, de
             dx = reference.egnn_displacement(model, h0p, y, row, col, edge_mask, flat_mask)
             return reference.remove_mean(dx, flat_ptr, flat_mask)
 
-        res["published"] = measure(lambda: D.divergence_bruteforce(padded_field, xp, flat_ptr), device, 1, warmup=0)
+        res["published"] = measure(lambda: reference.divergence_bruteforce(padded_field, xp, flat_ptr), device, 1,
+                                   warmup=0)
     div_f = res["fused"][2][1]
     for key in ("published", "vmap(jvp)", "batched"):
         div_r = res[key][2][1]

@@ -31,7 +31,7 @@ from common import machine
 import tbg
 import tbg.flow
 from tbg.flow import MeanFreeGaussian, SolverConfig, decoupled_likelihood, integrate
-from tbg.nn.divergence import divergence_bruteforce
+from tbg.nn.reference import divergence_bruteforce
 from tbg.nn.layout import mol_ptr_from_sizes
 
 DATA = Path(__file__).resolve().parents[1] / "tbg" / "data" / "alanine-dipeptide"

@@ -1,6 +1,6 @@
 """Benchmark: what TF32 GEMMs in the GPU divergence path would do to the log-likelihood (issue 4).
 
-On CUDA, tbg::egnn_divergence runs tbg.nn.divergence_batched, whose GEMMs are cuBLAS calls: with
+On CUDA, tbg::egnn_divergence runs tbg.nn.divergence_torch, whose GEMMs are cuBLAS calls: with
 ``torch.backends.cuda.matmul.allow_tf32 = True`` (or ``torch.set_float32_matmul_precision("high")``)
 they run on TF32 tensor cores, which read each fp32 operand with a 10-bit mantissa and accumulate in
 fp32. This script measures the effect of that rounding without a GPU: it runs the same batched code on
@@ -33,7 +33,7 @@ from tbg.chem.encoding import encode_atoms
 from tbg.cli import main as tbg_main
 from tbg.flow import MeanFreeGaussian, SolverConfig
 from tbg.flow.ode import gauss_legendre
-from tbg.nn import divergence_batched
+from tbg.nn import divergence_torch
 from tbg.nn.checkpoint import load_egnn
 
 
@@ -66,8 +66,8 @@ def divergence(egnn: tbg.EGNN, features: torch.Tensor, t: float, x: torch.Tensor
     ptr = torch.arange(b + 1) * n
     t_atoms = torch.full((b * n, 1), t, dtype=x.dtype)
     h0 = egnn.embed(t_atoms, features.to(x.dtype).repeat(b, 1))
-    chunk = divergence_batched.default_tangent_chunk(ptr, egnn.hidden)
-    _, div = divergence_batched.egnn_divergence(x.reshape(-1, 3).contiguous(), h0, ptr, *egnn.stacked_weights(),
+    chunk = divergence_torch.default_tangent_chunk(ptr, egnn.hidden)
+    _, div = divergence_torch.egnn_divergence(x.reshape(-1, 3).contiguous(), h0, ptr, *egnn.stacked_weights(),
                                                 egnn.layer_range, chunk)
     return div
 

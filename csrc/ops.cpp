@@ -1,12 +1,14 @@
 // Schemas of every tbg operator, in one place. Kernels register per dispatch key in
-// egnn/ and divergence/ (CPU beside, CUDA in .cu files); fake (meta) kernels and autograd
-// are registered from Python (tbg/nn/ops.py) so torch.compile can trace through them.
+// egnn/ and divergence/ (CPU beside, CUDA in .cu files); fake (meta) kernels, autograd and the
+// Python implementations of ops without a compiled CUDA kernel are registered by tbg/nn/ops.py,
+// which `import tbg` imports, so torch.compile can trace through every op.
 //
 // All ops take the ragged layout: the atoms of all molecules concatenated (x [M, 3],
 // h0 [M, H] = embedding of [features, t]), with mol_ptr [B + 1] (int64, on x's device) giving each
 // molecule's atom range; every ordered pair of distinct atoms inside a molecule is an edge.
 // Fixed and padded batches are converted to this layout in Python, so no kernel ever works
-// on padding. Per-layer weights are stacked over the L layers (PyTorch Linear layout, [out, in]):
+// on padding. Per-layer weights are stacked over the L layers (PyTorch Linear layout, [out, in]),
+// in this order (tbg/nn/spec.py is the Python definition; common/egnn_args.h checks it):
 //   w1 [L, H, 2H+2]  b1 [L, H]     edge MLP, first linear; input order (h_i, h_j, r_ij, a_ij)
 //   w2 [L, H, H]     b2 [L, H]     edge MLP, second linear
 //   watt [L, H]      batt [L]      attention gate sigmoid(watt . m + batt)
@@ -14,7 +16,7 @@
 //   wc2 [L, H]                     coordinate MLP, last linear (no bias), then tanh * coords_range
 //   wn1 [L, H, 2H]   bn1 [L, H]    node MLP, first linear; input order (h_i, sum_j m_ij)
 //   wn2 [L, H, H]    bn2 [L, H]    node MLP, second linear (residual update)
-// The semantics are those of tbg.nn.reference (see ../shared/reference/tbg-model.md).
+// The semantics are those of tbg.nn.reference, written out in docs/model.md.
 #include <torch/library.h>
 
 #define TBG_EGNN_WEIGHTS                                                                   \

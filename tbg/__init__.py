@@ -5,7 +5,8 @@ with a plain-PyTorch reference that defines their semantics, and the flow, chemi
 evaluation around them.
 """
 from tbg._library import build_info, has_kernel
-from tbg.nn import EGNN, BoundDynamics, load_published, save_published
+from tbg.nn import EGNN, BoundDynamics, ExactDivergenceEstimator, load_published, save_published
 
 __version__ = "0.1.0"
-__all__ = ["EGNN", "BoundDynamics", "build_info", "has_kernel", "load_published", "save_published"]
+__all__ = ["EGNN", "BoundDynamics", "ExactDivergenceEstimator", "build_info", "has_kernel", "load_published",
+           "save_published"]

@@ -1,4 +1,4 @@
-"""tbg-model.md's vector field written out densely, independent of tbg's edge-list reference."""
+"""docs/model.md's vector field written out densely, independent of tbg's edge-list reference."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +7,7 @@ from torch.nn.functional import silu
 
 def spec_velocity(state: dict[str, torch.Tensor], n_layers: int, features: torch.Tensor, t: float,
                   x: torch.Tensor, coords_range: float = 15.0) -> torch.Tensor:
-    """tbg-model.md written out densely for one molecule straight from a published-layout state dict
+    """docs/model.md written out densely for one molecule straight from a published-layout state dict
     (x [N, 3], features [N, F]); independent of tbg's edge-list reference."""
     def lin(name: str, inp: torch.Tensor) -> torch.Tensor:
         out = inp @ state[name + ".weight"].T

@@ -10,7 +10,7 @@ from spec import spec_velocity
 
 
 def published_checkpoint(n_features: int, hidden: int, n_layers: int) -> dict:
-    """A checkpoint built from the layout description in tbg-model.md alone (random values)."""
+    """A checkpoint built from the layout description in docs/model.md alone (random values)."""
     H, shapes = hidden, {"embedding.weight": (hidden, n_features + 1), "embedding.bias": (hidden,),
                          "embedding_out.weight": (n_features + 1, hidden), "embedding_out.bias": (n_features + 1,)}
     for layer in range(n_layers):

@@ -1,10 +1,11 @@
 """Exact divergence and Hutchinson: the fused ops vs the plain-PyTorch references.
 
-References (tbg.nn.divergence): the published brute force (one backward pass per coordinate) and the
-trace of torch.func.jacfwd, both on the reference EGNN. Implementations under test: the ops through
-the dispatcher ("op": the C++ kernel on CPU, on CUDA the batched torch-ops implementation) and that
-batched implementation called directly on CPU ("batched", tbg.nn.divergence_batched), so the CUDA
-path's algorithm is checked on every machine. Tolerances: fp64 1e-10 relative; fp32 1e-5
+References (tbg.nn.reference): the published brute force (one backward pass per coordinate) and the
+trace of torch.func.jacfwd, both on the ops' reference twin egnn_velocity; JVPs against the twin
+egnn_jvp. Implementations under test: the ops through
+the dispatcher ("op": the C++ kernel on CPU, on CUDA the torch implementation) and that torch
+implementation called directly on CPU ("torch", tbg.nn.divergence_torch), so the CUDA path's
+algorithm is checked on every machine. Tolerances: fp64 1e-10 relative; fp32 1e-5
 relative to the largest |div| of the batch (fp32 fused vs the fp64 reference, so the bound covers
 the kernel's own rounding only).
 """
@@ -14,9 +15,9 @@ import pytest
 import torch
 
 import tbg
-from tbg.nn import divergence as D
-from tbg.nn import divergence_batched as B
-from tbg.nn import reference
+from tbg.nn import divergence_torch as T
+from tbg.nn import ops, reference, spec
+from tbg.nn.hutchinson import hutchinson_trace, probes
 from tbg.nn.layout import mol_ptr_from_sizes, molecule_index, per_molecule_sum, ragged_edges
 from conftest import DEVICES, random_egnn
 
@@ -52,28 +53,34 @@ def _batch(layout: str, sizes: list[int], dtype: torch.dtype, device: str):
 
 def _references(model: tbg.EGNN, t: torch.Tensor, x: torch.Tensor, f: torch.Tensor, ptr: torch.Tensor,
                 jacfwd: bool = True):
-    """(v, div by brute force, div by jacfwd or None) on the fp64 reference."""
+    """(v, div by brute force, div by jacfwd or None) on the fp64 reference (the ops' twin)."""
     model64 = model.to(torch.float64)
     x, f, t = x.double(), f.double(), t.double()
-    with torch.no_grad():
-        h0 = model64.embed(t[molecule_index(ptr)].unsqueeze(1), f)
-    field = D.reference_field(model64, h0, ptr)
-    v, div_bf = D.divergence_bruteforce(field, x, ptr)
+    field = _twin_field(model64, t, f, ptr)
+    v, div_bf = reference.divergence_bruteforce(field, x, ptr)
     if not jacfwd:
         return v, div_bf, None
     with torch.no_grad():
-        _, div_jf = D.divergence_jacfwd(field, x, ptr)
+        _, div_jf = reference.divergence_jacfwd(field, x, ptr)
     return v, div_bf, div_jf
 
 
-IMPLS = ["op", "batched"]
+def _twin_field(model: tbg.EGNN, t: torch.Tensor, f: torch.Tensor, ptr: torch.Tensor):
+    """x -> reference.egnn_velocity(x, h0, ...) with the model's embeddings and stacked weights."""
+    with torch.no_grad():
+        h0 = model.embed(t[molecule_index(ptr)].unsqueeze(1), f)
+        weights = [w.detach() for w in model.stacked_weights()]
+    return lambda y: reference.egnn_velocity(y, h0, ptr, weights, model.layer_range)
 
 
-def _batched_divergence(model: tbg.EGNN, t: torch.Tensor, x_r: torch.Tensor, f_r: torch.Tensor, ptr: torch.Tensor,
+IMPLS = ["op", "torch"]
+
+
+def _torch_divergence(model: tbg.EGNN, t: torch.Tensor, x_r: torch.Tensor, f_r: torch.Tensor, ptr: torch.Tensor,
                         chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     h0 = model.embed(t[molecule_index(ptr)].unsqueeze(1), f_r)
-    chunk = chunk or B.default_tangent_chunk(ptr, model.hidden)
-    return B.egnn_divergence(x_r, h0, ptr, *model.stacked_weights(), model.layer_range, chunk)
+    chunk = chunk or T.default_tangent_chunk(ptr, model.hidden)
+    return T.egnn_divergence(x_r, h0, ptr, *model.stacked_weights(), model.layer_range, chunk)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -94,7 +101,7 @@ def test_exact_divergence_matches_bruteforce_and_jacfwd(device, impl, dtype, lay
             assert v.shape == inputs["x"].shape
             v_real = v if layout == "ragged" else v[inputs["node_mask"]] if layout == "padded" else v.reshape(-1, 3)
         else:
-            v_real, div = _batched_divergence(model, t, x_r, f_r, ptr, chunk)
+            v_real, div = _torch_divergence(model, t, x_r, f_r, ptr, chunk)
     assert div.shape == (len(sizes),)
     # The two references are compared once per case (in the fp64 run).
     v_ref, div_bf, div_jf = _references(model, t, x_r, f_r, ptr, jacfwd=dtype == torch.float64)
@@ -107,9 +114,7 @@ def test_exact_divergence_matches_bruteforce_and_jacfwd(device, impl, dtype, lay
     if dtype == torch.float32 and div_bf.numel():
         # Near-coincident atoms make some random fp32 inputs ill-conditioned: then allow what the
         # fp32 reference itself gets wrong (x3), never less than 1e-5 relative.
-        with torch.no_grad():
-            h0 = model.to(dtype).embed(t[molecule_index(ptr)].unsqueeze(1), f_r)
-        _, div_bf32 = D.divergence_bruteforce(D.reference_field(model, h0, ptr), x_r, ptr)
+        _, div_bf32 = reference.divergence_bruteforce(_twin_field(model.to(dtype), t, f_r, ptr), x_r, ptr)
         atol = max(atol, 3 * (div_bf32.double() - div_bf).abs().max().item())
     torch.testing.assert_close(div.double(), div_bf, rtol=0.0, atol=atol)
     if layout == "padded" and impl == "op":
@@ -136,7 +141,7 @@ def test_published_padded_bruteforce_equals_ragged() -> None:
         dx = reference.egnn_displacement(model, h0, x, row, col, edge_mask, mask)
         return reference.remove_mean(dx, flat_ptr, mask)
 
-    _, div_pad = D.divergence_bruteforce(padded_field, inputs["x"].reshape(-1, 3), flat_ptr)
+    _, div_pad = reference.divergence_bruteforce(padded_field, inputs["x"].reshape(-1, 3), flat_ptr)
     _, div_bf, _ = _references(model, t, x_r, f_r, ptr)
     torch.testing.assert_close(div_pad, div_bf, rtol=1e-10, atol=1e-10)
 
@@ -152,6 +157,29 @@ def test_vmap_jvp_reference_and_module_reference_backend(device) -> None:
     torch.testing.assert_close(div, div_bf, rtol=1e-10, atol=1e-10)
 
 
+def test_reference_twins_are_the_module_reference() -> None:
+    """reference.egnn_velocity / egnn_divergence / egnn_jvp (the ops' signatures, stacked weights) and
+    the module's reference path (per-layer parameters) are one definition."""
+    model = random_egnn(F, 8, 3)
+    _, (x, f, ptr) = _batch("ragged", [4, 1, 5], torch.float64, "cpu")
+    t = torch.rand(3, dtype=torch.float64)
+    with torch.no_grad():
+        h0 = model.embed(t[molecule_index(ptr)].unsqueeze(1), f)
+        weights, rng = model.stacked_weights(), model.layer_range
+        v = reference.egnn_velocity(x, h0, ptr, weights, rng)
+        torch.testing.assert_close(v, model(t, x, f, mol_ptr=ptr, backend="reference"), rtol=1e-12, atol=1e-12)
+        v_div, div = reference.egnn_divergence(x, h0, ptr, weights, rng, tangent_chunk=4)
+        v_mod, div_mod = model.divergence(t, x, f, mol_ptr=ptr, backend="reference")
+        tangents = torch.randn(3, x.shape[0], 3, dtype=torch.float64)
+        _, jvp = reference.egnn_jvp(x, h0, ptr, weights, tangents, rng)
+        _, jvp_mod = reference.field_jvp(reference.egnn_field(model, h0, ptr), x, tangents)
+    torch.testing.assert_close(v_div, v, rtol=0, atol=0)
+    torch.testing.assert_close(div, div_mod, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(jvp, jvp_mod, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="13 stacked weight"):
+        reference.egnn_velocity(x, h0, ptr, weights[:-1], rng)
+
+
 # ---- the structure the kernels rely on -----------------------------------------------------------------
 def test_structure_claims() -> None:
     """(i) h0 carries no x tangent, (ii) layer-1 distances of edges not incident to a do not move
@@ -162,7 +190,7 @@ def test_structure_claims() -> None:
     x, f, t = torch.randn(n, 3, dtype=torch.float64), torch.randn(n, F, dtype=torch.float64), torch.rand(1).double()
     # (i): the module as a function of x (embedding inside) has the Jacobian of the field with h0 fixed.
     h0 = model.embed(t.expand(n).unsqueeze(1), f).detach()
-    field = D.reference_field(model, h0, ptr)
+    field = reference.egnn_field(model, h0, ptr)
     j_module = torch.func.jacfwd(lambda y: model(t, y, f, mol_ptr=ptr, backend="reference"))(x)
     torch.testing.assert_close(j_module, torch.func.jacfwd(field)(x), rtol=1e-12, atol=1e-12)
     # (ii)
@@ -197,8 +225,8 @@ def test_hutchinson_unbiased(device, probe) -> None:
     with torch.no_grad():
         _, exact = model.divergence(t, **inputs)
         h0 = model.embed(t[molecule_index(ptr)].unsqueeze(1), f_r)
-        eps = D.probes(1000, x_r, probe, gen)
-        _, jvp = D.fused_jvp(x_r, h0, ptr, model.stacked_weights(), eps, model.layer_range)
+        eps = probes(1000, x_r, probe, gen)
+        _, jvp = ops.egnn_jvp(x_r, h0, ptr, model.stacked_weights(), eps, model.layer_range)
         per_probe = torch.zeros(eps.shape[0], 3, dtype=eps.dtype, device=device).index_add_(
             1, molecule_index(ptr), (eps * jvp).sum(2))  # [K, B]
         mean, se = per_probe.mean(0), per_probe.std(0) / per_probe.shape[0] ** 0.5
@@ -207,8 +235,8 @@ def test_hutchinson_unbiased(device, probe) -> None:
         # The module front gives the mean of its probes: the same numbers from the same generator.
         _, est = model.divergence(t, **inputs, method="hutchinson", n_probes=50, probe=probe,
                                   generator=torch.Generator(device=device).manual_seed(2))
-        eps = D.probes(50, x_r, probe, torch.Generator(device=device).manual_seed(2))
-        _, jvp = D.field_jvp(D.reference_field(model, h0, ptr), x_r, eps)
+        eps = probes(50, x_r, probe, torch.Generator(device=device).manual_seed(2))
+        _, jvp = reference.field_jvp(reference.egnn_field(model, h0, ptr), x_r, eps)
         torch.testing.assert_close(est, per_molecule_sum((eps * jvp).sum((0, 2)), ptr) / 50, rtol=1e-10, atol=1e-10)
 
 
@@ -218,19 +246,19 @@ def test_mean_free_probes_change_nothing() -> None:
     inputs, (x_r, f_r, ptr) = _batch("ragged", [5, 3], torch.float64, "cpu")
     t = torch.rand(2, dtype=torch.float64)
     h0 = model.embed(t[molecule_index(ptr)].unsqueeze(1), f_r).detach()
-    eps = D.probes(20, x_r, "gaussian")
+    eps = probes(20, x_r, "gaussian")
     centred = torch.stack([reference.remove_mean(e, ptr) for e in eps])
-    jvp_fn = lambda e: D.fused_jvp(x_r, h0, ptr, model.stacked_weights(), e, model.layer_range)  # noqa: E731
+    jvp_fn = lambda e: ops.egnn_jvp(x_r, h0, ptr, model.stacked_weights(), e, model.layer_range)  # noqa: E731
     with torch.no_grad():
-        _, a = D.hutchinson_trace(jvp_fn, eps, ptr)
-        _, b = D.hutchinson_trace(jvp_fn, centred, ptr)
+        _, a = hutchinson_trace(jvp_fn, eps, ptr)
+        _, b = hutchinson_trace(jvp_fn, centred, ptr)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def _jvp_impl(impl: str):
     if impl == "op":
-        return D.fused_jvp
-    return lambda x, h0, ptr, weights, tangents, rng: B.egnn_jvp(x, h0, ptr, *weights, tangents, rng)
+        return ops.egnn_jvp
+    return lambda x, h0, ptr, weights, tangents, rng: T.egnn_jvp(x, h0, ptr, *weights, tangents, rng)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -246,7 +274,7 @@ def test_jvp_matches_reference(device, impl, dtype, n_layers) -> None:
         h0 = model.embed(t[molecule_index(ptr)].unsqueeze(1), f)
         tangents = torch.randn(5, x.shape[0], 3, dtype=dtype, device=device)
         v, jvp = jvp_of(x, h0, ptr, model.stacked_weights(), tangents, model.layer_range)
-        v_ref, jvp_ref = D.field_jvp(D.reference_field(model, h0, ptr), x, tangents)
+        v_ref, jvp_ref = reference.egnn_jvp(x, h0, ptr, model.stacked_weights(), tangents, model.layer_range)
         torch.testing.assert_close(v, v_ref, **_tol(dtype))
         scale = max(jvp_ref.abs().max().item(), 1.0)
         torch.testing.assert_close(jvp, jvp_ref, rtol=0, atol=_tol(dtype)["rtol"] * scale)
@@ -255,7 +283,7 @@ def test_jvp_matches_reference(device, impl, dtype, n_layers) -> None:
         torch.testing.assert_close(v0, v_ref, **_tol(dtype))
 
 
-def test_batched_groups_and_chunks(monkeypatch) -> None:
+def test_torch_impl_groups_and_chunks(monkeypatch) -> None:
     """A budget of a few molecules splits the batch into groups and the tangents into many chunks;
     the result is the CPU kernel's."""
     model = random_egnn(F, 8, 3)
@@ -263,13 +291,13 @@ def test_batched_groups_and_chunks(monkeypatch) -> None:
     with torch.no_grad():
         h0 = model.embed(torch.rand(x.shape[0], 1, dtype=torch.float64), f)
         weights = model.stacked_weights()
-        v_ref, div_ref = D.fused_divergence(x, h0, ptr, weights, model.layer_range, 4)
+        v_ref, div_ref = ops.egnn_divergence(x, h0, ptr, weights, model.layer_range, 4)
         tangents = torch.randn(7, x.shape[0], 3, dtype=torch.float64)
-        _, jvp_ref = D.fused_jvp(x, h0, ptr, weights, tangents, model.layer_range)
-        monkeypatch.setattr(B, "BUDGET", 2 * 30 * 8)  # 2 tangents x one 6-atom molecule x H
-        assert B._groups([5, 2, 6, 1, 3, 4], 2 * 8) == [[3, 1, 4, 5], [0], [2]]  # by size, 480 per group
-        v, div = B.egnn_divergence(x, h0, ptr, *weights, model.layer_range, 2)
-        _, jvp = B.egnn_jvp(x, h0, ptr, *weights, tangents, model.layer_range)
+        _, jvp_ref = ops.egnn_jvp(x, h0, ptr, weights, tangents, model.layer_range)
+        monkeypatch.setattr(spec, "TORCH_TANGENT_BUDGET", 2 * 30 * 8)  # 2 tangents x one 6-atom molecule x H
+        assert T._groups([5, 2, 6, 1, 3, 4], 2 * 8) == [[3, 1, 4, 5], [0], [2]]  # by size, 480 per group
+        v, div = T.egnn_divergence(x, h0, ptr, *weights, model.layer_range, 2)
+        _, jvp = T.egnn_jvp(x, h0, ptr, *weights, tangents, model.layer_range)
     torch.testing.assert_close(v, v_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(div, div_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(jvp, jvp_ref, rtol=1e-12, atol=1e-12)
@@ -293,14 +321,14 @@ class _FactoryDevices(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def test_batched_is_device_generic() -> None:
+def test_torch_impl_is_device_generic() -> None:
     """What can go wrong on a GPU in torch-ops code is a tensor made on the wrong device: every
-    factory in the batched path names its device. It is also the registered CUDA implementation."""
+    factory in the torch implementation names its device. It is also the registered CUDA implementation."""
     x, h0, ptr, weights, rng = _op_args("cpu")
     tangents = torch.randn(3, x.shape[0], 3, dtype=x.dtype)
     with _FactoryDevices() as mode:
-        B.egnn_divergence(x, h0, ptr, *weights, rng, 2)
-        B.egnn_jvp(x, h0, ptr, *weights, tangents, rng)
+        T.egnn_divergence(x, h0, ptr, *weights, rng, 2)
+        T.egnn_jvp(x, h0, ptr, *weights, tangents, rng)
     assert mode.missing == []
     with _FactoryDevices() as mode:
         torch.arange(3)
@@ -335,8 +363,8 @@ def _spy(monkeypatch, module, name: str) -> list:
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_divergence_gradient_wrt_parameters(backend, monkeypatch) -> None:
     """Grad mode on + parameters requiring grad selects a differentiable path: with backend='auto'
-    the batched torch-ops code, with 'reference' the reference."""
-    calls = _spy(monkeypatch, B, "divergence")
+    the torch implementation, with 'reference' the reference."""
+    calls = _spy(monkeypatch, T, "divergence")
     model = random_egnn(F, 4, 2)
     wrapper = _Divergence(model, backend)
     _, (x, f, ptr) = _batch("ragged", [3, 2], torch.float64, "cpu")
@@ -362,17 +390,17 @@ def test_divergence_gradient_wrt_parameters(backend, monkeypatch) -> None:
     def field(y: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(model, state(values), (t, y, f), {"mol_ptr": ptr, "backend": "reference"})
 
-    _, div_bf = D.divergence_bruteforce(field, x, ptr, create_graph=True)
+    _, div_bf = reference.divergence_bruteforce(field, x, ptr, create_graph=True)
     torch.testing.assert_close(div, div_bf, rtol=1e-10, atol=1e-10)
     for g, g_bf in zip(grads, torch.autograd.grad(div_bf.sum(), values)):
         torch.testing.assert_close(g, g_bf, rtol=1e-9, atol=1e-10)
     assert bool(calls) == (backend == "auto")
 
 
-def test_hutchinson_gradient_batched_matches_reference(monkeypatch) -> None:
-    """Gradients of a Hutchinson estimate w.r.t. parameters and x: the batched path (auto) and the
+def test_hutchinson_gradient_torch_impl_matches_reference(monkeypatch) -> None:
+    """Gradients of a Hutchinson estimate w.r.t. parameters and x: the torch implementation (auto) and the
     reference path agree (fp64, same probes), on a ragged batch with a one-atom molecule."""
-    calls = _spy(monkeypatch, B, "jvp")
+    calls = _spy(monkeypatch, T, "jvp")
     model = random_egnn(F, 8, 3)
     _, (x, f, ptr) = _batch("ragged", [4, 1, 6], torch.float64, "cpu")
     t = torch.rand(3, dtype=torch.float64)
@@ -417,7 +445,7 @@ def test_opcheck(device) -> None:
 def test_bad_inputs_raise(device, impl) -> None:
     x, h0, ptr, weights, rng = _op_args(device)
     divergence, jvp = ((torch.ops.tbg.egnn_divergence, torch.ops.tbg.egnn_jvp) if impl == "op"
-                       else (B.egnn_divergence, B.egnn_jvp))
+                       else (T.egnn_divergence, T.egnn_jvp))
     with pytest.raises(RuntimeError, match="tangent_chunk"):
         divergence(x, h0, ptr, *weights, rng, 0)
     with pytest.raises(RuntimeError, match="tangents"):
@@ -430,10 +458,10 @@ def test_bad_inputs_raise(device, impl) -> None:
         divergence(x, h0, ptr, *weights[:2], weights[2][:, :-1], *weights[3:], rng, 3)
     with pytest.raises(RuntimeError, match="mol_ptr"):
         divergence(x, h0, ptr.flip(0), *weights, rng, 3)
-    if impl == "batched":
+    if impl == "torch":
         return
     with pytest.raises(RuntimeError, match="autograd"):
-        D.fused_divergence(x, h0.requires_grad_(True), ptr, weights, rng)
+        ops.egnn_divergence(x, h0.requires_grad_(True), ptr, weights, rng)
     model = random_egnn(F, 6, 2, device=device)
     x3, f3 = torch.randn(2, 4, 3, dtype=torch.float64, device=device), torch.randn(4, F, dtype=torch.float64,
                                                                                     device=device)

@@ -1,4 +1,4 @@
-"""The reference EGNN: the specification in tbg-model.md, symmetries, and one semantics across layouts."""
+"""The reference EGNN: the specification in docs/model.md, symmetries, and one semantics across layouts."""
 from __future__ import annotations
 
 import pytest

@@ -8,7 +8,9 @@
 
 namespace tbg {
 
-// The 13 stacked per-layer weight tensors of the EGNN (see ops.cpp for their layout).
+// The 13 stacked per-layer weight tensors of the EGNN, in schema order (layout: ops.cpp; the
+// Python definition is tbg/nn/spec.py, and tests/test_nn_structure.py checks that the error
+// messages below name them in that order).
 struct EGNNWeights {
   at::Tensor w1, b1, w2, b2, watt, batt, wc1, bc1, wc2, wn1, bn1, wn2, bn2;
   int64_t n_layers = 0;

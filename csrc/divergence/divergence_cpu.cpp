@@ -1,5 +1,5 @@
-// CPU kernels of tbg::egnn_divergence and tbg::egnn_jvp (semantics: tbg/nn/divergence.py on top
-// of tbg/nn/reference.py), float32 and float64, ragged layout.
+// CPU kernels of tbg::egnn_divergence and tbg::egnn_jvp (semantics: egnn_divergence / egnn_jvp of
+// tbg/nn/reference.py), float32 and float64, ragged layout.
 //
 // Algorithm: forward-mode differentiation interleaved with the primal pass. Work items are
 // (molecule, chunk of T tangents), run with at::parallel_for; each item recomputes the molecule's
@@ -23,6 +23,7 @@
 
 #include <vector>
 
+#include "common/constants.h"
 #include "common/egnn_args.h"
 
 namespace tbg {
@@ -30,9 +31,6 @@ namespace {
 
 using at::Tensor;
 namespace idx = at::indexing;
-
-constexpr int64_t kChunkBudget = int64_t{1} << 23;  // T * edges * H bound, as tbg/nn/divergence.py
-constexpr double kEps = 1e-8;                     // as the reference: sqrt(r + 1e-8) + 1
 
 // One layer's weights, split the way the algebra uses them.
 struct LayerW {
@@ -83,7 +81,7 @@ EdgeCache primal_edges(const LayerW& w, const Edges& e, const Tensor& h, const T
   EdgeCache c;
   c.d = x.index_select(0, e.row) - x.index_select(0, e.col);
   const Tensor r = (c.d * c.d).sum(1);
-  c.sq = at::sqrt(r + kEps);
+  c.sq = at::sqrt(r + kEdgeEps);
   c.s = c.sq + 1;
   c.nv = c.d / c.s.unsqueeze(1);
   const Tensor P = at::linear(h, w.w1i, w.b1), Q = at::linear(h, w.w1j);
@@ -304,7 +302,7 @@ std::vector<Molecule> molecules(const Tensor& mol_ptr) {
 }
 
 int64_t chunk_for(int64_t n, int64_t H) {
-  return std::max<int64_t>(1, kChunkBudget / std::max<int64_t>(1, n * (n - 1) * H));
+  return std::max<int64_t>(1, kCpuTangentBudget / std::max<int64_t>(1, n * (n - 1) * H));
 }
 
 std::tuple<Tensor, Tensor> divergence_cpu(const Tensor& x, const Tensor& h0, const Tensor& mol_ptr,

@@ -50,6 +50,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/constants.h"
 #include "common/egnn_args.h"
 
 namespace tbg {

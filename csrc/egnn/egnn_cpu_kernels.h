@@ -305,7 +305,7 @@ void edge_forward(const LayerW<T>& w, int64_t n, int64_t Hp, int64_t i, const T*
       r += g[c] * g[c];
       a += g[3 + c] * g[3 + c];
     }
-    const T s = std::sqrt(r + T(1e-8));
+    const T s = std::sqrt(r + T(kEdgeEps));
     for (int c = 0; c < 3; ++c) g[6 + c] = g[c] / (s + 1);
     g[9] = r, g[10] = a, g[11] = s;
     T* z1 = t.z1 + e * Hp;
@@ -383,7 +383,7 @@ void edge_backward(const LayerW<T>& w, const LayerG<T>& gw, int64_t n, int64_t H
     axpy(r, gz, gw.wr, Hp);
     axpy(a, gz, gw.wa, Hp);
     const T gr = dot(gz, w.wr, Hp), ga = dot(gz, w.wa, Hp);
-    // nrm = d / (sqrt(r + 1e-8) + 1): d nrm / d d = I / c - d d^T / (c^2 s).
+    // nrm = d / (sqrt(r + eps) + 1): d nrm / d d = I / c - d d^T / (c^2 s).
     T gn[3], dgn = 0;
     for (int q = 0; q < 3; ++q) gn[q] = range * phi * gxi[q], dgn += g[q] * gn[q];
     for (int q = 0; q < 3; ++q) {

@@ -51,6 +51,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/constants.h"
 #include "common/egnn_args.h"
 
 namespace tbg {
@@ -333,7 +334,7 @@ __device__ __forceinline__ void chunk_prologue(const EdgeArgs<T>& p, const Tile&
         r += d[c] * d[c];
         a += d0[c] * d0[c];
       }
-      const T sq = sqrt_(r + T(1e-8)), s = sq + T(1);
+      const T sq = sqrt_(r + T(kEdgeEps)), s = sq + T(1);
       rows[kR * R + row] = r;
       rows[kA * R + row] = a;
       rows[kSq * R + row] = sq;

@@ -1,4 +1,4 @@
-"""Force fields and OpenMM systems as used for the published TBG data (see tbg-model.md).
+"""Force fields and OpenMM systems as used for the published TBG data (see docs/model.md).
 
 Dipeptides: amber14-all + implicit solvent OBC1, CutoffNonPeriodic with a 2 nm cutoff, no constraints,
 310 K. Alanine dipeptide: the same force field at 300 K.

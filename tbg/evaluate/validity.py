@@ -1,6 +1,6 @@
 """Chemical validity of generated samples: bond graphs, isomorphism to the reference, chirality.
 
-Semantics (tbg-model.md): a pair of atoms is bonded when its distance is below 0.14 nm if either atom
+Semantics (docs/model.md): a pair of atoms is bonded when its distance is below 0.14 nm if either atom
 is H, else 0.22 nm if either is S, else 0.18 nm if either is C, never otherwise. A sample is a correct
 configuration when its bond graph is isomorphic to the reference bond graph with elements matched; the
 isomorphism puts equivalent atoms back in reference order. Chirality centres (4 bonds, > 2 heavy
@@ -53,7 +53,7 @@ REASON_DEGENERATE = "degenerate (planar) chirality centre"
 
 
 def bond_cutoffs(elements: list[str]) -> np.ndarray:
-    """[N, N] bond cutoffs in nm (0 = never bonded) for element symbols, per tbg-model.md."""
+    """[N, N] bond cutoffs in nm (0 = never bonded) for element symbols, per docs/model.md."""
     n = len(elements)
     cut = np.zeros((n, n))
     decided = np.zeros((n, n), dtype=bool)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from tbg.nn.divergence import divergence_bruteforce
+from tbg.nn.reference import divergence_bruteforce
 
 __all__ = [
     "Dynamics",
@@ -55,7 +55,7 @@ class Dynamics(Protocol):
 class AutogradDivergence:
     """Wrap a plain field ``f(t, x)`` with an exact divergence by one backward pass per coordinate.
 
-    This is the published method's brute-force trace (``tbg.nn.divergence.divergence_bruteforce``, here on
+    This is the published method's brute-force trace (``tbg.nn.reference.divergence_bruteforce``, here on
     flat states x [B, D]); it works for any differentiable field (toy fields in tests, custom fields) but
     costs D backward passes. Under grad mode the trace stays differentiable (training by energy).
     """

@@ -3,7 +3,7 @@
 For a sample x = flow(z) with exact log-det ``dlogp = int_0^1 div v dt`` the flow density is
 log q(x) = log q0(z) - dlogp, so the unnormalised log importance weight against exp(-u(x)) is
 
-    log w = -u(x) + prior_energy(z) + dlogp          (constants dropped, tbg-model.md)
+    log w = -u(x) + prior_energy(z) + dlogp          (constants dropped, docs/model.md)
 
 with u the reduced energy (U / kT) and prior_energy(z) = 0.5 |z - mean z|^2. Everything here works in
 log space (logsumexp) so that weights spanning hundreds of orders of magnitude stay exact.

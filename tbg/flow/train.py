@@ -1,7 +1,7 @@
 """Conditional flow-matching training of the EGNN vector field, resumable and DDP-ready.
 
 Batches are ragged (atoms of all molecules concatenated, ``mol_ptr`` offsets), so one molecule and many
-peptides of different sizes train through the same code without padding. Per molecule (tbg-model.md):
+peptides of different sizes train through the same code without padding. Per molecule (docs/model.md):
 t ~ U(0, 1), x0 ~ prior, noise ~ prior, x_t = (1 - t) x0 + t x1 + sigma noise, target u = x1 - x0,
 loss_b = |v(t, x_t) - u|^2 / (3 n_b), averaged over the batch.
 

@@ -3,8 +3,9 @@
 ``EGNN`` holds the parameters under exactly the names of the published code (``embedding``,
 ``gcl_{l}.edge_mlp.0`` ...), so a published state dict loads without renaming. Its forward
 runs either the plain-PyTorch reference (``tbg.nn.reference``) or the fused ops
-(``torch.ops.tbg.*``) on the same parameters; ``backend="auto"`` picks the fused ops when they
-are built for the tensors' device.
+(``tbg.nn.ops``) on the same parameters; ``backend="auto"`` picks the fused ops when they
+are built for the tensors' device. ``EGNN.divergence`` chooses among the fused ops, their torch
+implementation (``tbg.nn.divergence_torch``, differentiable) and the reference.
 """
 from __future__ import annotations
 
@@ -14,12 +15,17 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from tbg._library import has_kernel
-from tbg.nn import reference
-from tbg.nn.divergence import module_divergence
+from tbg._library import build_info, has_kernel
+from tbg.nn import divergence_torch, ops, reference
+from tbg.nn.hutchinson import Probe, hutchinson_trace, probes
 from tbg.nn.layout import check_mol_ptr, molecule_index, ragged_edges, to_ragged
+from tbg.nn.spec import STACKED_WEIGHTS, StackedWeight
 
 Backend = Literal["auto", "reference", "fused"]
+Method = Literal["exact", "hutchinson"]
+# Paths of the stacked parameters inside an EGCL, for plain attribute access: get_parameter would reject
+# the plain tensors torch.func.functional_call swaps in, and torch.compile cannot trace operator.attrgetter.
+_PARAMETER_PATHS = tuple(tuple(w.parameter.split(".")) for w in STACKED_WEIGHTS)
 
 
 class EGCL(nn.Module):
@@ -98,28 +104,27 @@ class EGNN(nn.Module):
             why = ("the fused ops implement the published options attention=True, tanh=True"
                    if not (self.attention and self.tanh) else
                    f"tbg's native library has no kernel for {torch.device(device).type} "
-                   f"(build info: {__import__('tbg').build_info()['cuda']=})")
+                   f"(built with CUDA: {build_info()['cuda'] or 'no'})")
             raise RuntimeError(f"backend='fused' is not available: {why}")
         if backend not in ("auto", "fused"):
             raise ValueError(f"backend must be 'auto', 'reference' or 'fused', got {backend!r}")
         return "fused" if fused else "reference"
 
     def stacked_weights(self) -> tuple[Tensor, ...]:
-        """The 13 per-layer weights stacked over layers, in the order of the ops' schemas."""
+        """The 13 per-layer weights stacked over layers, in the order of the ops' schemas
+        (``tbg.nn.spec.STACKED_WEIGHTS``)."""
         layers = self.layers
 
-        def stack(get) -> Tensor:
-            return torch.stack([get(gcl) for gcl in layers]).contiguous()
+        def parameter(gcl: nn.Module, path: tuple[str, ...]) -> Tensor:
+            for name in path:
+                gcl = getattr(gcl, name)
+            return gcl
 
-        return (
-            stack(lambda g: g.edge_mlp[0].weight), stack(lambda g: g.edge_mlp[0].bias),
-            stack(lambda g: g.edge_mlp[2].weight), stack(lambda g: g.edge_mlp[2].bias),
-            stack(lambda g: g.att_mlp[0].weight[0]), stack(lambda g: g.att_mlp[0].bias[0]),
-            stack(lambda g: g.coord_mlp[0].weight), stack(lambda g: g.coord_mlp[0].bias),
-            stack(lambda g: g.coord_mlp[2].weight[0]),
-            stack(lambda g: g.node_mlp[0].weight), stack(lambda g: g.node_mlp[0].bias),
-            stack(lambda g: g.node_mlp[2].weight), stack(lambda g: g.node_mlp[2].bias),
-        )
+        def stacked(w: StackedWeight, path: tuple[str, ...]) -> Tensor:
+            per_layer = [parameter(gcl, path) for gcl in layers]
+            return torch.stack([p[0] if w.first_row else p for p in per_layer]).contiguous()
+
+        return tuple(stacked(w, path) for w, path in zip(STACKED_WEIGHTS, _PARAMETER_PATHS))
 
     def embed(self, t_atoms: Tensor, features: Tensor) -> Tensor:
         """h0 = embedding([features, t]) per atom; t_atoms [M, 1], features [M, F]."""
@@ -136,8 +141,6 @@ class EGNN(nn.Module):
         """
         t = self._check_inputs(t, x, features, node_mask, mol_ptr)
         if self.resolve_backend(backend, x.device) == "fused":
-            from tbg.nn import ops  # noqa: PLC0415 - ops registers fake/autograd kernels on import
-
             view, x_r, features_r, mol_ptr_r = to_ragged(x, features, node_mask, mol_ptr)
             t_atoms = t[molecule_index(mol_ptr_r)].unsqueeze(1)
             v = ops.egnn_velocity(x_r, self.embed(t_atoms, features_r), mol_ptr_r,
@@ -148,22 +151,59 @@ class EGNN(nn.Module):
         return v if mol_ptr is not None else v.reshape(x.shape)
 
     def divergence(self, t: Tensor | float, x: Tensor, features: Tensor, *, node_mask: Tensor | None = None,
-                   mol_ptr: Tensor | None = None, method: str = "exact", n_probes: int = 1,
-                   probe: str = "rademacher", generator: torch.Generator | None = None,
+                   mol_ptr: Tensor | None = None, method: Method = "exact", n_probes: int = 1,
+                   probe: Probe = "rademacher", generator: torch.Generator | None = None,
                    backend: Backend = "auto", tangent_chunk: int | None = None) -> tuple[Tensor, Tensor]:
         """(v, div): the field as ``forward`` and div [B] = tr(dv/dx) per molecule.
 
         method "exact" (3 n_b unit tangents per molecule, ``tangent_chunk`` at a time) or
         "hutchinson" (``n_probes`` random probes, "rademacher" or "gaussian", drawn from
         ``generator``: unbiased). Padded atoms take no part. The fused ops have no gradient: with
-        grad mode on and parameters (or x) requiring grad a differentiable path runs (the batched
-        torch-ops code of the same algorithm, or the reference for ``backend="reference"`` and
+        grad mode on and parameters (or x) requiring grad a differentiable path runs (the torch
+        implementation of the same algorithm, or the reference for ``backend="reference"`` and
         models the fused ops do not cover), slower and holding activations for the backward pass,
-        so call under ``torch.no_grad()`` when no gradient is needed. See ``tbg.nn.divergence``.
+        so call under ``torch.no_grad()`` when no gradient is needed.
         """
         t = self._check_inputs(t, x, features, node_mask, mol_ptr)
-        return module_divergence(self, t, x, features, node_mask, mol_ptr, method=method, n_probes=n_probes,
-                                 probe=probe, generator=generator, backend=backend, tangent_chunk=tangent_chunk)
+        if method not in ("exact", "hutchinson"):
+            raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
+        if tangent_chunk is not None and tangent_chunk < 1:
+            raise ValueError(f"tangent_chunk must be >= 1, got {tangent_chunk}")
+        view, x_r, features_r, ptr = to_ragged(x, features, node_mask, mol_ptr)
+        h0 = self.embed(t[molecule_index(ptr)].unsqueeze(1), features_r)
+        # The fused ops have no autograd. When a gradient of div is wanted (training through the
+        # likelihood), models the fused ops support take the torch implementation of the same
+        # algorithm with autograd through it, the others (and backend='reference') the reference;
+        # both are differentiable w.r.t. x, t, features and parameters.
+        needs_grad = torch.is_grad_enabled() and (h0.requires_grad or x_r.requires_grad)
+        op = "egnn_divergence" if method == "exact" else "egnn_jvp"
+        resolved = self.resolve_backend(backend, x.device) if backend != "reference" else "reference"
+        fused = resolved == "fused" and has_kernel(op, x.device) and not needs_grad
+        differentiable = resolved == "fused" and needs_grad
+        if backend == "fused" and not fused:
+            why = ("gradients are required and the fused op has none" if needs_grad
+                   else f"no {op} kernel for {x.device.type}")
+            raise RuntimeError(f"backend='fused' cannot compute this divergence: {why}; use backend='auto' or "
+                               f"'reference'")
+        weights = self.stacked_weights() if fused or differentiable else ()
+        if method == "hutchinson":
+            eps = probes(n_probes, x_r, probe, generator)
+            if fused:
+                jvp_fn = lambda e: ops.egnn_jvp(x_r, h0, ptr, weights, e, self.layer_range)  # noqa: E731
+            elif differentiable:
+                jvp_fn = lambda e: divergence_torch.jvp(x_r, h0, ptr, weights, e, self.layer_range)  # noqa: E731
+            else:
+                field = reference.egnn_field(self, h0, ptr)
+                jvp_fn = lambda e: reference.field_jvp(field, x_r, e)  # noqa: E731
+            v, div = hutchinson_trace(jvp_fn, eps, ptr)
+        elif fused:
+            v, div = ops.egnn_divergence(x_r, h0, ptr, weights, self.layer_range, tangent_chunk)
+        elif differentiable:
+            chunk = tangent_chunk or divergence_torch.default_tangent_chunk(ptr, self.hidden)
+            v, div = divergence_torch.divergence(x_r, h0, ptr, weights, self.layer_range, chunk)
+        else:
+            v, div = reference.divergence_vmap_jvp(reference.egnn_field(self, h0, ptr), x_r, ptr, tangent_chunk)
+        return (v if view is None else view.scatter(v)), div
 
     def _reference_velocity(self, flat: _Flat) -> Tensor:
         row, col = ragged_edges(flat.mol_ptr)

@@ -1,5 +1,6 @@
-"""tbg::egnn_divergence and tbg::egnn_jvp in batched torch ops: their implementation on CUDA, and
-the differentiable divergence of EGNN.divergence (autograd through ``divergence`` / ``jvp``).
+"""The torch implementation of tbg::egnn_divergence and tbg::egnn_jvp: the ops' implementation on
+CUDA (registered by ``tbg.nn.ops``), and the differentiable divergence of ``EGNN.divergence``
+(autograd through ``divergence`` / ``jvp``).
 
 The algorithm is the CPU kernel's (csrc/divergence/divergence_cpu.cpp): forward-mode
 differentiation interleaved with the primal pass, layer by layer, with the same algebra (the first
@@ -11,9 +12,9 @@ op, which is the shape a GPU wants: the two H x H edge products become [T * E, H
 
 Unit tangents are shared by the molecules of a group (tangent (a, k) moves atom a of every
 molecule that has one; ``tbg.nn.layout.unit_tangents``), so a chunk of T tangents is one [T, M, 3]
-tensor.
-Molecules are grouped, by size, so that T x edges x H stays under a budget (memory O(T E H) per
-group), and every (group, chunk) recomputes its primal pass, which costs about one tangent.
+tensor. Molecules are grouped, by size, so that T x edges x H stays under
+``tbg.nn.spec.TORCH_TANGENT_BUDGET`` (memory O(T E H) per group), and every (group, chunk)
+recomputes its primal pass, which costs about one tangent.
 
 Written in device-generic torch ops, so the CPU test suite checks it against the references
 (tests/test_divergence.py); on CPU the C++ kernel is the faster of the two (bench/RESULTS.md).
@@ -27,14 +28,10 @@ import torch
 import torch.nn.functional as fn
 from torch import Tensor
 
+from tbg.nn import spec
 from tbg.nn.layout import (check_mol_ptr, local_index, max_atoms, mol_ptr_from_sizes, per_molecule_sum, ragged_edges,
                            unit_tangents)
 from tbg.nn.reference import remove_mean
-
-_EPS = 1e-8  # as the reference: sqrt(r + 1e-8) + 1
-# Bound on T x E x H elements of one (group, chunk): fp32 tensors of 256 MiB, about 8 alive at once.
-BUDGET = 1 << 26
-_WEIGHT_NAMES = ("w1", "b1", "w2", "b2", "watt", "batt", "wc1", "bc1", "wc2", "wn1", "bn1", "wn2", "bn2")
 
 
 class _Layer(NamedTuple):
@@ -78,11 +75,12 @@ class _EdgeCache(NamedTuple):
 
 
 def _split_layers(weights: tuple[Tensor, ...]) -> list[_Layer]:
-    w1, b1, w2, b2, watt, batt, wc1, bc1, wc2, wn1, bn1, wn2, bn2 = weights
-    hidden = w1.shape[1]
-    return [_Layer(w1[l, :, :hidden], w1[l, :, hidden:2 * hidden], w1[l, :, 2 * hidden], w1[l, :, 2 * hidden + 1],
-                   b1[l], w2[l], b2[l], watt[l], batt[l], wc1[l], bc1[l], wc2[l], wn1[l, :, :hidden],
-                   wn1[l, :, hidden:], bn1[l], wn2[l], bn2[l]) for l in range(w1.shape[0])]
+    w = dict(zip(spec.WEIGHT_NAMES, weights))  # the stacked weights by schema name
+    hidden = w["w1"].shape[1]
+    return [_Layer(w["w1"][l, :, :hidden], w["w1"][l, :, hidden:2 * hidden], w["w1"][l, :, 2 * hidden],
+                   w["w1"][l, :, 2 * hidden + 1], w["b1"][l], w["w2"][l], w["b2"][l], w["watt"][l], w["batt"][l],
+                   w["wc1"][l], w["bc1"][l], w["wc2"][l], w["wn1"][l, :, :hidden], w["wn1"][l, :, hidden:],
+                   w["bn1"][l], w["wn2"][l], w["bn2"][l]) for l in range(w["w1"].shape[0])]
 
 
 def _silu_and_slope(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -108,12 +106,12 @@ def _check_args(op: str, x: Tensor, h0: Tensor, mol_ptr: Tensor, weights: tuple[
         check_mol_ptr(mol_ptr, x.shape[0])
     except ValueError as err:
         fail(str(err))
+    if len(weights) != spec.N_WEIGHTS:
+        fail(f"expected {spec.N_WEIGHTS} stacked weight tensors, got {len(weights)}")
     L, H = (weights[0].shape[0] if weights[0].dim() == 3 else 0), h0.shape[1]
     if L < 1:
         fail(f"w1 must have shape [L, H, 2H + 2], got {tuple(weights[0].shape)}")
-    shapes = ((L, H, 2 * H + 2), (L, H), (L, H, H), (L, H), (L, H), (L,), (L, H, H), (L, H), (L, H),
-              (L, H, 2 * H), (L, H), (L, H, H), (L, H))
-    for name, w, shape in zip(_WEIGHT_NAMES, weights, shapes):
+    for name, w, shape in zip(spec.WEIGHT_NAMES, weights, spec.weight_shapes(L, H)):
         if tuple(w.shape) != shape:
             fail(f"weight {name} must have shape {list(shape)} for L = {L}, H = {H}, got {list(w.shape)}")
         if w.dtype != x.dtype or w.device != x.device:
@@ -128,7 +126,7 @@ def _primal_layer(w: _Layer, h: Tensor, x: Tensor, a: Tensor, row: Tensor, col: 
     """Primal edge pass: the cache, x after the coordinate update, and agg = sum_j m_ij."""
     d = x[row] - x[col]
     r = (d * d).sum(1)
-    sq = torch.sqrt(r + _EPS)
+    sq = torch.sqrt(r + spec.EDGE_EPS)
     s = sq + 1
     pre1 = (fn.linear(h, w.w1i, w.b1)[row] + fn.linear(h, w.w1j)[col] + r.unsqueeze(1) * w.wr
             + a.unsqueeze(1) * w.wa)
@@ -240,14 +238,14 @@ def _rows_at_atom(local_end: Tensor, t0: int, n_tan: int) -> Rows:
 
 
 def _groups(sizes: list[int], per_edge: int) -> list[list[int]]:
-    """Molecules in groups whose edges x per_edge stay under BUDGET (at least one molecule each),
+    """Molecules in groups whose edges x per_edge stay under the budget (at least one molecule each),
     smallest molecules first: a group computes 3 x its largest molecule's atoms tangents for every
     member, so members of similar size waste little."""
     groups: list[list[int]] = [[]]
     load = 0
     for b in sorted(range(len(sizes)), key=sizes.__getitem__):
         cost = sizes[b] * (sizes[b] - 1) * per_edge
-        if groups[-1] and load + cost > BUDGET:
+        if groups[-1] and load + cost > spec.TORCH_TANGENT_BUDGET:
             groups.append([])
             load = 0
         groups[-1].append(b)
@@ -295,7 +293,7 @@ def default_tangent_chunk(mol_ptr: Tensor, hidden: int) -> int:
     """Every tangent of the largest molecule in one chunk when that molecule fits the budget (so the
     primal pass is computed once per group); groups then fill the budget."""
     n = max(max_atoms(mol_ptr), 2)
-    return max(1, min(3 * n, BUDGET // (n * (n - 1) * hidden)))
+    return max(1, min(3 * n, spec.TORCH_TANGENT_BUDGET // (n * (n - 1) * hidden)))
 
 
 def divergence(x: Tensor, h0: Tensor, mol_ptr: Tensor, weights: tuple[Tensor, ...], coords_range: float,
@@ -347,14 +345,14 @@ def jvp(x: Tensor, h0: Tensor, mol_ptr: Tensor, weights: tuple[Tensor, ...], tan
     return v, out
 
 
-# The op implementations (registered for CUDA by tbg.nn.divergence), with the ops' signatures.
+# The op implementations with the ops' schemas (registered for CUDA by tbg.nn.ops).
 @torch.no_grad()
 def egnn_divergence(x: Tensor, h0: Tensor, mol_ptr: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
     """tbg::egnn_divergence: the 13 weights, coords_range, tangent_chunk after mol_ptr."""
-    return divergence(x, h0, mol_ptr, args[:13], *args[13:])
+    return divergence(x, h0, mol_ptr, args[:spec.N_WEIGHTS], *args[spec.N_WEIGHTS:])
 
 
 @torch.no_grad()
 def egnn_jvp(x: Tensor, h0: Tensor, mol_ptr: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
     """tbg::egnn_jvp: the 13 weights, tangents, coords_range after mol_ptr."""
-    return jvp(x, h0, mol_ptr, args[:13], *args[13:])
+    return jvp(x, h0, mol_ptr, args[:spec.N_WEIGHTS], *args[spec.N_WEIGHTS:])
