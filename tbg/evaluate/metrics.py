@@ -204,9 +204,9 @@ class BasinDefinition:
 
 # The Ramachandran basins of the first backbone phi/psi (alanine dipeptide), boundaries at the barriers.
 # The negative-phi half is phi in [2, 2 pi), i.e. everything outside the published alpha_L basin 0 < phi < 2
-# (beta extends across the +-pi seam to phi ~ +3). The psi boundaries are the two maxima of the MD psi free
-# energy of the shipped data (phi < 0 frames, von Mises kernel of width 0.1 rad): psi = -1.7 (inside an
-# empty gap from -2.6 to -1.4) and psi = 1.5 (~4 kT above the beta minimum).
+# (beta extends across the +-pi seam to phi ~ +3). The psi boundaries sit at the barriers of the MD psi free
+# energy of the shipped data (phi < 0 frames): psi = -1.7 inside an almost empty gap from -2.4 to -1.35, and
+# psi = 1.5 on a ~4.5 kT plateau from 1.0 to 1.6 (tbg/data/alanine-dipeptide/README.md).
 NEGATIVE_PHI: Arc = ("phi", 2.0, TWO_PI)
 RAMACHANDRAN_BASINS: dict[str, BasinDefinition] = {
     "alphaR_beta": BasinDefinition(
