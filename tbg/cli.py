@@ -46,7 +46,8 @@ class UsageError(Exception):
 DEFAULTS: dict[str, Any] = {
     # model and training (published alanine dipeptide: H = 64, L = 5, Adam 5e-4, batch 256)
     "hidden": 64, "layers": 5, "steps": 1000, "epochs": None, "batch_size": 256, "lr": 5e-4,
-    "lr_milestones": [], "ema": None, "val_fraction": 0.1, "checkpoint_every": 100, "encoding": "auto",
+    "lr_milestones": [], "ema": None, "coupling": "independent", "val_fraction": 0.1, "checkpoint_every": 100,
+    "keep_checkpoints": 3, "encoding": "auto",
     "backend": "auto",
     # sampling (published: dopri5, atol = rtol = 1e-4, batches of 500)
     "n": 1000, "sample_batch_size": 500, "likelihood": "joint", "method": "dopri5", "atol": 1e-4, "rtol": 1e-4,
@@ -100,9 +101,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
          metavar="STEP")
     _opt(g, "--ema", "exponential moving average of the weights, e.g. 0.999 (default: off)", type=float,
          metavar="DECAY")
+    _opt(g, "--coupling", "pairing of prior and data samples: independent (published) or aligned (each prior "
+         "sample rotated/reflected and its interchangeable atoms relabelled to fit its data frame; shorter paths, "
+         "better likelihoods; tbg.flow.coupling)", choices=["independent", "aligned"])
     _opt(g, "--val-fraction", "fraction of the MD frames held out for validation", type=float, metavar="F")
     _opt(g, "--checkpoint-every", "steps between checkpoints (the run resumes from the newest)", type=int,
          metavar="N")
+    _opt(g, "--keep-checkpoints", "newest checkpoints kept on disk", type=int, metavar="N")
     _opt(g, "--encoding", "atom features: 'atoms' (one class per atom, alanine-dipeptide model), 'transfer' "
          "(76-wide transferable encoding), 'auto' = atoms for one molecule, transfer for several",
          choices=["auto", "atoms", "transfer"])
@@ -218,7 +223,8 @@ def _training_options(args: argparse.Namespace) -> TrainingOptions:
 
     return TrainingOptions(hidden=args.hidden, layers=args.layers, steps=args.steps, epochs=args.epochs,
                            batch_size=args.batch_size, lr=args.lr, lr_milestones=tuple(args.lr_milestones),
-                           ema=args.ema, val_fraction=args.val_fraction, checkpoint_every=args.checkpoint_every,
+                           ema=args.ema, coupling=args.coupling, val_fraction=args.val_fraction,
+                           checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                            encoding=args.encoding, backend=args.backend, seed=args.seed,
                            progress=not args.no_progress)
 

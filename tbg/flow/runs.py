@@ -30,6 +30,7 @@ from tbg.chem.units import SCALE
 from tbg.errors import InputError
 from tbg.flow import distributed as D
 from tbg.flow.checkpointing import latest_checkpoint
+from tbg.flow.coupling import Coupling
 from tbg.flow.reweight import log_importance_weights, normalized_weights
 from tbg.flow.sample import SampleConfig, sample
 from tbg.flow.train import RaggedLoader, TrainConfig, train
@@ -67,8 +68,10 @@ class TrainingOptions:
     lr: float = 5e-4
     lr_milestones: Sequence[int] = ()
     ema: float | None = None
+    coupling: Coupling = "independent"
     val_fraction: float = 0.1
     checkpoint_every: int = 100
+    keep_checkpoints: int = 3
     encoding: Literal["auto", "atoms", "transfer"] = "auto"
     backend: str = "auto"
     seed: int = 0
@@ -128,6 +131,7 @@ def train_on_md(data: Sequence[MDData], out: Path, options: TrainingOptions, dev
     config = TrainConfig(n_steps=n_steps, lr=options.lr, lr_milestones=tuple(options.lr_milestones),
                          seed=options.seed, checkpoint_every=options.checkpoint_every,
                          validate_every=options.checkpoint_every, ema_decay=options.ema, backend=options.backend,
+                         coupling=options.coupling, keep_checkpoints=options.keep_checkpoints,
                          progress=options.progress)
     log.info("training %s on %d train / %d validation frames of %s for %d steps on %s", model.extra_repr(),
              len(train_set), len(val_set), ", ".join(d.name for d in data), n_steps, device)
