@@ -13,6 +13,8 @@ alanine-dipeptide frames (a random-init field is nearly zero and makes every sol
 model is cached in --model-dir and reused (training resumes if interrupted).
 
     python bench/bench_sampling.py [--n-samples 64] [--batch 64] [--train-steps 300] [--threads 2]
+    python bench/bench_sampling.py --checkpoint tbg/data/models/alanine-dipeptide/model.pt --skip-published \
+        --quadrature 6,8,12 --x-tols 1e-4,1e-5      # a trained model: which decoupled settings are accurate
 
 (c') repeats (c) with the x solve at atol = rtol = 1e-5: the augmented solve of (b) controls the error of
 x and dlogp together and so takes smaller steps than an x-only solve at the same tolerance.
@@ -112,6 +114,9 @@ def main() -> None:
     p.add_argument("--model-dir", default="/tmp/tbg-bench-sampling-model")
     p.add_argument("--truth-tol", type=float, default=1e-6, help="tolerance of the reference joint solve")
     p.add_argument("--skip-published", action="store_true", help="skip (a), the slowest")
+    p.add_argument("--checkpoint", help="sample this trained model (published layout) instead of training one")
+    p.add_argument("--quadrature", default="4,8,16", help="Gauss-Legendre node counts of (c), comma-separated")
+    p.add_argument("--x-tols", default="1e-4", help="x-solve tolerances of (c), comma-separated")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -121,11 +126,15 @@ def main() -> None:
         return
     n_atoms = features.shape[0]
     device = torch.device(a.device)
-    egnn, t_train = timed(lambda: trained_model(Path(a.model_dir), a.train_steps, positions, features, device))
+    if a.checkpoint:
+        egnn, t_train = tbg.nn.load_egnn(a.checkpoint).to(device), 0.0
+        origin = a.checkpoint
+    else:
+        egnn, t_train = timed(lambda: trained_model(Path(a.model_dir), a.train_steps, positions, features, device))
+        origin = f"{a.train_steps} flow-matching steps (model ready in {t_train:.1f} s)"
     egnn.eval()
     features = features.to(device)
-    print(f"# alanine dipeptide: {n_atoms} atoms, EGNN H={egnn.hidden} L={egnn.n_layers}, "
-          f"{a.train_steps} flow-matching steps (model ready in {t_train:.1f} s)")
+    print(f"# alanine dipeptide: {n_atoms} atoms, EGNN H={egnn.hidden} L={egnn.n_layers}, {origin}")
     print(f"# machine: {machine(device)}; fused ops on {device.type}: {egnn.fused_available(device)}")
     print(f"# {a.n_samples} samples in batches of {a.batch}, float32, dopri5 atol = rtol = 1e-4 unless stated")
 
@@ -156,11 +165,10 @@ def main() -> None:
     if not a.skip_published:
         methods["(a) published: dopri5 + brute-force div, reference"] = lambda c: integrate(published, c, solver=default)
     methods["(b) ours joint: dopri5 + EGNN.divergence"] = lambda c: integrate(ours, c, solver=default)
-    for k in (4, 8, 16):
-        methods[f"(c) ours decoupled: dopri5 x + GL K={k}"] = (
-            lambda c, k=k: decoupled_likelihood(ours, c, n_nodes=k, solver=default))
-    methods["(c') ours decoupled: dopri5 x at 1e-5 + GL K=16"] = (
-        lambda c: decoupled_likelihood(ours, c, n_nodes=16, solver=SolverConfig(atol=1e-5, rtol=1e-5)))
+    for tol in (float(v) for v in a.x_tols.split(",")):
+        for k in (int(v) for v in a.quadrature.split(",")):
+            methods[f"(c) ours decoupled: dopri5 x at {tol:g} + GL K={k}"] = (
+                lambda c, k=k, tol=tol: decoupled_likelihood(ours, c, n_nodes=k, solver=SolverConfig(atol=tol, rtol=tol)))
     tight = SolverConfig(atol=a.truth_tol, rtol=a.truth_tol)
     truth, t_truth = run(lambda c: integrate(ours, c, solver=tight))
     print(f"# reference 'truth': ours joint, atol = rtol = {a.truth_tol:g}: NFE {truth['nfe_div']:.0f}, "
