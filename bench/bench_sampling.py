@@ -16,8 +16,8 @@ model is cached in --model-dir and reused (training resumes if interrupted).
     python bench/bench_sampling.py --checkpoint tbg/data/models/alanine-dipeptide/model.pt --skip-published \
         --quadrature 6,8,12 --x-tols 1e-4,1e-5      # a trained model: which decoupled settings are accurate
 
-(c') repeats (c) with the x solve at atol = rtol = 1e-5: the augmented solve of (b) controls the error of
-x and dlogp together and so takes smaller steps than an x-only solve at the same tolerance.
+--x-tols repeats (c) with other x-solve tolerances: the augmented solve of (b) controls the error of x and
+dlogp together and so takes smaller steps than an x-only solve at the same tolerance.
 """
 
 from __future__ import annotations
