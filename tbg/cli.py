@@ -472,7 +472,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
     import torch
 
     import tbg
-    from tbg.nn.ops import PYTHON_CUDA_OPS
+    from tbg.nn import dispatch
 
     info = tbg.build_info()
     rows = [("tbg", tbg.__version__), ("torch (built against)", info["torch"]),
@@ -481,10 +481,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
             ("library", info["library"]), ("ops", ", ".join(f"torch.ops.tbg.{op}" for op in info["ops"]))]
     devices = ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
     rows.append(("devices", ", ".join(devices)))
-    for device in ("cpu", "cuda"):
-        kernels = [op + (" (batched torch ops)" if device == "cuda" and op in PYTHON_CUDA_OPS else "")
-                   for op in info["ops"] if tbg.has_kernel(op, device)]
-        rows.append((f"{device} kernels", ", ".join(kernels) or "none"))
+    rows += dispatch.describe()
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 

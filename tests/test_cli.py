@@ -328,6 +328,6 @@ def test_published_checkpoint_atom_encoding(tmp_path: Path, capsys: pytest.Captu
 
 def test_info_and_bench_list(capsys: pytest.CaptureFixture) -> None:
     code, out, _ = run(["info"], capsys)
-    assert code == 0 and "torch.ops.tbg.egnn_forward" in out and "cpu kernels" in out
+    assert code == 0 and "torch.ops.tbg.egnn_forward" in out and "cpu: C++ CPU kernel" in out
     code, out, _ = run(["bench", "--list"], capsys)
     assert code == 0 and "validity" in out.split()

@@ -31,10 +31,11 @@ from torch import Tensor
 
 from tbg._library import has_kernel
 from tbg.nn import divergence_torch
+from tbg.nn import triton as tbg_triton
 from tbg.nn.layout import max_atoms
 from tbg.nn.spec import CPU_TANGENT_BUDGET, N_WEIGHTS
 
-__all__ = ["PYTHON_CUDA_OPS", "default_tangent_chunk", "egnn_divergence", "egnn_jvp", "egnn_velocity"]
+__all__ = ["PYTHON_CUDA_IMPLEMENTATIONS", "PYTHON_CUDA_OPS", "default_tangent_chunk", "egnn_divergence", "egnn_jvp", "egnn_velocity"]
 
 
 # ---- fake kernels ----------------------------------------------------------------------------------
@@ -113,23 +114,27 @@ def cuda_implementations() -> dict[str, Callable[..., Any]]:
     """The Python implementation of each op that runs on CUDA where the native library has no
     compiled CUDA kernel for it, keyed by op name (the functions take the op's schema).
 
-    Today the torch implementation serves both divergence ops. This is the one place to choose
-    another (e.g. Triton kernels): return it here; it is installed once, at import.
+    The torch implementation serves both divergence ops, unless TBG_TRITON asks for the Triton
+    kernels (tbg.nn.triton: opt-in until they are verified on a GPU). This is the one place to
+    choose another: return it here; it is installed once, at import.
     """
-    return {"egnn_divergence": divergence_torch.egnn_divergence, "egnn_jvp": divergence_torch.egnn_jvp}
+    implementations = {"egnn_divergence": divergence_torch.egnn_divergence, "egnn_jvp": divergence_torch.egnn_jvp}
+    implementations.update(tbg_triton.cuda_implementations())
+    return implementations
 
 
-def _install_cuda_implementations() -> tuple[str, ...]:
-    installed = []
+def _install_cuda_implementations() -> dict[str, Callable[..., Any]]:
+    installed = {}
     for op, implementation in cuda_implementations().items():
         if not has_kernel(op, "cuda"):
             torch.library.impl(f"tbg::{op}", "CUDA", implementation)
-            installed.append(op)
-    return tuple(installed)
+            installed[op] = implementation
+    return installed
 
 
-# Ops whose CUDA kernel is a Python implementation (``tbg info`` marks them).
-PYTHON_CUDA_OPS: tuple[str, ...] = _install_cuda_implementations()
+# The Python implementation serving each op on CUDA (``tbg info`` names them), and those ops.
+PYTHON_CUDA_IMPLEMENTATIONS: dict[str, Callable[..., Any]] = _install_cuda_implementations()
+PYTHON_CUDA_OPS: tuple[str, ...] = tuple(PYTHON_CUDA_IMPLEMENTATIONS)
 
 
 # ---- the typed wrappers --------------------------------------------------------------------------------

@@ -1,0 +1,148 @@
+"""Tiles, chunks and costs of the Triton divergence / JVP (tbg.nn.triton.divergence); imports no Triton,
+so benchmarks and `tbg info` can use it anywhere.
+
+Cost model, per call. Molecule b has n atoms and E = n (n - 1) edges; H hidden, L layers. Tangents:
+the exact divergence carries the 3 n_max unit tangents of the batch, of which a molecule has its own
+T_b = 3 n; a JVP carries K probes (T_b = K). FLOPs count a multiply-add as 2 and only the products with
+H x H weights (the O(H^2) work per row); element-wise work (SiLU slopes, gate, geometry: O(H) per row)
+is not counted.
+
+Useful FLOPs - what the algorithm needs, summed over molecules:
+    primal     4 L (E + n) H^2 + 6 (L - 1) n H^2     edge MLP (W2, Wc1) per edge; [P | Q], node MLP
+    layer 1    4 E H^2 + 2 T_b E H                   per-edge unit responses (W2, Wc1), one dot over tangents
+    middle     4 (L - 2) T_b E H^2                   W2 and Wc1 on every (tangent, edge) row
+    last       4 (n - 1) T_b H^2 (unit: an atom's own tangents on its n - 1 received edges), 4 T_b E H^2 (JVP)
+    node       T_b n H^2 (8 (L - 1) + 2 (L - 2))      dagg Wn1a, dH Wn1h (not at layer 1), Wn2, [W1i | W1j]
+For alanine dipeptide (n = 22, H = 64, L = 5) the middle layers are 91% of it; the first edge linear
+is node-level (P, Q), which is why each row costs two H x H products, not three.
+
+Executed FLOPs - what the kernels run: senders rounded up to BLOCK_J per receiver, tangent rows to
+BLOCK_T (4 for the last layer's own tangents), H to a power of two >= 16; every program recomputes its
+receiver's primal edge MLP (4 BLOCK_J H^2 per sender tile) and, at layer 1, the unit responses; the
+node products run on all T_c rows of a chunk for every atom (shared tangents: a molecule smaller than
+the largest carries zero rows). Achieved rates are quoted on useful FLOPs; executed / useful is the
+overhead of the tiling.
+
+Bytes. Compulsory: every input read once, every output written once (x, h0, weights, tangents, v, div
+or jvp). State: this design keeps the tangent state in global memory between layers: per chunk and
+layer but the last, ~16 H elements per (tangent, atom) (the kernel reads dP | dQ and writes dagg; the
+torch GEMMs read and write dz, dH and dP | dQ), plus the primal pass (~(3 H + 3) M per layer).
+Re-reads of dQ_j by the other receivers of a molecule come from the L2 cache and are not counted.
+Intensity: useful FLOPs per state byte ~ (L - 2) 4 E H^2 / (64 (L - 1) n H) ~ H (n - 1) / 21 per
+float32 byte: ~64 for alanine dipeptide at H = 64, ~200 for 35-atom dipeptides at H = 128, against an
+H200 balance of ~14 (float32 FMA, 67 TFLOP/s over 4.8 TB/s) or ~100 (TF32 tensor cores, ~495 TFLOP/s
+dense): compute-bound in float32, near the balance at H = 64 with TF32. The target (issue 13): >= 40%
+of the measured float32 torch.mm ceiling (ieee), or of the TF32 one when TF32 is on, in useful FLOPs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+# Bound on the elements of the [T, M, H]-shaped tangent state of one JVP chunk (about 6 such tensors).
+STATE_BUDGET = 1 << 27
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Tile sizes and launch options of the layer kernels.
+
+    tangents: tangent rows per program in the dense layers (BLOCK_T); first_tangents: the same at
+    layer 1, where the rows meet in one [BLOCK_T, BLOCK_J] x [BLOCK_J, H] dot; senders: sender atoms
+    per tile (BLOCK_J); warps, stages: Triton's num_warps / num_stages. On a GPU every tl.dot needs
+    all of its dimensions >= 16 (senders, first_tangents, and tangents * senders); the interpreter
+    takes any power of two, which the tests use to exercise the loops on small molecules.
+    """
+
+    tangents: int = 4
+    first_tangents: int = 16
+    senders: int = 16
+    warps: int = 4
+    stages: int = 2
+
+    def check(self, native: bool) -> None:
+        for name in ("tangents", "first_tangents", "senders"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"Blocks.{name} must be a power of two, got {value}")
+        if native and min(self.senders, self.first_tangents, self.tangents * self.senders) < 16:
+            raise ValueError(f"{self}: on a GPU every tl.dot dimension must be >= 16")
+
+
+def default_blocks(hidden: int) -> Blocks:
+    """A starting point by hidden size, not tuned on hardware: tiles of 64-128 rows x H."""
+    if hidden <= 64:
+        return Blocks(tangents=8, senders=16, warps=4 if hidden <= 32 else 8)
+    return Blocks(tangents=4, senders=16, warps=8)
+
+
+def padded_hidden(hidden: int) -> int:
+    """H as the kernels tile it: a power of two, at least 16 (tl.dot's smallest side)."""
+    return max(16, 1 << max(0, hidden - 1).bit_length())
+
+
+def jvp_chunk(n_atoms: int, hidden: int, n_tangents: int) -> int:
+    """Tangents per JVP chunk: all of them while the [T, M, H] state fits STATE_BUDGET elements."""
+    return max(1, min(n_tangents, STATE_BUDGET // max(1, 6 * n_atoms * hidden)))
+
+
+class Cost(NamedTuple):
+    useful_flops: float
+    executed_flops: float
+    compulsory_bytes: float
+    state_bytes: float
+
+
+def cost(sizes: list[int], hidden: int, n_layers: int, *, n_probes: int | None = None,
+         tangent_chunk: int | None = None, blocks: Blocks | None = None, itemsize: int = 4) -> Cost:
+    """The counts of the module docstring for one call on molecules of the given sizes: the exact
+    divergence (n_probes None; tangent_chunk tangents per chunk, default all) or JVPs with n_probes."""
+    h, hp, L = hidden, padded_hidden(hidden), n_layers
+    blocks = blocks or default_blocks(hidden)
+    n_atoms, n_max = sum(sizes), max(sizes, default=0)
+    unit = n_probes is None
+    n_tan = 3 * n_max if unit else n_probes
+    chunk = (tangent_chunk or max(n_tan, 1)) if unit else jvp_chunk(n_atoms, hidden, max(n_probes, 1))
+    useful = executed = 0.0
+    for n in sizes:
+        e = n * (n - 1)
+        t_b = 3 * n if unit else n_probes
+        primal = 4 * L * (e + n) * h * h + 6 * (L - 1) * n * h * h
+        last = 4 * (n - 1) * t_b * h * h if unit else 4 * t_b * e * h * h
+        if L == 1:  # layer 1 is the last: the unit responses alone
+            tangent_rows = 4 * e * h * h
+        else:
+            tangent_rows = 4 * e * h * h + 2 * t_b * e * h + 4 * (L - 2) * t_b * e * h * h + last
+        useful += primal + tangent_rows + t_b * n * h * h * (8 * (L - 1) + 2 * max(L - 2, 0))
+        # Executed: the primal kernels per receiver and sender tile, then every chunk's programs.
+        tiles = math.ceil(n / blocks.senders) * blocks.senders  # padded senders per receiver
+        executed += 4 * L * n * tiles * hp * hp + (4 * L * n + 6 * (L - 1) * n) * h * h
+        for t0 in range(0, max(n_tan, 1), chunk):
+            rows = min(chunk, n_tan - t0)
+            mine = max(0, min(rows, 3 * n - t0)) if unit else rows  # this molecule's tangents in the chunk
+            if not mine:
+                continue
+            for layer in range(L):
+                first, final = layer == 0, layer == L - 1
+                if unit and final:
+                    own = sum(1 for a in range(n) if any(t0 <= 3 * a + k < t0 + rows for k in range(3)))
+                    per = 4 * tiles * hp * hp * (1 + (1 if first else 4))
+                    executed += own * per
+                    continue
+                bt = blocks.first_tangents if first else blocks.tangents
+                programs = n * math.ceil(mine / bt)
+                per = 4 * tiles * hp * hp  # primal recompute
+                if first:  # unit responses, then one [BT, J] x [J, H] dot unless the layer is the last
+                    per += 4 * tiles * hp * hp + (0 if final else 2 * bt * tiles * hp)
+                else:
+                    per += 4 * bt * tiles * hp * hp
+                executed += programs * per
+    # Node products run on every row of a chunk for every atom (zeros where a molecule has no tangent).
+    node_per_row = h * h * (8 * (L - 1) + 2 * max(L - 2, 0))
+    executed += n_tan * n_atoms * node_per_row
+    n_mol = len(sizes)
+    weights = L * (h * (2 * h + 2) + 2 * h * h + h * 2 * h + h * h + 9 * h + 1)
+    io = n_atoms * (3 + h) + weights + n_atoms * 3 + (n_mol if unit else 2 * n_tan * n_atoms * 3)
+    state = n_tan * n_atoms * 16 * h * max(L - 1, 0) + L * n_atoms * (3 * h + 3)
+    return Cost(useful, executed, io * itemsize, state * itemsize)
