@@ -61,16 +61,17 @@ def measure(fn: Callable[[], Any], device: str | torch.device, repeats: int, war
     return statistics.median(times), (peak - base) / 2**20, out
 
 
-def matmul_peak_gflops(device: str | torch.device = "cpu", n: int = 2048) -> float:
-    """Practical fp32 ceiling: GFLOP/s of an n^3 torch.mm measured now (TF32 off)."""
+def matmul_peak_gflops(device: str | torch.device = "cpu", n: int = 2048, tf32: bool = False) -> float:
+    """Practical fp32 ceiling: GFLOP/s of an n^3 torch.mm measured now, TF32 off (or on: the TF32
+    tensor-core ceiling on a GPU)."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         seconds, _, _ = measure(lambda: torch.mm(a, b), device, 5)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cuda.matmul.allow_tf32 = previous
     return 2 * n**3 / seconds / 1e9
 
 
