@@ -59,7 +59,7 @@ class Blocks:
     first_tangents: int = 16
     senders: int = 16
     warps: int = 4
-    stages: int = 2
+    stages: int = 1  # no software pipelining: the two H x H weights are re-read from L2 per tile
 
     def check(self, native: bool) -> None:
         for name in ("tangents", "first_tangents", "senders"):
@@ -68,6 +68,11 @@ class Blocks:
                 raise ValueError(f"Blocks.{name} must be a power of two, got {value}")
         if native and min(self.senders, self.first_tangents, self.tangents * self.senders) < 16:
             raise ValueError(f"{self}: on a GPU every tl.dot dimension must be >= 16")
+
+
+# Variants timed by `bench/bench_divergence.py --sweep` on a GPU (all valid there).
+SWEEP = (Blocks(tangents=4, warps=4), Blocks(tangents=8, warps=8), Blocks(tangents=8, warps=8, stages=2),
+         Blocks(tangents=16, warps=8), Blocks(tangents=4, senders=32, warps=8))
 
 
 def default_blocks(hidden: int) -> Blocks:
