@@ -90,9 +90,9 @@ if ((DRY)); then  # the CUDA selection (all skipped here), then a few Triton cas
     env TBG_TRITON=divergence $PY -m pytest -q -p no:cacheprovider tests/test_triton_divergence.py -k cuda
   step "triton tests (cpu)" triton_tests.log 240 "$PYTEST_NOTE" -- \
     $PY -m pytest -q -p no:cacheprovider tests/test_triton_divergence.py -k "jvp_matches and dtype0 and cpu"
-else
-  step "triton tests -k cuda" triton_tests.log 200 "$PYTEST_NOTE" -- \
-    env TBG_TRITON=divergence $PY -m pytest -q -p no:cacheprovider tests/test_triton_divergence.py -k cuda
+else  # the Triton tests, and the divergence tests with Triton as the registered CUDA implementation
+  step "triton tests -k cuda" triton_tests.log 240 "$PYTEST_NOTE" -- env TBG_TRITON=divergence \
+    $PY -m pytest -q -p no:cacheprovider tests/test_triton_divergence.py tests/test_divergence.py -k cuda
 fi
 if ((DRY)); then
   record "cuda_smoke checks" skipped 0 "needs a GPU"
