@@ -273,10 +273,12 @@ def test_small_tiles_loop_over_senders_and_tangents() -> None:
 def test_gpu_tiles_are_checked() -> None:
     with pytest.raises(ValueError, match="power of two"):
         plan.Blocks(tangents=3).check(native=False)
-    with pytest.raises(ValueError, match=">= 16"):
-        plan.Blocks(senders=8).check(native=True)
-    for hidden in (8, 32, 64, 128, 256):
-        plan.default_blocks(hidden).check(native=True)
+    with pytest.raises(ValueError, match="senders >= 8"):
+        plan.Blocks(senders=4).check(native=True)
+    with pytest.raises(ValueError, match="tangents \\* senders >= 16"):
+        plan.Blocks(tangents=1, senders=8).check(native=True)
+    for blocks in (*(plan.default_blocks(h) for h in (8, 32, 64, 128, 256)), *plan.SWEEP):
+        blocks.check(native=True)
     assert [plan.padded_hidden(h) for h in (1, 12, 16, 17, 64, 100)] == [16, 16, 16, 32, 64, 128]
 
 

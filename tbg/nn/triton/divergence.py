@@ -212,7 +212,10 @@ def _tangent_layer_kernel(x_ptr, x0_ptr, pq_ptr, mol_ptr, mol_of_ptr,
             du1 = ((wr + wa)[None, :] * slope1)[None, :, :]
             dm1, dphi1 = edge_mlp_tangent(du1, slope2, m0, g, slopec, phi, w2t, watt, wc1t, wc2, PRECISION)
             if not LAST:
-                dagg += tl.dot(dr, tl.reshape(dm1, (BLOCK_J, BLOCK_H)), input_precision=PRECISION, out_dtype=dtype)
+                if BLOCK_J >= 16:  # tl.dot's contraction side needs >= 16 on a GPU
+                    dagg += tl.dot(dr, tl.reshape(dm1, (BLOCK_J, BLOCK_H)), input_precision=PRECISION, out_dtype=dtype)
+                else:
+                    dagg += tl.sum(dr[:, :, None] * dm1, axis=1)
             dphi = dr * tl.reshape(dphi1, (BLOCK_J,))[None, :]
         else:
             # Tangent of the fixed attribute a_ij = |x0_i - x0_j|^2 from the x^0 tangent.
