@@ -178,7 +178,7 @@ CASES = [  # layout, molecule sizes (N <= 12), tangent_chunk, hidden, layers
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("layout,sizes,chunk,hidden,n_layers", CASES)
-def test_divergence_matches_cpu_kernel_and_references(device, dtype, layout, sizes, chunk, hidden, n_layers) -> None:
+def test_divergence_matches_cpp_kernel_and_references(device, dtype, layout, sizes, chunk, hidden, n_layers) -> None:
     model = random_egnn(F, hidden, n_layers, dtype=dtype)
     inputs, (x_r, f_r, ptr) = _batch(layout, sizes, dtype)
     t = torch.rand(len(sizes), dtype=dtype)
@@ -209,7 +209,7 @@ def test_divergence_matches_cpu_kernel_and_references(device, dtype, layout, siz
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n_layers", [1, 2, 3])
-def test_jvp_matches_cpu_kernel_and_reference(device, dtype, n_layers) -> None:
+def test_jvp_matches_cpp_kernel_and_reference(device, dtype, n_layers) -> None:
     model = random_egnn(F, 12, n_layers, dtype=dtype)
     _, (x, f, ptr) = _batch("ragged", [2, 7, 1, 0, 4], dtype)
     with torch.no_grad():
