@@ -69,8 +69,7 @@ def describe() -> list[tuple[str, str]]:
             cuda_text = f"{cuda.name}, {verified}"
         rows.append((f"{op}", f"cpu: {impl['cpu'].name or 'none'} | cuda{cuda_note}: {cuda_text}"))
     switch = os.environ.get(triton_impl.ENV, "")
-    problem = triton_impl.triton_status()
-    triton_text = "not installed" if problem == "triton is not installed" else problem or (
-        f"triton {__import__('triton').__version__}")
+    version = triton_impl.triton_version()
+    triton_text = f"triton {version}" if version else triton_impl.triton_status()
     rows.append((triton_impl.ENV, f"{switch or 'unset'} (groups: {', '.join(triton_impl.GROUPS)}; {triton_text})"))
     return rows

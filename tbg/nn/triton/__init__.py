@@ -56,6 +56,11 @@ def triton_status() -> str | None:
     return None
 
 
+def triton_version() -> str | None:
+    """Triton's version, None when it cannot be imported."""
+    return None if triton_status() is not None else importlib.import_module("triton").__version__
+
+
 def cuda_implementations() -> dict[str, Callable[..., Any]]:
     """The Triton implementation of every op in the groups TBG_TRITON asks for, keyed by op name
     (tbg.nn.ops installs them as the CUDA kernels). Without Triton: none, and a warning says why."""
