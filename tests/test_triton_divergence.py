@@ -1,13 +1,13 @@
 """Triton exact divergence / JVP (tbg.nn.triton.divergence) against the C++ CPU kernel and the references.
 
 Where no GPU is visible the kernels run under the Triton interpreter on CPU tensors ("cpu" cases):
-TRITON_INTERPRET=1 is set while this module imports Triton and the kernels (the interpreter is chosen
-when the kernels are decorated) and while its tests run, and removed otherwise, so the rest of the
-suite runs without it. With a GPU (and no TRITON_INTERPRET) the kernels are compiled and the "cuda"
-cases run natively (`pytest -k cuda`). Either way a test serves the ops with the Triton code through a
-scoped torch.library registration for its device's dispatch key (on CUDA unless TBG_TRITON already
-made it the CUDA kernel), so the dispatcher, EGNN.divergence, opcheck and torch.compile exercise it;
-the registration is torn down after the test and the C++ kernel serves the CPU again.
+tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton (the interpreter is chosen
+then, and torch._dynamo imports triton). With a GPU (and no TRITON_INTERPRET) the kernels are compiled
+and the "cuda" cases run natively (`pytest -k cuda`). Either way a test serves the ops with the Triton
+code through a scoped torch.library registration for its device's dispatch key (on CUDA unless
+TBG_TRITON already made it the CUDA kernel), so the dispatcher, EGNN.divergence, opcheck and
+torch.compile exercise it; the registration is torn down after the test and the C++ kernel serves the
+CPU again.
 
 References: the C++ CPU kernel (same dtype), the published brute force (one backward pass per
 coordinate) and the trace of torch.func.jacfwd on the fp64 reference model. Tolerances: fp64 1e-10
@@ -39,50 +39,21 @@ from tbg.nn.triton import plan
 from conftest import random_egnn
 
 _KERNELS = "tbg.nn.triton.divergence"
-_INTERPRET = "TRITON_INTERPRET"
-
-
-def _import_kernels():
-    """The kernel module: under the interpreter when no GPU is visible and triton is not loaded yet
-    (TRITON_INTERPRET is read when triton and the kernels are imported)."""
-    if (_KERNELS in sys.modules or "triton" in sys.modules or torch.cuda.is_available()
-            or os.environ.get(_INTERPRET)):
-        return importlib.import_module(_KERNELS)
-    os.environ[_INTERPRET] = "1"
-    try:
-        return importlib.import_module(_KERNELS)
-    finally:
-        del os.environ[_INTERPRET]
-
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed (an optional dependency of tbg)", allow_module_level=True)
-TD = _import_kernels()
+TD = importlib.import_module(_KERNELS)
 INTERPRETED = TD.interpreted()
 
 F = 5  # feature width of the test models
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(
-        not INTERPRETED, reason="the Triton kernels were compiled for the GPU in this process; "
-                                "the CPU cases need TRITON_INTERPRET=1 before triton is imported")),
+        not INTERPRETED, reason="the Triton kernels were compiled for the GPU in this process; the CPU "
+                                "cases need TRITON_INTERPRET=1 before triton is imported (tests/conftest.py)")),
     pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
         INTERPRETED or not torch.cuda.is_available(), reason="needs a GPU and natively compiled Triton kernels")]),
 ]
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter_env() -> Iterator[None]:
-    """TRITON_INTERPRET=1 while this module's tests run under the interpreter (Triton imports some of
-    its modules lazily and checks the variable then), unset again afterwards."""
-    if not INTERPRETED or os.environ.get(_INTERPRET):
-        yield
-        return
-    os.environ[_INTERPRET] = "1"
-    try:
-        yield
-    finally:
-        del os.environ[_INTERPRET]
 
 
 @pytest.fixture(autouse=True)
@@ -491,7 +462,7 @@ def test_tbg_works_without_triton(tmp_path) -> None:
         "print(dict(dispatch.describe())['TBG_TRITON'])\n"
     )
     env = {**os.environ, tbg_triton.ENV: "divergence"}
-    env.pop(_INTERPRET, None)
+    env.pop("TRITON_INTERPRET", None)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "TBG_TRITON=divergence is ignored: triton is not installed" in out.stderr
