@@ -446,6 +446,23 @@ def test_info_names_the_implementation_and_its_gpu_verification(monkeypatch) -> 
         assert "verified on NVIDIA H100" in text["egnn_forward"]
 
 
+def test_switch_installs_triton_at_import(tmp_path) -> None:
+    """TBG_TRITON=divergence at `import tbg`: tbg.nn.ops installs the Triton functions as the CUDA
+    kernels of both ops, and tbg info says so."""
+    code = (
+        "import tbg\n"
+        "from tbg.nn import dispatch, ops\n"
+        "from tbg.nn.triton import divergence as TD\n"
+        "assert ops.PYTHON_CUDA_IMPLEMENTATIONS == {'egnn_divergence': TD.egnn_divergence, 'egnn_jvp': TD.egnn_jvp}\n"
+        "assert tbg.has_kernel('egnn_divergence', 'cuda')\n"
+        "print(dict(dispatch.describe())['egnn_jvp'])\n"
+    )
+    env = {**os.environ, tbg_triton.ENV: "divergence"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "cuda" in out.stdout and "Triton, not yet verified on a GPU" in out.stdout
+
+
 def test_tbg_works_without_triton(tmp_path) -> None:
     """Triton stays optional: with it unimportable, tbg imports, computes the divergence on CPU, and
     TBG_TRITON=divergence falls back to the torch CUDA implementation with a warning."""
