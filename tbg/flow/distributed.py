@@ -7,12 +7,15 @@ use: NCCL when CUDA is available, gloo otherwise. Without it everything behaves 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "rank", "world_size", "barrier", "all_gather_object", "default_device"]
+__all__ = ["init_distributed", "rank", "world_size", "barrier", "all_gather_object", "default_device",
+           "enter_on_rank0"]
 
 
 def init_distributed(backend: str | None = None) -> bool:
@@ -53,6 +56,22 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def enter_on_rank0(stack: ExitStack, context: Callable[[], AbstractContextManager[Any]]) -> None:
+    """Enter ``context()`` into ``stack`` on rank 0 only (e.g. the lock of an output folder that all ranks
+    write to); when it fails there, every rank raises (rank 0 its own exception), so none waits forever."""
+    error: Exception | None = None
+    if rank() == 0:
+        try:
+            stack.enter_context(context())
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+            error = err
+    messages = all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if messages[0] is not None:
+        raise RuntimeError(f"rank 0 could not start: {messages[0]}")
 
 
 def default_device() -> torch.device:
