@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
+from tbg.errors import InputError
 from tbg.nn.egnn import EGNN, Backend, BoundDynamics
 
 PREFIX = "_dynamics._dynamics._dynamics_function.egnn."
@@ -25,7 +25,7 @@ INVERSE_PREFIX = "_inverse_dynamics._dynamics._dynamics._dynamics_function.egnn.
 StateSource = str | os.PathLike | Mapping[str, Any]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that is missing, unreadable, or not in the published TBG layout."""
 
 
@@ -38,9 +38,16 @@ def read_checkpoint(source: StateSource) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (loaded with "
-                              f"weights_only=True, so files holding arbitrary objects are refused): {err}") from err
+    except pickle.UnpicklingError as err:
+        # torch's message suggests weights_only=False, which would run whatever the file holds: not repeated.
+        raise CheckpointError(f"{path}: refused: not a checkpoint of tensors and plain containers (corrupt, or "
+                              f"holding other Python objects, which tbg never loads)") from err
+    except Exception as err:  # noqa: BLE001 - truncated or foreign files fail in torch.load in many ways
+        reason = " ".join(str(err).split())[:200]
+        if "weights_only" in reason:  # never pass on advice to load the file unrestricted
+            reason = "refused by the restricted loader"
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt; "
+                              f"{type(err).__name__}: {reason})") from err
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     return dict(obj)
@@ -130,6 +137,13 @@ def load_published(source: StateSource, features: Tensor, *, node_mask: Tensor |
     follow features' device and dtype.
     """
     egnn = load_egnn(source, tanh=tanh, coords_range=coords_range)
+    layouts = "[N, F] (one molecule, or ragged with mol_ptr) or [B, N, F] (a batch, padded with node_mask)"
+    if not torch.is_floating_point(features) or features.dim() not in (2, 3) or (
+            mol_ptr is not None and features.dim() != 2):
+        raise ValueError(f"features must be a floating-point tensor {layouts}, got {features.dtype} "
+                         f"{tuple(features.shape)}")
+    if not torch.isfinite(features).all():
+        raise ValueError("features contain NaN or infinite values")
     if features.shape[-1] != egnn.n_features:
         raise ValueError(f"features have {features.shape[-1]} columns but the checkpoint's embedding expects "
                          f"{egnn.n_features} (+1 for time)")
@@ -151,6 +165,6 @@ def save_published(path: str | os.PathLike, egnn: EGNN, **extra: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"tanh": egnn.tanh, "coords_range": egnn.coords_range, "version": 1, **extra.pop("tbg", {})}
     checkpoint = {"model_state_dict": published_state_dict(egnn), **extra, "tbg": meta}
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share it
     torch.save(checkpoint, tmp)
     os.replace(tmp, path)

@@ -250,7 +250,11 @@ class EGNN(nn.Module):
                 raise ValueError(f"node_mask must be [B, N] = {(n_mol, n_atoms)}, got {tuple(node_mask.shape)}")
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN or infinite coordinates")
+        if not torch.isfinite(features).all():
+            raise ValueError("features contain NaN or infinite values")
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if not torch.isfinite(t).all():
+            raise ValueError("t contains NaN or infinite values")
         if t.dim() == 0:
             t = t.expand(n_mol)
         elif t.dim() == 2 and t.shape[1] == 1:
