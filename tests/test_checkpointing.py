@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tbg
+from tbg.errors import InputError
 from tbg.flow.checkpointing import Checkpoints, CsvLog, latest_checkpoint
 from tbg.nn.checkpoint import egnn_state
 
@@ -27,7 +28,7 @@ def test_checkpoints_keep_newest_and_refuse_other_loops(tmp_path: Path) -> None:
     for k, v in egnn_state(state).items():
         torch.testing.assert_close(v, model.state_dict()[k])
     other = Checkpoints(tmp_path, "train_state", "a flow-matching training checkpoint")
-    with pytest.raises(RuntimeError, match="is not a flow-matching training checkpoint"):
+    with pytest.raises(InputError, match="is not a flow-matching training checkpoint"):
         other.load_latest()
     with pytest.raises(ValueError, match="keep"):
         Checkpoints(tmp_path, "x", "x", keep=0)

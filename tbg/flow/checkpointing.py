@@ -3,7 +3,7 @@
 ``Checkpoints`` keeps numbered checkpoints ``checkpoints/step_XXXXXXXX.pt`` of a run folder: the published
 layout (``tbg.nn.save_published``, written to a temporary name and renamed, so a crash never leaves half a
 file) plus the loop's own state under ``"tbg"`` -> ``state_key``; after each save only the newest ``keep``
-remain. ``CsvLog`` is the run's CSV log: on resume it drops the rows written after the checkpoint the run
+remain. A resume starts from the newest checkpoint that can be read, setting aside newer unreadable ones. ``CsvLog`` is the run's CSV log: on resume it drops the rows written after the checkpoint the run
 continues from, so a killed and restarted run logs every step exactly once.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from tbg.nn.checkpoint import save_published
+from tbg.errors import InputError
+from tbg.nn.checkpoint import CheckpointError, read_checkpoint, save_published
 from tbg.nn.egnn import EGNN
 
 log = logging.getLogger("tbg")
@@ -45,15 +46,25 @@ class Checkpoints:
         return latest_checkpoint(self.out)
 
     def load_latest(self) -> tuple[Path, dict[str, Any]] | None:
-        """(path, checkpoint dict) of the newest checkpoint, None when there is none; refuses one written by
-        another kind of training."""
-        path = self.latest()
-        if path is None:
-            return None
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        if self.state_key not in checkpoint.get("tbg", {}):
-            raise RuntimeError(f"{path} is not {self.description}; give each training its own output folder")
-        return path, checkpoint
+        """(path, checkpoint dict) of the newest readable checkpoint, None when there is none; refuses one
+        written by another kind of training. Newer checkpoints that cannot be read (a disk error, a copy cut
+        short) are renamed to ``step_XXXXXXXX.pt.corrupt``, kept for inspection, with a warning naming them."""
+        for path in reversed(sorted((self.out / CHECKPOINT_DIR).glob("step_*.pt"))):
+            try:
+                checkpoint = read_checkpoint(path)
+            except CheckpointError as err:
+                aside = path.with_name(path.name + ".corrupt")
+                try:
+                    path.replace(aside)
+                except FileNotFoundError:  # another rank of this run set it aside first
+                    pass
+                log.warning("skipping an unreadable checkpoint (%s); set aside as %s, resuming from an older one "
+                            "if there is one", err, aside.name)
+                continue
+            if self.state_key not in checkpoint.get("tbg", {}):
+                raise InputError(f"{path} is not {self.description}; give each training its own output folder")
+            return path, checkpoint
+        return None
 
     def save(self, step: int, model: EGNN, optimizer: torch.optim.Optimizer, state: dict[str, Any],
              **extra: Any) -> Path:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tbg.errors import InputError
 from tbg.flow import distributed as D
 from tbg.flow.checkpointing import Checkpoints, CsvLog
 from tbg.flow.coupling import Coupling, couple, interchangeable_groups
@@ -240,7 +241,7 @@ def _validate(model: EGNN, val_data: Iterable[Any], cfg: TrainConfig, device: to
 
 
 def train(model: EGNN, train_data: Iterable[Any], out_dir: str | Path, config: TrainConfig | None = None, *,
-          val_data: Iterable[Any] | None = None) -> TrainResult:
+          val_data: Iterable[Any] | None = None, on_start: Callable[[int], None] | None = None) -> TrainResult:
     """Train ``model`` by flow matching on ragged batches from ``train_data`` (re-iterated every epoch;
     ``set_epoch`` is called when present) and write to ``out_dir``:
 
@@ -249,8 +250,9 @@ def train(model: EGNN, train_data: Iterable[Any], out_dir: str | Path, config: T
     - ``model.pt`` at the end: the final (EMA if enabled) weights in the published layout;
     - ``train_log.csv`` (and TensorBoard when installed).
 
-    With ``config.resume`` an existing run in out_dir continues from its newest checkpoint exactly.
-    Under torchrun, wraps the model in DistributedDataParallel (the loader must shard by rank).
+    With ``config.resume`` an existing run in out_dir continues from its newest (readable) checkpoint exactly;
+    one past ``n_steps`` is refused (InputError). ``on_start(step)``, if given, is called on rank 0 with the
+    step the run starts from, once the run is known to go ahead. Under torchrun, wraps the model in DistributedDataParallel (the loader must shard by rank).
     """
     cfg = config or TrainConfig()
     D.init_distributed()
@@ -284,9 +286,14 @@ def train(model: EGNN, train_data: Iterable[Any], out_dir: str | Path, config: T
             ema.shadow = {k: v.to(device) for k, v in ts["ema"].items()}
         gen.set_state(ts["rng"][rank])
         step, epoch, batch_in_epoch = ts["step"], ts["epoch"], ts["batch_in_epoch"]
+        if step > cfg.n_steps:  # the model at n_steps is gone: only the newest checkpoints are kept
+            raise InputError(f"{out} holds a training run at step {step}, past the {cfg.n_steps} steps asked "
+                             f"for; ask for at least {step} steps to continue it, or train in a new folder")
         if rank == 0:
             log.info("resuming from %s at step %d (epoch %d, batch %d)", ckpt, step, epoch, batch_in_epoch)
 
+    if on_start is not None and rank == 0:
+        on_start(step)
     net: Callable[..., Tensor] = model
     if world > 1:
         # find_unused_parameters: the published network computes embedding_out and the last layer's
