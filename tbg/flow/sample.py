@@ -7,29 +7,42 @@ which order, or how often the run was interrupted. Each finished chunk is writte
 Under torchrun rank r computes the chunks c = r mod W; rank 0 then merges all chunks, in order, into
 ``samples.npz`` with ``latents`` [n, 3N], ``samples`` [n, 3N] (model units) and ``dlogp`` [n]
 (absent when ``likelihood="none"``), plus ``prior_energy`` [n] for reweighting.
+
+The folder is held by one process (group) at a time (``tbg.runfolder``), and its ``run.json`` records what
+defines the chunks (``sampling_manifest``: the sampler's settings, the atom count and what the caller adds,
+such as the molecule and the checkpoint): a rerun with other settings is refused rather than merging
+chunks of two runs. A chunk on disk that cannot be read is set aside (``chunk_XXXXXX.npz.corrupt``) and
+sampled again, which gives the same chunk.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
+import zipfile
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tbg.errors import InputError
 from tbg.flow import distributed as D
 from tbg.flow.ode import Dynamics, SolverConfig, decoupled_likelihood, integrate
 from tbg.flow.prior import MeanFreeGaussian
+from tbg.runfolder import claimed, write_atomically
 
 log = logging.getLogger("tbg")
 
-__all__ = ["SampleConfig", "sample", "chunk_seed", "batch_size_for_budget"]
+__all__ = ["SAMPLING_RUN", "SampleConfig", "sample", "sampling_folder", "sampling_manifest", "chunk_seed",
+           "batch_size_for_budget"]
+
+SAMPLING_RUN = "sampling"  # the kind of run in run.json
+CHUNK_DIR = "chunks"
+SAMPLES_FILE = "samples.npz"
 
 Likelihood = Literal["joint", "decoupled", "none"]
 
@@ -82,47 +95,97 @@ def batch_size_for_budget(memory_budget_bytes: float, n_atoms: int, hidden: int,
 
 
 def _write_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: np.savez(tmp, **arrays))
 
 
-def _manifest(cfg: SampleConfig, n_atoms: int, batch_size: int) -> dict:
-    keep = asdict(cfg)
+def _batch_size(dyn: Dynamics, n_atoms: int, cfg: SampleConfig) -> int:
+    """The chunk size: ``cfg.batch_size``, capped by the memory budget for EGNN-backed dynamics."""
+    egnn = getattr(dyn, "egnn", None)
+    if cfg.memory_budget_gb is None or egnn is None:
+        return cfg.batch_size
+    fit = batch_size_for_budget(cfg.memory_budget_gb * 2**30, n_atoms, egnn.hidden, cfg.likelihood != "none",
+                                torch.finfo(getattr(torch, cfg.dtype)).bits // 8)
+    return min(cfg.batch_size, fit)
+
+
+def sampling_manifest(dyn: Dynamics, n_atoms: int, config: SampleConfig,
+                      identity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What defines the chunks of a sampling run (recorded in its run.json): ``identity`` (what the caller
+    knows of the flow and the molecule, e.g. their hashes), the settings that change the samples and the
+    chunk size. Not the device, progress bars or memory budget (beyond the chunk size it sets)."""
+    keep = asdict(config)
     for k in ("progress", "memory_budget_gb", "device"):
         keep.pop(k)
-    return {**keep, "batch_size": batch_size, "n_atoms": n_atoms}
+    return {**(identity or {}), **keep, "batch_size": _batch_size(dyn, n_atoms, config), "n_atoms": n_atoms}
 
 
-def _check_manifest(out: Path, manifest: dict) -> None:
-    path = out / "sampling.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(manifest)):
-            raise RuntimeError(f"{out} holds chunks from a different sampling setup ({old}); use another "
-                               f"output folder or the same settings ({manifest})")
-    elif D.rank() == 0:
-        tmp = path.with_name(path.name + ".tmp")  # other ranks may read it meanwhile: never half a file
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, path)
+def sampling_folder(out: Path, manifest: dict[str, Any], *,
+                    info: dict[str, Any] | None = None) -> AbstractContextManager[Path]:
+    """Hold ``out`` for the sampling run ``manifest`` (``tbg.runfolder.claimed``): refused when it holds
+    another run, or chunks or samples without a manifest."""
+    return claimed(out, SAMPLING_RUN, manifest, info=info, work=(CHUNK_DIR, SAMPLES_FILE))
 
 
-def sample(dyn: Dynamics, n_atoms: int, out_dir: str | Path, config: SampleConfig | None = None) -> Path:
+def _chunk_path(out: Path, c: int) -> Path:
+    return out / CHUNK_DIR / f"chunk_{c:06d}.npz"
+
+
+def _chunk_sizes(cfg: SampleConfig, batch: int) -> list[int]:
+    return [min(batch, cfg.n_samples - start) for start in range(0, cfg.n_samples, batch)]
+
+
+def _read_chunk(path: Path, size: int, n_atoms: int, likelihood: bool) -> dict[str, np.ndarray]:
+    """The arrays of a chunk file, checked; InputError naming the file when it is unreadable or malformed."""
+    expected = {"latents": (size, 3 * n_atoms), "samples": (size, 3 * n_atoms), "nfe": (2,),
+                 **({"dlogp": (size,)} if likelihood else {})}
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in expected}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise InputError(f"{path}: unreadable sample chunk ({type(err).__name__}: {err})") from err
+    shapes = {k: tuple(a.shape) for k, a in arrays.items()}
+    if shapes != expected:
+        raise InputError(f"{path}: sample chunk with arrays of shapes {shapes}, expected {expected}")
+    return arrays
+
+
+def _set_aside_broken_chunks(out: Path, sizes: list[int], n_atoms: int, likelihood: bool) -> None:
+    """Rename the chunks on disk that cannot be read to chunk_XXXXXX.npz.corrupt, so that they are sampled
+    again (identically: each chunk has its own seed)."""
+    for c, size in enumerate(sizes):
+        path = _chunk_path(out, c)
+        if path.exists():
+            try:
+                _read_chunk(path, size, n_atoms, likelihood)
+            except InputError as err:
+                aside = path.with_name(path.name + ".corrupt")
+                path.replace(aside)
+                log.warning("%s; set aside as %s, sampling it again", err, aside.name)
+
+
+def sample(dyn: Dynamics, n_atoms: int, out_dir: str | Path, config: SampleConfig | None = None, *,
+           identity: dict[str, Any] | None = None) -> Path:
     """Draw ``config.n_samples`` samples of one molecule with ``n_atoms`` atoms from the flow ``dyn``
     (x [B, 3N] -> v; ``dyn.divergence`` for likelihoods) into ``out_dir``; returns the merged .npz path.
-    Resumes a previous run in ``out_dir``; shards chunks over ranks under torchrun."""
+    Resumes a previous run in ``out_dir`` (refusing one with another ``sampling_manifest``; ``identity`` is
+    part of it); shards chunks over ranks under torchrun."""
     cfg = config or SampleConfig()
     D.init_distributed()
-    rank, world = D.rank(), D.world_size()
     out = Path(out_dir)
-    (out / "chunks").mkdir(parents=True, exist_ok=True)
-    batch = cfg.batch_size
+    manifest = sampling_manifest(dyn, n_atoms, cfg, identity)
+    with ExitStack() as stack:
+        D.enter_on_rank0(stack, lambda: sampling_folder(out, manifest))
+        if D.rank() == 0:
+            _set_aside_broken_chunks(out, _chunk_sizes(cfg, manifest["batch_size"]), n_atoms,
+                                     cfg.likelihood != "none")
+        return _sample_chunks(dyn, n_atoms, out, cfg, manifest["batch_size"])
+
+
+def _sample_chunks(dyn: Dynamics, n_atoms: int, out: Path, cfg: SampleConfig, batch: int) -> Path:
+    """The chunks not on disk yet (this rank's share), then (rank 0) samples.npz from all of them."""
+    rank, world = D.rank(), D.world_size()
     egnn = getattr(dyn, "egnn", None)
-    if cfg.memory_budget_gb is not None and egnn is not None:
-        fit = batch_size_for_budget(cfg.memory_budget_gb * 2**30, n_atoms, egnn.hidden, cfg.likelihood != "none",
-                                    torch.finfo(getattr(torch, cfg.dtype)).bits // 8)
-        batch = min(batch, fit)
-    _check_manifest(out, _manifest(cfg, n_atoms, batch))
+    (out / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
     D.barrier()
 
     prior = MeanFreeGaussian(n_atoms)
@@ -148,9 +211,11 @@ def sample(dyn: Dynamics, n_atoms: int, out_dir: str | Path, config: SampleConfi
         _write_npz(out / "chunks" / f"chunk_{c:06d}.npz", **arrays)
     D.barrier()
 
-    merged = out / "samples.npz"
+    merged = out / SAMPLES_FILE
     if rank == 0:
-        parts = [np.load(out / "chunks" / f"chunk_{c:06d}.npz") for c in range(n_chunks)]
+        sizes = _chunk_sizes(cfg, batch)
+        parts = [_read_chunk(_chunk_path(out, c), size, n_atoms, cfg.likelihood != "none")
+                 for c, size in enumerate(sizes)]
         keys = ["latents", "samples"] + (["dlogp"] if cfg.likelihood != "none" else [])
         arrays = {k: np.concatenate([p[k] for p in parts]) for k in keys}
         arrays["prior_energy"] = prior.energy(torch.from_numpy(arrays["latents"])).numpy()
