@@ -1,54 +1,87 @@
 """Run folders of flows trained on MD data and of their samples, as the `tbg` command makes them.
 
 A training run folder holds, besides what ``tbg.flow.train`` writes (checkpoints/, model.pt,
-train_log.csv), ``model.json`` (the model settings and molecules: a rerun with other settings is refused
-instead of mixing two models) and ``topology.pdb`` (the molecule, so that sampling needs nothing else).
-A sampling folder holds what ``tbg.flow.sample`` writes (chunks/, samples.npz, positions in model units =
-nm x SCALE), ``topology.pdb``, ``checkpoint.json`` (path and SHA-256 of the model sampled: chunks of another
-model are never reused) and the samples for molecular viewers (``export_samples``): ``samples.pdb``,
-``samples.dcd`` ... in nm, atoms in the order of topology.pdb, with ``samples_weights.csv`` beside them
-when the samples have a likelihood.
+train_log.csv), ``topology.pdb`` (the molecule, so that sampling needs nothing else) and ``run.json``. A
+sampling folder holds what ``tbg.flow.sample`` writes (chunks/, samples.npz, positions in model units =
+nm x SCALE), ``topology.pdb``, ``run.json`` and the samples for molecular viewers (``export_samples``):
+``samples.pdb``, ``samples.dcd`` ... in nm, atoms in the order of topology.pdb, with
+``samples_weights.csv`` beside them when the samples have a likelihood.
+
+``run.json`` (``tbg.runfolder``) records what defines the run, and a rerun into the same folder resumes
+only when its own record is the same; otherwise it is refused with the first field that differs, before
+anything in the folder changes. While a run works, its folder is locked against other processes.
+
+- Training: every molecule (name, residue sequence, atom names, SHA-256 of its topology, of its atom
+  features and of its frames, frame count), the model (encoding, feature width, hidden size, layers) and
+  the schedule that a checkpoint continues (batch size, validation fraction, seed, learning rate and its
+  milestones, EMA, noise, coupling). Not recorded, so free to change on a rerun: the number of steps or
+  epochs (more continues the run; fewer than the run has done is refused, as no such model is kept),
+  checkpoint_every, the backend, the device, progress bars.
+- Sampling: the molecule (as above, with the features of the checkpoint's encoding), the checkpoint's
+  SHA-256 and the sampler's settings (``tbg.flow.sample.sampling_manifest``).
+
+Refusing is the honest answer for every recorded option: a resumed run cannot take, say, a new learning
+rate without becoming a run that is neither the old nor the new one.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
-import shutil
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import mdtraj
 import numpy as np
 import torch
 from torch.utils.data import Subset
 
+from tbg.chem.peptides import Peptide
 from tbg.chem.trajectory import MDData, write_trajectory
 from tbg.chem.units import SCALE
 from tbg.errors import InputError
 from tbg.flow import distributed as D
-from tbg.flow.checkpointing import latest_checkpoint
+from tbg.flow.checkpointing import CHECKPOINT_DIR, latest_checkpoint
 from tbg.flow.coupling import Coupling
 from tbg.flow.reweight import log_importance_weights, normalized_weights
-from tbg.flow.sample import SampleConfig, sample
+from tbg.flow.sample import SampleConfig, sample, sampling_folder, sampling_manifest
 from tbg.flow.train import RaggedLoader, TrainConfig, train
+from tbg.runfolder import claimed, file_sha256, write_atomically
 
 if TYPE_CHECKING:
     import openmm.app as app
 
 log = logging.getLogger("tbg")
 
-__all__ = ["MODEL_FILE", "SOURCE_FILE", "TOPOLOGY_FILE", "WEIGHTS_FILE", "SamplingOptions", "TrainingOptions",
-           "check_run_settings", "export_samples", "find_run_model", "record_sample_source", "sample_checkpoint",
-           "split_frames", "train_on_md"]
+__all__ = ["TOPOLOGY_FILE", "TRAINING_RUN", "WEIGHTS_FILE", "SamplingOptions", "TrainingOptions", "export_samples",
+           "find_run_model", "molecule_record", "sample_checkpoint", "split_frames", "train_on_md"]
 
-MODEL_FILE = "model.json"
+TRAINING_RUN = "training"  # the kind of run in run.json
 TOPOLOGY_FILE = "topology.pdb"
-SOURCE_FILE = "checkpoint.json"
 FINAL_MODEL = "model.pt"
 WEIGHTS_FILE = "samples_weights.csv"
+
+
+def _sha256(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def molecule_record(topology: mdtraj.Topology, features: torch.Tensor) -> dict[str, Any]:
+    """What identifies a molecule to a model: residue sequence, atom names, and SHA-256 of the topology
+    (residues, atom names and elements in order, bonds) and of the atom features (float32)."""
+    atoms = [(a.residue.name, a.name, a.element.symbol if a.element is not None else "") for a in topology.atoms]
+    bonds = np.array(sorted(tuple(sorted((b[0].index, b[1].index))) for b in topology.bonds), dtype=np.int64)
+    return {"sequence": "-".join(r.name for r in topology.residues), "atom_names": " ".join(a.name for a in topology.atoms),
+            "topology_sha256": _sha256(np.array(atoms, dtype=str), bonds),
+            "features_sha256": _sha256(features.detach().to("cpu", torch.float32).numpy())}
 
 
 @dataclass
@@ -89,20 +122,11 @@ def split_frames(n_frames: int, val_fraction: float, seed: int) -> tuple[list[in
     return order[n_val:], order[:n_val]
 
 
-def check_run_settings(out: Path, settings: dict) -> None:
-    """Write ``settings`` to out/model.json, or raise InputError if the folder holds a run with others."""
-    path = out / MODEL_FILE
-    if path.is_file() and json.loads(path.read_text()) != settings:
-        raise InputError(f"{out} holds a training run with other settings ({path.read_text().strip()}); "
-                         f"rerun with those settings to resume it, or choose a new output folder")
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1) + "\n")
-
-
 def train_on_md(data: Sequence[MDData], out: Path, options: TrainingOptions, device: torch.device | str, *,
                 record: Callable[[Path], None] | None = None) -> Path:
     """Train an EGNN flow by flow matching on the frames of ``data`` into the run folder ``out`` (resuming
-    a run there with the same settings); returns the final model (out/model.pt, published layout).
+    a run there with the same inputs, see the module docstring); returns the final model (out/model.pt,
+    published layout).
 
     ``record(out)``, if given, is called once the folder is known to hold this run, before training
     (the CLI writes its resolved options there).
@@ -121,21 +145,38 @@ def train_on_md(data: Sequence[MDData], out: Path, options: TrainingOptions, dev
     val = RaggedLoader(val_set, options.batch_size, shuffle=False) if val_idx else None
     n_steps = options.steps if options.epochs is None else options.epochs * len(loader)
     n_features = frames.features[frames.names[0]].shape[1]
-    check_run_settings(out, {"encoding": encoding, "n_features": n_features, "hidden": options.hidden,
-                             "layers": options.layers, "molecules": [d.name for d in data]})
-    if record is not None:
-        record(out)
-    data[0].write_topology_pdb(out / TOPOLOGY_FILE)
-    torch.manual_seed(options.seed)
-    model = EGNN(n_features, hidden=options.hidden, n_layers=options.layers).to(device)
-    config = TrainConfig(n_steps=n_steps, lr=options.lr, lr_milestones=tuple(options.lr_milestones),
-                         seed=options.seed, checkpoint_every=options.checkpoint_every,
-                         validate_every=options.checkpoint_every, ema_decay=options.ema, backend=options.backend,
-                         coupling=options.coupling, keep_checkpoints=options.keep_checkpoints,
-                         progress=options.progress)
-    log.info("training %s on %d train / %d validation frames of %s for %d steps on %s", model.extra_repr(),
-             len(train_set), len(val_set), ", ".join(d.name for d in data), n_steps, device)
-    result = train(model, loader, out, config, val_data=val)
+    try:
+        config = TrainConfig(n_steps=n_steps, lr=options.lr, lr_milestones=tuple(options.lr_milestones),
+                             seed=options.seed, checkpoint_every=options.checkpoint_every,
+                             validate_every=options.checkpoint_every, ema_decay=options.ema,
+                             backend=options.backend, coupling=options.coupling,
+                             keep_checkpoints=options.keep_checkpoints, progress=options.progress)
+    except ValueError as err:
+        raise InputError(f"training options: {err}") from err
+    molecules = [{"name": name, **molecule_record(frames.topologies[name], frames.features[name]),
+                  "frames": len(frames.frames_of(name)), "positions_sha256": _sha256(frames.frames_of(name).numpy())}
+                 for name in frames.names]
+    defines = {"molecules": molecules, "encoding": encoding, "n_features": n_features, "hidden": options.hidden,
+               "layers": options.layers, "batch_size": options.batch_size, "val_fraction": options.val_fraction,
+               "seed": options.seed, "lr": config.lr, "lr_milestones": config.lr_milestones,
+               "lr_gamma": config.lr_gamma, "ema_decay": config.ema_decay, "sigma": config.sigma,
+               "coupling": config.coupling, "grad_clip": config.grad_clip}
+    info = {"data": [{"trajectory": str(d.trajectory), "topology": str(d.topology)} for d in data]}
+    with ExitStack() as stack:
+        D.init_distributed()
+        D.enter_on_rank0(stack, lambda: claimed(out, TRAINING_RUN, defines, info=info,
+                                                work=(CHECKPOINT_DIR, FINAL_MODEL)))
+        torch.manual_seed(options.seed)
+        model = EGNN(n_features, hidden=options.hidden, n_layers=options.layers).to(device)
+        log.info("training %s on %d train / %d validation frames of %s for %d steps on %s", model.extra_repr(),
+                 len(train_set), len(val_set), ", ".join(d.name for d in data), n_steps, device)
+
+        def start(step: int) -> None:  # the run goes ahead (train refuses e.g. fewer steps than done)
+            data[0].write_topology_pdb(out / TOPOLOGY_FILE)
+            if record is not None:
+                record(out)
+
+        result = train(model, loader, out, config, val_data=val, on_start=start)
     if result.history:
         log.info("trained to step %d: loss %.4g, validation loss %s -> %s", result.step, result.train_loss,
                  "-" if result.val_loss is None else f"{result.val_loss:.4g}", result.model_path)
@@ -154,18 +195,6 @@ def find_run_model(path: Path) -> tuple[Path, Path | None]:
     return path, topology if topology.is_file() else None
 
 
-def record_sample_source(out: Path, checkpoint: Path) -> None:
-    """Write out/checkpoint.json (path and SHA-256 of ``checkpoint``), or raise InputError if the samples
-    in ``out`` came from another model: sample chunks on disk are reused on a rerun."""
-    source = {"checkpoint": str(checkpoint), "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
-    path = out / SOURCE_FILE
-    if path.is_file() and json.loads(path.read_text())["sha256"] != source["sha256"]:
-        raise InputError(f"{out} holds samples of another model ({path.read_text().strip()}); choose a new "
-                         f"output folder or delete {out} to sample {checkpoint}")
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(source, indent=1) + "\n")
-
-
 @dataclass
 class SamplingOptions:
     """Sampling a checkpoint: the sampler's ``config``, the atom ``encoding`` ("auto": by the checkpoint's
@@ -179,38 +208,68 @@ class SamplingOptions:
     temperature: float | None = None
 
 
-def sample_checkpoint(checkpoint: Path, topology_pdb: Path, out: Path, options: SamplingOptions) -> Path:
-    """Sample a checkpoint (published layout: ours or the published code's) for the molecule in
-    ``topology_pdb`` into ``out`` (resuming the chunks there); returns samples.npz.
+def _read_pdb(path: Path) -> app.Topology:
+    import openmm.app as app
+
+    if not path.is_file():
+        raise InputError(f"topology file not found: {path}")
+    try:
+        topology = app.PDBFile(str(path)).topology
+    except Exception as err:  # noqa: BLE001 - OpenMM's reader fails in many ways on a broken file
+        raise InputError(f"{path}: not a readable PDB file ({type(err).__name__}: {err})") from err
+    if topology.getNumAtoms() == 0:
+        raise InputError(f"{path}: the PDB file holds no atoms")
+    return topology
+
+
+def sample_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, options: SamplingOptions, *,
+                      record: Callable[[Path], None] | None = None) -> Path:
+    """Sample a checkpoint (published layout: ours or the published code's) for ``molecule`` (a PDB file or
+    a ``Peptide``) into ``out`` (resuming the chunks of the same run there, see the module docstring);
+    returns samples.npz.
 
     The atom features follow the checkpoint's input width (``tbg.chem.encoding.features_for_width``);
     topology.pdb in ``out`` is the molecule in the atom order of the samples, which are also written out
-    for viewers (``export_samples``).
+    for viewers (``export_samples``). ``record(out)``, if given, is called once the folder is known to hold
+    this run (the CLI writes its resolved options there).
     """
-    import openmm.app as app
-
     from tbg.chem.encoding import features_for_width
     from tbg.nn import load_published
     from tbg.nn.checkpoint import egnn_state, infer_config, read_checkpoint
 
-    if not topology_pdb.is_file():
-        raise InputError(f"topology file not found: {topology_pdb}")
-    topology = app.PDBFile(str(topology_pdb)).topology
-    n_features = infer_config(egnn_state(read_checkpoint(checkpoint)))["n_features"]
+    topology = molecule.topology if isinstance(molecule, Peptide) else _read_pdb(Path(molecule))
+    state = read_checkpoint(checkpoint)
+    n_features = infer_config(egnn_state(state))["n_features"]
     features = features_for_width(topology, n_features, options.encoding)
     config = options.config
     device = torch.device(config.device or "cpu")
-    dyn = load_published(checkpoint, features.to(device=device, dtype=getattr(torch, config.dtype)),
-                         backend=options.backend)
-    record_sample_source(out, checkpoint)
-    if topology_pdb.resolve() != (out / TOPOLOGY_FILE).resolve():
-        shutil.copyfile(topology_pdb, out / TOPOLOGY_FILE)
-    log.info("sampling %d configurations of %s (%d atoms) with likelihood=%s, %s", config.n_samples,
-             topology_pdb.name, dyn.n_atoms, config.likelihood, config.solver)
-    samples = sample(dyn, dyn.n_atoms, out, config)
-    if D.rank() == 0:
-        export_samples(samples, out / TOPOLOGY_FILE, options.trajectory_formats, options.temperature)
+    dyn = load_published(state, features.to(device=device, dtype=getattr(torch, config.dtype)), backend=options.backend)
+    identity = {"molecule": molecule_record(mdtraj.Topology.from_openmm(topology), features),
+                "checkpoint_sha256": file_sha256(checkpoint)}
+    name = molecule.name if isinstance(molecule, Peptide) else Path(molecule).name
+    with ExitStack() as stack:
+        D.init_distributed()
+        manifest = sampling_manifest(dyn, dyn.n_atoms, config, identity)
+        D.enter_on_rank0(stack, lambda: sampling_folder(out, manifest, info={"checkpoint": str(checkpoint),
+                                                                             "molecule": name}))
+        if D.rank() == 0:
+            _write_topology(molecule, out / TOPOLOGY_FILE)
+            if record is not None:
+                record(out)
+        log.info("sampling %d configurations of %s (%d atoms) with likelihood=%s, %s", config.n_samples, name,
+                 dyn.n_atoms, config.likelihood, config.solver)
+        samples = sample(dyn, dyn.n_atoms, out, config, identity=identity)
+        if D.rank() == 0:
+            export_samples(samples, out / TOPOLOGY_FILE, options.trajectory_formats, options.temperature)
     return samples
+
+
+def _write_topology(molecule: Path | Peptide, path: Path) -> None:
+    """The molecule as out/topology.pdb (a PDB file is copied byte for byte)."""
+    if isinstance(molecule, Peptide):
+        write_atomically(path, molecule.to_pdb)
+    elif Path(molecule).resolve() != path.resolve():
+        write_atomically(path, lambda tmp: tmp.write_bytes(Path(molecule).read_bytes()))
 
 
 def export_samples(samples_npz: Path, topology_pdb: Path, formats: Sequence[str],
@@ -261,10 +320,10 @@ def _sample_weights(positions_nm: np.ndarray, topology: app.Topology, prior_ener
 
 
 def _write_weights(path: Path, u: np.ndarray, log_w: np.ndarray, w: np.ndarray) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
-        out = csv.writer(fh)
-        out.writerow(["frame", "reduced_energy", "log_weight", "weight"])
-        out.writerows([i, f"{u[i]:.10g}", f"{log_w[i]:.10g}", f"{w[i]:.10g}"] for i in range(len(u)))
-    tmp.replace(path)
-    return path
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as fh:
+            out = csv.writer(fh)
+            out.writerow(["frame", "reduced_energy", "log_weight", "weight"])
+            out.writerows([i, f"{u[i]:.10g}", f"{log_w[i]:.10g}", f"{w[i]:.10g}"] for i in range(len(u)))
+
+    return write_atomically(path, write)
