@@ -13,6 +13,8 @@ import openmm
 import openmm.app as app
 import openmm.unit as u
 
+from tbg.errors import InputError
+
 logger = logging.getLogger("tbg")
 
 DIPEPTIDE_TEMPERATURE: float = 310.0
@@ -94,13 +96,58 @@ def platform(name: str | None = None) -> openmm.Platform:
     raise RuntimeError("no OpenMM platform available")
 
 
-@functools.lru_cache(maxsize=4)
-def _usable(plat: openmm.Platform) -> bool:
+GPU_PLATFORMS: tuple[str, ...] = ("CUDA", "OpenCL")
+
+
+def usable_platforms() -> list[str]:
+    """Names of the OpenMM platforms that can run here (GPU platforms are tried with a one-particle context:
+    they can be installed without a device)."""
+    names = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
+    return [n for n in names if n not in GPU_PLATFORMS or _usable(openmm.Platform.getPlatformByName(n))]
+
+
+def choose_platform(device: str | None, usable: Sequence[str]) -> tuple[str | None, str | None]:
+    """(OpenMM platform name, device index) for a torch-style ``device`` given the ``usable`` platforms:
+    None: (None, None), the fastest usable (``platform``); "cpu": CPU (Reference without it); "cuda" or
+    "cuda:N": CUDA, else OpenCL (which also drives NVIDIA GPUs), on device N. InputError naming the device
+    when no platform fits."""
+    if device is None:
+        return None, None
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not index:
+        return ("CPU" if "CPU" in usable else "Reference"), None
+    if kind == "cuda" and (not index or index.isdigit()):
+        for name in GPU_PLATFORMS:
+            if name in usable:
+                return name, index or None
+        raise InputError(f"device {device!r}: OpenMM has no usable CUDA or OpenCL platform here (usable: "
+                         f"{', '.join(usable) or 'none'}); use the device 'cpu'")
+    raise InputError(f"device {device!r}: expected cpu, cuda or cuda:N")
+
+
+def platform_for_device(device: str | None) -> openmm.Platform | None:
+    """The OpenMM platform for a torch-style ``device`` (``choose_platform``), set to its device index;
+    None for ``device=None`` (let ``platform`` pick the fastest)."""
+    name, index = choose_platform(device, usable_platforms() if device is not None else ())
+    if name is None:
+        return None
+    plat = openmm.Platform.getPlatformByName(name)
+    if index is not None:
+        plat.setPropertyDefaultValue("DeviceIndex", index)
+        if not _usable(plat, index):
+            raise InputError(f"device {device!r}: OpenMM's {name} platform cannot use device {index}")
+    logger.info("OpenMM platform for device %s: %s", device, name)
+    return plat
+
+
+@functools.lru_cache(maxsize=8)
+def _usable(plat: openmm.Platform, device_index: str | None = None) -> bool:
     """A GPU platform can be registered without a device; try a one-particle context."""
     system = openmm.System()
     system.addParticle(1.0)
     try:
-        openmm.Context(system, openmm.VerletIntegrator(0.001), plat)
+        openmm.Context(system, openmm.VerletIntegrator(0.001), plat,
+                       {} if device_index is None else {"DeviceIndex": device_index})
     except Exception:
         return False
     return True

@@ -15,10 +15,12 @@ import concurrent.futures as cf
 import io
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,8 @@ from tbg.chem.forcefield import (ALANINE_DIPEPTIDE_TEMPERATURE, DEFAULT_FORCEFIE
                                  create_system, platform as pick_platform, platform_properties)
 from tbg.chem.peptides import Peptide, alanine_dipeptide, build_peptide
 from tbg.chem.trajectory import layout_files
+from tbg.errors import InputError
+from tbg.runfolder import exclusive
 
 logger = logging.getLogger("tbg")
 
@@ -70,28 +74,41 @@ def simulate(peptide: Peptide | str, out_dir: str | Path, *, n_frames: int, fram
              timestep_fs: float = 0.5, friction_per_ps: float = 0.3, temperature: float | None = None,
              seed: int = 0, equilibration_steps: int = 20000, platform: openmm.Platform | str | None = None,
              checkpoint_every_frames: int = 100, constraints: str | None = None,
-             hydrogen_mass_amu: float | None = None, forcefield_files: Sequence[str] = DEFAULT_FORCEFIELD_FILES, threads: int | None = None,
-             dtype: type = np.float32, progress: bool = True) -> Path:
+             hydrogen_mass_amu: float | None = None, forcefield_files: Sequence[str] = DEFAULT_FORCEFIELD_FILES,
+             threads: int | None = None, dtype: type = np.float32, progress: bool = True,
+             record: Callable[[], None] | None = None) -> Path:
     """Langevin MD (LangevinMiddleIntegrator) of ``peptide``; returns the path of the arrays file.
 
     Defaults are the published settings: 0.5 fs, friction 0.3/ps, frames every 10000 steps (5 ps), no
     constraints, 310 K (300 K for capped peptides such as alanine dipeptide). The run minimises, draws
     velocities, equilibrates for ``equilibration_steps`` and then writes ``n_frames`` frames; calling again
-    with the same settings resumes after the last checkpointed frame (or extends to a larger ``n_frames``).
+    with the same settings resumes after the last checkpointed frame (or extends to a larger ``n_frames``);
+    other settings, or fewer frames than on disk, are refused (InputError) before anything is written.
     ``hydrogen_mass_amu`` repartitions hydrogen masses (see ``tbg.chem.create_system``): the sampled
     configurational distribution is unchanged, and without constraints it allows 4x the published time
-    step (measured for alanine dipeptide in the shipped data's README).
+    step (measured for alanine dipeptide in the shipped data's README). While it runs, the molecule's files
+    in ``out_dir`` are locked against other processes (``tbg.runfolder.exclusive``); ``record()``, if
+    given, is called once the run is known to go ahead.
     """
     if n_frames < 1 or frame_interval_steps < 1 or checkpoint_every_frames < 1 or equilibration_steps < 0:
-        raise ValueError("n_frames, frame_interval_steps and checkpoint_every_frames must be >= 1 and "
-                         "equilibration_steps >= 0")
+        raise InputError(f"n_frames ({n_frames}), frame_interval_steps ({frame_interval_steps}) and "
+                         f"checkpoint_every_frames ({checkpoint_every_frames}) must be >= 1 and equilibration_steps "
+                         f"({equilibration_steps}) >= 0")
+    if not (math.isfinite(timestep_fs) and timestep_fs > 0):
+        raise InputError(f"the time step must be a positive number of fs, got {timestep_fs}")
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise InputError(f"the temperature must be a positive number of K, got {temperature}")
+    if not (math.isfinite(friction_per_ps) and friction_per_ps >= 0):
+        raise InputError(f"the friction must be a number >= 0 per ps, got {friction_per_ps}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     name = peptide if isinstance(peptide, str) else peptide.name
     files = paths(out, name)
     if files["checkpoint"].exists() and files["pdb"].exists():
-        pdb = app.PDBFile(str(files["pdb"]))
-        topology = pdb.topology
+        try:
+            topology = app.PDBFile(str(files["pdb"])).topology
+        except Exception as err:  # noqa: BLE001 - OpenMM's reader fails in many ways on a broken file
+            raise InputError(f"{files['pdb']}: not a readable PDB file ({type(err).__name__}: {err}); restore "
+                             f"it, or simulate into another folder") from err
         capped = any(r.name in ("ACE", "NME") for r in topology.residues())
     else:
         pep = resolve_peptide(peptide)
@@ -104,72 +121,95 @@ def simulate(peptide: Peptide | str, out_dir: str | Path, *, n_frames: int, fram
                 "forcefield_files": list(forcefield_files),
                 "n_atoms": topology.getNumAtoms(), "equilibration_steps": int(equilibration_steps),
                 "integrator": "LangevinMiddleIntegrator", "nonbonded": "CutoffNonPeriodic 2.0 nm"}
-
     system = create_system(topology, forcefield_files=tuple(forcefield_files), constraints=constraints,
                            hydrogen_mass_amu=hydrogen_mass_amu)
-    plat = pick_platform(platform) if not isinstance(platform, openmm.Platform) else platform
-    integrator = openmm.LangevinMiddleIntegrator(temperature * u.kelvin, friction_per_ps / u.picosecond,
-                                                 timestep_fs * u.femtoseconds)
-    frames: list[np.ndarray] = []
-    steps: list[int] = []
-    wall = 0.0
-    if files["checkpoint"].exists():
-        with np.load(files["checkpoint"], allow_pickle=False) as ck:
-            saved = json.loads(str(ck["settings"]))
-            diff = {k: (saved.get(k), settings[k]) for k in _RESUME_KEYS if saved.get(k) != settings[k]}
-            if diff:
-                raise ValueError(f"{files['checkpoint']} was written with other settings (saved, now): {diff}; "
-                                 "use another out_dir or the same settings")
-            frames = list(ck["positions"])
-            steps = [int(s) for s in ck["step"]]
-            state_xml, wall = str(ck["state_xml"]), float(ck["wall_s"])
-        integrator.setRandomNumberSeed(_seed(seed, len(frames), 1))
-        context = openmm.Context(system, integrator, plat, platform_properties(plat, threads))
-        context.setState(openmm.XmlSerializer.deserialize(state_xml))
-        logger.info("%s: resuming at frame %d (step %d)", name, len(frames), steps[-1] if steps else 0)
-    else:
-        integrator.setRandomNumberSeed(_seed(seed, 0, 1))
-        context = openmm.Context(system, integrator, plat, platform_properties(plat, threads))
-        context.setPositions(pep.positions * u.nanometer)
-        openmm.LocalEnergyMinimizer.minimize(context, 10.0, 2000)
-        state = context.getState(getPositions=True)
-        _atomic_write(files["pdb"], lambda fh: fh.write(_pdb_text(topology, state.getPositions()).encode()))
-        context.setVelocitiesToTemperature(temperature * u.kelvin, _seed(seed, 0, 2))
-        t0 = time.perf_counter()
-        for done in tqdm(range(0, equilibration_steps, frame_interval_steps), desc=f"{name} equilibration",
-                         disable=not progress, leave=False):
-            integrator.step(min(frame_interval_steps, equilibration_steps - done))
-        # production steps count from 0 after equilibration
-        context.setStepCount(0)
-        context.setTime(0.0)
-        logger.info("%s: equilibrated %d steps in %.1f s", name, equilibration_steps, time.perf_counter() - t0)
-        _save_checkpoint(files, context, frames, steps, settings, wall, dtype)
-
-    step0 = len(frames)
-    t_start = time.perf_counter()
-    try:
-        for k in tqdm(range(len(frames), n_frames), desc=name, disable=not progress, initial=len(frames),
-                      total=n_frames):
-            integrator.step(frame_interval_steps)
+    with exclusive(out, f".{name}-traj.lock"):
+        resumed = _resume_state(files, settings, n_frames)
+        if record is not None:
+            record()
+        plat = pick_platform(platform) if not isinstance(platform, openmm.Platform) else platform
+        integrator = openmm.LangevinMiddleIntegrator(temperature * u.kelvin, friction_per_ps / u.picosecond,
+                                                     timestep_fs * u.femtoseconds)
+        frames: list[np.ndarray] = []
+        steps: list[int] = []
+        wall = 0.0
+        if resumed is not None:
+            frames, steps, state_xml, wall = resumed
+            integrator.setRandomNumberSeed(_seed(seed, len(frames), 1))
+            context = openmm.Context(system, integrator, plat, platform_properties(plat, threads))
+            context.setState(openmm.XmlSerializer.deserialize(state_xml))
+            logger.info("%s: resuming at frame %d (step %d)", name, len(frames), steps[-1] if steps else 0)
+        else:
+            integrator.setRandomNumberSeed(_seed(seed, 0, 1))
+            context = openmm.Context(system, integrator, plat, platform_properties(plat, threads))
+            context.setPositions(pep.positions * u.nanometer)
+            openmm.LocalEnergyMinimizer.minimize(context, 10.0, 2000)
             state = context.getState(getPositions=True)
-            frames.append(state.getPositions(asNumpy=True).value_in_unit(u.nanometer).astype(dtype))
-            steps.append(state.getStepCount())
-            if (k + 1) % checkpoint_every_frames == 0:
-                _save_checkpoint(files, context, frames, steps, settings,
-                                 wall + time.perf_counter() - t_start, dtype)
-    finally:
-        elapsed = time.perf_counter() - t_start
-    wall += elapsed
-    _save_checkpoint(files, context, frames, steps, settings, wall, dtype)
-    done = len(frames) - step0
-    ns_per_day = (done * frame_interval_steps * timestep_fs * 1e-6) / (elapsed / 86400.0) if done and elapsed else None
-    info = {**settings, "n_frames": len(frames), "platform": plat.getName(), "production_wall_s": wall,
-            "ns_per_day_last_run": ns_per_day,
-            "production_ns": len(frames) * frame_interval_steps * timestep_fs * 1e-6}
-    _atomic_write(files["info"], lambda fh: fh.write(json.dumps(info, indent=1).encode()))
+            _atomic_write(files["pdb"], lambda fh: fh.write(_pdb_text(topology, state.getPositions()).encode()))
+            context.setVelocitiesToTemperature(temperature * u.kelvin, _seed(seed, 0, 2))
+            t0 = time.perf_counter()
+            for done in tqdm(range(0, equilibration_steps, frame_interval_steps), desc=f"{name} equilibration",
+                             disable=not progress, leave=False):
+                integrator.step(min(frame_interval_steps, equilibration_steps - done))
+            # production steps count from 0 after equilibration
+            context.setStepCount(0)
+            context.setTime(0.0)
+            logger.info("%s: equilibrated %d steps in %.1f s", name, equilibration_steps, time.perf_counter() - t0)
+            _save_checkpoint(files, context, frames, steps, settings, wall, dtype)
+
+        step0 = len(frames)
+        t_start = time.perf_counter()
+        try:
+            for k in tqdm(range(len(frames), n_frames), desc=name, disable=not progress, initial=len(frames),
+                          total=n_frames):
+                integrator.step(frame_interval_steps)
+                state = context.getState(getPositions=True)
+                frames.append(state.getPositions(asNumpy=True).value_in_unit(u.nanometer).astype(dtype))
+                steps.append(state.getStepCount())
+                if (k + 1) % checkpoint_every_frames == 0:
+                    _save_checkpoint(files, context, frames, steps, settings,
+                                     wall + time.perf_counter() - t_start, dtype)
+        finally:
+            elapsed = time.perf_counter() - t_start
+        wall += elapsed
+        _save_checkpoint(files, context, frames, steps, settings, wall, dtype)
+        done = len(frames) - step0
+        ns_per_day = (done * frame_interval_steps * timestep_fs * 1e-6) / (elapsed / 86400.0) if done and elapsed \
+            else None
+        info = {**settings, "n_frames": len(frames), "platform": plat.getName(), "production_wall_s": wall,
+                "ns_per_day_last_run": ns_per_day,
+                "production_ns": len(frames) * frame_interval_steps * timestep_fs * 1e-6}
+        _atomic_write(files["info"], lambda fh: fh.write(json.dumps(info, indent=1).encode()))
     if ns_per_day:
         logger.info("%s: %d frames, %.1f ns/day on %s", name, len(frames), ns_per_day, plat.getName())
     return files["arrays"]
+
+
+def _resume_state(files: dict[str, Path], settings: dict, n_frames: int
+                  ) -> tuple[list[np.ndarray], list[int], str, float] | None:
+    """(frames, steps, OpenMM state XML, wall seconds) of the checkpoint on disk, None without one; InputError
+    naming the file when it cannot be read, was written with other settings, or holds more than n_frames."""
+    path = files["checkpoint"]
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as ck:
+            saved = json.loads(str(ck["settings"]))
+            frames, steps = list(ck["positions"]), [int(s) for s in ck["step"]]
+            state_xml, wall = str(ck["state_xml"]), float(ck["wall_s"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise InputError(f"{path}: not a readable simulation checkpoint ({type(err).__name__}: {err}); delete the "
+                         f"molecule's files there to start over, or simulate into another folder") from err
+    diff = {k: (saved.get(k), settings[k]) for k in _RESUME_KEYS if saved.get(k) != settings[k]}
+    if diff:
+        key, (was, now) = next(iter(diff.items()))
+        raise InputError(f"{path} was written with other settings: {key} is {was!r} there but {now!r} now"
+                         f"{f' (and {len(diff) - 1} more)' if len(diff) > 1 else ''}; rerun with that run's "
+                         f"settings to resume it, or simulate into another folder")
+    if len(frames) > n_frames:
+        raise InputError(f"{path} holds {len(frames)} frames, more than the {n_frames} asked for; ask for at least "
+                         f"{len(frames)} to continue it, or simulate into another folder")
+    return frames, steps, state_xml, wall
 
 
 def _pdb_text(topology: app.Topology, positions) -> str:  # noqa: ANN001 - openmm Quantity

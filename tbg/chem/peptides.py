@@ -22,6 +22,7 @@ import openmm.app as app
 import openmm.unit as u
 
 from tbg.chem.forcefield import DEFAULT_FORCEFIELD_FILES, create_system, forcefield
+from tbg.errors import InputError
 
 logger = logging.getLogger("tbg")
 
@@ -70,17 +71,17 @@ class Peptide:
 
 
 def validate_sequence(sequence: str, *, capped: bool) -> str:
-    """Upper-cased sequence; ValueError naming unknown letters or a bad length."""
+    """Upper-cased sequence; InputError (a ValueError) naming unknown letters or a bad length."""
     if not isinstance(sequence, str) or not sequence:
-        raise ValueError(f"sequence must be a non-empty string of one-letter codes, got {sequence!r}")
+        raise InputError(f"sequence must be a non-empty string of one-letter codes, got {sequence!r}")
     seq = sequence.strip().upper()
     unknown = sorted({c for c in seq if c not in ONE_TO_THREE})
     if unknown:
-        raise ValueError(f"unknown residue letter(s) {', '.join(map(repr, unknown))} in {sequence!r}; "
+        raise InputError(f"unknown residue letter(s) {', '.join(map(repr, unknown))} in {sequence!r}; "
                          f"allowed: {AMINO_ACIDS}")
     lo = 1 if capped else 2
     if not lo <= len(seq) <= MAX_RESIDUES:
-        raise ValueError(f"{'capped' if capped else 'zwitterionic'} peptides need {lo}-{MAX_RESIDUES} "
+        raise InputError(f"{'capped' if capped else 'zwitterionic'} peptides need {lo}-{MAX_RESIDUES} "
                          f"residues, got {len(seq)} ({seq!r})")
     return seq
 

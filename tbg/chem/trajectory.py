@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,16 +88,28 @@ class MDData:
         return self.trajectory.suffix == ".npz"
 
     def load_topology(self) -> mdtraj.Topology:
-        return mdtraj.load_topology(str(self.topology))
+        try:
+            topology = mdtraj.load_topology(str(self.topology))
+        except Exception as err:  # noqa: BLE001 - mdtraj's readers fail in many ways on a broken file
+            raise InputError(f"{self.topology}: not a readable topology ({type(err).__name__}: {err})") from err
+        if topology.n_atoms == 0:
+            raise InputError(f"{self.topology}: the topology holds no atoms")
+        return topology
 
     def load_positions(self, topology: mdtraj.Topology | None = None) -> np.ndarray:
         """All frames [frames, atoms, 3] in nm, checked against the topology's atom count."""
         topology = topology or self.load_topology()
         if self.published_layout:
-            with np.load(self.trajectory, allow_pickle=False) as arrays:
-                if "positions" not in arrays:
-                    raise KeyError(f"{self.trajectory} has no 'positions' array (keys: {list(arrays.keys())})")
-                positions = arrays["positions"]
+            try:
+                with np.load(self.trajectory, allow_pickle=False) as arrays:
+                    if "positions" not in arrays:
+                        raise InputError(f"{self.trajectory} has no 'positions' array (it has: "
+                                         f"{', '.join(arrays.keys()) or 'none'})")
+                    positions = arrays["positions"]
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+                if isinstance(err, InputError):
+                    raise
+                raise InputError(f"{self.trajectory}: not a readable .npz file ({type(err).__name__}: {err})") from err
         else:
             try:
                 positions = mdtraj.load(str(self.trajectory), **self._top(topology)).xyz
@@ -104,10 +117,12 @@ class MDData:
                 raise InputError(f"{self.trajectory}: cannot read it with the topology {self.topology}: {err}") \
                     from err
         if positions.ndim != 3 or positions.shape[1:] != (topology.n_atoms, 3):
-            raise ValueError(f"{self.trajectory}: positions {positions.shape} do not match the {topology.n_atoms} "
+            raise InputError(f"{self.trajectory}: positions {positions.shape} do not match the {topology.n_atoms} "
                              f"atoms of {self.topology}")
+        if len(positions) == 0:
+            raise InputError(f"{self.trajectory}: no frames")
         if not np.isfinite(positions).all():
-            raise ValueError(f"{self.trajectory}: positions contain NaN/inf")
+            raise InputError(f"{self.trajectory}: positions contain NaN/inf")
         return positions
 
     def _top(self, topology: mdtraj.Topology) -> dict[str, mdtraj.Topology]:
@@ -124,7 +139,10 @@ class MDData:
         of a PDB topology file (its first model: in the published layout the minimised start), else the
         first frame of the trajectory."""
         if self.topology.suffix.lower() == ".pdb":
-            pdb = app.PDBFile(str(self.topology))
+            try:
+                pdb = app.PDBFile(str(self.topology))
+            except Exception as err:  # noqa: BLE001 - OpenMM's reader fails in many ways on a broken file
+                raise InputError(f"{self.topology}: not a readable PDB file ({type(err).__name__}: {err})") from err
             return pdb.topology, np.asarray(pdb.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
         frame = mdtraj.load_frame(str(self.trajectory), 0, **self._top(self.load_topology()))
         return frame.topology.to_openmm(), frame.xyz[0].astype(np.float64)

@@ -8,12 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import openmm
 import torch
 
 from tbg.chem.trajectory import MDData
 from tbg.evaluate.report import EvaluationOptions
 from tbg.evaluate.runs import evaluate_samples_file
 from tbg.flow.runs import TOPOLOGY_FILE, SamplingOptions, TrainingOptions, sample_checkpoint, train_on_md
+from tbg.runfolder import exclusive, write_atomically
 
 log = logging.getLogger("tbg")
 
@@ -26,21 +28,29 @@ FEW_EFFECTIVE_SAMPLES = 30
 
 def run_demo(md: MDData, out: Path, training: TrainingOptions, sampling: SamplingOptions,
              evaluation: EvaluationOptions, *, device: torch.device | str, md_frames: int,
-             record: Callable[[Path], None] | None = None) -> str:
+             platform: openmm.Platform | str | None = None, record: Callable[[Path], None] | None = None) -> str:
     """Train (out/train), sample (out/sample) and evaluate against ``md_frames`` MD frames (out/evaluate,
-    energies at the sampling temperature); every stage resumes from what is on disk. Writes
-    out/summary.txt (the report's table and ``demo_summary``) and returns the summary. ``record`` is passed
-    on to ``train_on_md``."""
+    energies at the sampling temperature on the OpenMM ``platform``); every stage resumes from what is on
+    disk, and ``out`` is held against other processes meanwhile. Writes out/summary.txt (the report's table
+    and ``demo_summary``) and returns the summary. ``record(folder)``, if given, is called for ``out`` and
+    each stage's folder once that stage is known to go ahead."""
     t0 = time.perf_counter()
-    log.info("== 1/3 train")
-    model = train_on_md([md], out / "train", training, device, record=record)
-    log.info("== 2/3 sample with likelihood=%s", sampling.config.likelihood)
-    samples = sample_checkpoint(model, out / "train" / TOPOLOGY_FILE, out / "sample", sampling)
-    log.info("== 3/3 validate, reweight, evaluate")
-    report, table = evaluate_samples_file(samples, md, out / "evaluate", evaluation, md_frames=md_frames,
-                                          temperature=sampling.temperature)
-    summary = demo_summary(report, time.perf_counter() - t0)
-    (out / SUMMARY_FILE).write_text(table + "\n\n" + summary + "\n")
+    with exclusive(out):
+        log.info("== 1/3 train")
+
+        def record_training(train_dir: Path) -> None:
+            if record is not None:
+                record(out)
+                record(train_dir)
+
+        model = train_on_md([md], out / "train", training, device, record=record_training)
+        log.info("== 2/3 sample with likelihood=%s", sampling.config.likelihood)
+        samples = sample_checkpoint(model, out / "train" / TOPOLOGY_FILE, out / "sample", sampling, record=record)
+        log.info("== 3/3 validate, reweight, evaluate")
+        report, table = evaluate_samples_file(samples, md, out / "evaluate", evaluation, md_frames=md_frames,
+                                              temperature=sampling.temperature, platform=platform, record=record)
+        summary = demo_summary(report, time.perf_counter() - t0)
+        write_atomically(out / SUMMARY_FILE, lambda tmp: tmp.write_text(table + "\n\n" + summary + "\n"))
     return summary
 
 

@@ -8,11 +8,15 @@ molecule. Energies are reduced by kT at the molecule's default temperature unles
 from __future__ import annotations
 
 import logging
+import math
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import mdtraj
 import numpy as np
+import openmm
 
 from tbg.chem.energy import EnergyModel
 from tbg.chem.forcefield import default_temperature
@@ -20,6 +24,7 @@ from tbg.chem.trajectory import MDData
 from tbg.chem.units import SCALE
 from tbg.errors import InputError
 from tbg.evaluate.report import EvaluationOptions, MDFrames, ModelSamples, Molecule, evaluate
+from tbg.runfolder import exclusive
 
 log = logging.getLogger("tbg")
 
@@ -27,13 +32,28 @@ __all__ = ["evaluate_samples_file", "load_samples", "thin_evenly"]
 
 
 def load_samples(samples_npz: Path) -> dict[str, np.ndarray]:
-    """``samples`` and, where present, ``prior_energy`` and ``dlogp`` of a samples.npz."""
+    """``samples`` and, where present, ``prior_energy`` and ``dlogp`` of a samples.npz, checked: a float
+    array [n, 3N] and, per sample, one value of each (non-finite values are allowed: such samples count as
+    invalid in the evaluation)."""
     if not samples_npz.is_file():
         raise InputError(f"samples file not found: {samples_npz}; run `tbg sample` first")
-    with np.load(samples_npz) as f:
-        if "samples" not in f:
-            raise InputError(f"{samples_npz} has no 'samples' array (keys: {', '.join(f.files)})")
-        return {k: f[k] for k in ("samples", "prior_energy", "dlogp") if k in f}
+    try:
+        with np.load(samples_npz, allow_pickle=False) as f:
+            if "samples" not in f:
+                raise InputError(f"{samples_npz} has no 'samples' array (it has: {', '.join(f.files) or 'none'})")
+            arrays = {k: f[k] for k in ("samples", "prior_energy", "dlogp") if k in f}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        if isinstance(err, InputError):
+            raise
+        raise InputError(f"{samples_npz}: not a readable .npz file ({type(err).__name__}: {err})") from err
+    n = len(arrays["samples"])
+    for key, a in arrays.items():
+        if not np.issubdtype(a.dtype, np.floating) or (a.ndim != 2 if key == "samples" else a.shape != (n,)):
+            raise InputError(f"{samples_npz}: '{key}' is {a.dtype} {list(a.shape)}, expected floats "
+                             f"{'[n, 3N]' if key == 'samples' else f'[{n}]'}")
+    if ("dlogp" in arrays) != ("prior_energy" in arrays):
+        raise InputError(f"{samples_npz}: 'dlogp' and 'prior_energy' come together (the log weights need both)")
+    return arrays
 
 
 def thin_evenly(frames: np.ndarray, n: int) -> np.ndarray:
@@ -42,10 +62,18 @@ def thin_evenly(frames: np.ndarray, n: int) -> np.ndarray:
 
 
 def evaluate_samples_file(samples_npz: Path, md: MDData, out: Path, options: EvaluationOptions, *,
-                          md_frames: int = 5000, temperature: float | None = None) -> tuple[dict[str, Any], str]:
+                          md_frames: int = 5000, temperature: float | None = None,
+                          platform: openmm.Platform | str | None = None,
+                          record: Callable[[Path], None] | None = None) -> tuple[dict[str, Any], str]:
     """Validity, energies, reweighting and free energies of the samples in ``samples_npz`` against
     ``md_frames`` evenly thinned frames of ``md``; writes report.json and plots to ``out``
-    (``tbg.evaluate.evaluate``). Returns (report, summary table)."""
+    (``tbg.evaluate.evaluate``), holding the folder against other processes. Energies run on the OpenMM
+    ``platform`` (default: the fastest). ``record(out)``, if given, is called once the inputs are read and
+    checked (the CLI writes its resolved options there). Returns (report, summary table)."""
+    if md_frames < 1:
+        raise InputError(f"md_frames must be >= 1, got {md_frames}")
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise InputError(f"the temperature must be a positive number of K, got {temperature}")
     arrays = load_samples(samples_npz)
     topology_omm, reference_nm = md.structure()
     topology = mdtraj.Topology.from_openmm(topology_omm)
@@ -60,7 +88,9 @@ def evaluate_samples_file(samples_npz: Path, md: MDData, out: Path, options: Eva
     if not weights:
         log.warning("%s has no dlogp (sampled without likelihood): no reweighting", samples_npz)
     temperature = temperature or default_temperature(topology_omm)
-    with EnergyModel(topology_omm, temperature=temperature) as energy:
+    with exclusive(out), EnergyModel(topology_omm, temperature=temperature, platform=platform) as energy:
+        if record is not None:
+            record(out)
         molecule = Molecule(topology, reference_nm, lambda pos: energy.reduced_energy(pos, unit="nm"))
         return evaluate(ModelSamples(x.reshape(len(x), n_atoms, 3) / SCALE, **weights), molecule, MDFrames(md_x),
                         out, options)
