@@ -269,12 +269,13 @@ def png_size(path: Path) -> tuple[int, int]:
 REPORT_KEYS = {
     "n_samples", "n_valid", "correct_configuration_rate", "n_mirrored", "invalid_reasons",
     "n_graphs_searched", "n_isomorphism_timeouts", "md_n_frames", "md_correct_configuration_rate",
-    "ess", "energy", "torsions", "free_energy", "delta_f", "plots", "timings_s",
+    "ess", "n_nonfinite", "energy", "torsions", "free_energy", "delta_f", "plots", "timings_s",
 }
 NESTED_KEYS = {
     "ess": {"kish_fraction", "kish_n", "n_weighted", "clip_quantile", "kish_fraction_clipped"},
     "energy": {"md_mean", "model_mean", "reweighted_mean", "reweighted_stderr", "model_n_nonfinite",
                "wasserstein_model", "wasserstein_reweighted"},
+    "n_nonfinite": {"dlogp", "prior_energy", "energy"},
     "delta_f": {"alphaR_beta", "alphaL_rest"},
     "free_energy": {"bins", "phi", "psi"},
     "torsions": {"phi", "psi"},

@@ -51,11 +51,11 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def _as_array(a: Any, name: str, n: int) -> np.ndarray:
+def _as_array(a: Any, name: str, n: int, *, allow_nonfinite: bool = False) -> np.ndarray:
     v = np.asarray(a, dtype=np.float64).reshape(-1)
     if len(v) != n:
         raise ValueError(f"{name} has {len(v)} entries, expected {n} (one per sample)")
-    if np.isnan(v).any():
+    if not allow_nonfinite and np.isnan(v).any():
         raise ValueError(f"{name} contains NaN")
     return v
 
@@ -85,7 +85,8 @@ class ModelSamples:
     """Model samples [n, N, 3] in nm, atoms in topology order up to equivalent atoms, with optional
     importance weights, one of: ``log_weights`` [n] (entries of invalid samples are ignored), or
     ``prior_energy`` [n] and ``dlogp`` [n] from the sampler, combined with the model energies as
-    log w = -u + prior_energy + dlogp (needs the molecule's energy_fn)."""
+    log w = -u + prior_energy + dlogp (needs the molecule's energy_fn). Samples whose prior_energy or dlogp
+    is not finite (an integration that blew up) get weight 0 and are counted in the report."""
 
     positions_nm: np.ndarray
     log_weights: np.ndarray | None = None
@@ -101,7 +102,7 @@ class ModelSamples:
         n = len(self.positions_nm)
         for name in ("log_weights", "prior_energy", "dlogp"):
             if getattr(self, name) is not None:
-                setattr(self, name, _as_array(getattr(self, name), name, n))
+                setattr(self, name, _as_array(getattr(self, name), name, n, allow_nonfinite=name != "log_weights"))
 
 
 @dataclass
@@ -156,11 +157,14 @@ class Energies:
 @dataclass
 class Reweighting:
     """Log importance weights of the valid samples (``log_w``, None without weights), the ones used for the
-    reweighted estimates (``log_w_used``, clipped if asked) and the ESS entry of the report."""
+    reweighted estimates (``log_w_used``, clipped if asked), the ESS entry of the report and the counts of
+    samples whose weight is 0 because a number in it is not finite (``n_nonfinite``: dlogp and prior_energy
+    among all samples, energy among the valid ones; None where the quantity is absent)."""
 
     log_w: np.ndarray | None
     log_w_used: np.ndarray | None
     ess: dict[str, Any]
+    n_nonfinite: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def weights(self) -> np.ndarray | None:
@@ -251,10 +255,19 @@ def reweight(samples: ModelSamples, validity: Validity, energies: Energies,
     elif samples.prior_energy is not None and energies.model is not None:
         log_w = log_importance_weights(energies.model, samples.prior_energy[valid_idx],
                                        samples.dlogp[valid_idx]).numpy()
+    def count(values: np.ndarray | None) -> int | None:
+        return None if values is None else int((~np.isfinite(values)).sum())
+
+    n_nonfinite = {"dlogp": count(samples.dlogp), "prior_energy": count(samples.prior_energy),
+                   "energy": count(energies.model)}
+    if any(n_nonfinite.values()):
+        logger.warning("samples with non-finite values get weight 0 (counted in report.json n_nonfinite): %s",
+                       ", ".join(f"{k} {v}" for k, v in n_nonfinite.items() if v))
     if log_w is not None and not np.isfinite(log_w).any():
         logger.warning("no valid sample has a finite log weight: reweighted metrics are null")
         log_w = None
-    ess = {"kish_fraction": None, "kish_n": None, "n_weighted": n_valid if log_w is not None else 0,
+    ess = {"kish_fraction": None, "kish_n": None,
+           "n_weighted": int(np.isfinite(log_w).sum()) if log_w is not None else 0,
            "clip_quantile": clip_quantile, "kish_fraction_clipped": None}
     log_w_used = None
     if log_w is not None:
@@ -264,7 +277,7 @@ def reweight(samples: ModelSamples, validity: Validity, energies: Energies,
         if clip_quantile is not None:
             log_w_used = clip_log_weights(log_w, clip_quantile).numpy()
             ess["kish_fraction_clipped"] = kish_ess(log_w_used)
-    return Reweighting(log_w, log_w_used, ess)
+    return Reweighting(log_w, log_w_used, ess, n_nonfinite)
 
 
 def energy_metrics(energies: Energies, weights: Reweighting
@@ -365,6 +378,7 @@ def write_report(out: Path, validity: Validity, weights: Reweighting, energy: di
         "md_n_frames": validity.md_n_frames,
         "md_correct_configuration_rate": validity.md_rate,
         "ess": weights.ess,
+        "n_nonfinite": weights.n_nonfinite,
         "energy": energy,
         "torsions": free.torsions,
         "free_energy": free.free_energy,
@@ -440,6 +454,8 @@ def summary_table(report: dict[str, Any]) -> str:
     rows = [
         ("correct configurations", f"{100 * report['md_correct_configuration_rate']:.1f}%",
          f"{100 * report['correct_configuration_rate']:.1f}%", ""),
+        ("non-finite dlogp/prior/u", "", "/".join(_fmt(report["n_nonfinite"][k], "d")
+                                                  for k in ("dlogp", "prior_energy", "energy")), ""),
         ("ESS (Kish)", "", "",
          "-" if report["ess"]["kish_fraction"] is None else f"{100 * report['ess']['kish_fraction']:.2f}%"),
         ("mean energy [kT]", _fmt(e["md_mean"]), _fmt(e["model_mean"]), _fmt(e["reweighted_mean"])),
