@@ -2,15 +2,20 @@
 
 Every subcommand takes its options from flags and, optionally, from a TOML config file
 (`--config run.toml`, keys named like the long flags with dashes or underscores); flags win over
-the file, the file wins over the built-in defaults. Jobs that produce files write them into `--out`
-together with the resolved config (config.json). The jobs themselves live in the library (tbg.chem,
-tbg.flow, tbg.evaluate); this module only turns options into calls.
+the file, the file wins over the built-in defaults. Values from the file go through the same parsing
+as flags (types, ranges, choices). Jobs that produce files write them into `--out` together with the
+options in force (config.json), once the job is known to go ahead. The jobs themselves live in the
+library (tbg.chem, tbg.flow, tbg.evaluate); this module only turns options into calls, and errors into one
+line on stderr: bad input exits with status 2, other failures with 1, an interrupt with 130; `--debug`
+(or TBG_DEBUG=1) shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
+import os
 import shlex
 import subprocess
 import sys
@@ -18,12 +23,14 @@ import tomllib
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from tbg.chem.data import ALANINE_DIPEPTIDE_DIR
 from tbg.chem.trajectory import WRITE_FORMATS
 from tbg.chem.units import SCALE
 from tbg.errors import InputError
+from tbg.flow.ode import ADAPTIVE, FIXED
+from tbg.runfolder import write_json
 
 if TYPE_CHECKING:
     from tbg.chem.trajectory import MDData
@@ -35,8 +42,45 @@ log = logging.getLogger("tbg")
 ALA2_DATA = ALANINE_DIPEPTIDE_DIR  # the shipped MD data, default of --data
 
 
-class UsageError(Exception):
-    """Bad input from the user: reported as one line with the command's usage, exit status 2."""
+class UsageError(InputError):
+    """Bad input from the user, found by the command line itself: one line, exit status 2."""
+
+
+class _ParseError(Exception):
+    """argparse's complaint about the command line (or a config file's value), raised instead of exiting."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser, self.message = parser, message
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _ParseError(self, message)
+
+
+def _checked(convert: Callable[[str], Any], valid: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse type: ``convert`` the text and check it with ``valid``; the error says what is ``expected``."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not valid(value):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {expected}")
+        return value
+
+    parse.__name__ = expected
+    return parse
+
+
+POSITIVE_INT = _checked(int, lambda v: v >= 1, "an integer >= 1")
+NONNEGATIVE_INT = _checked(int, lambda v: v >= 0, "an integer >= 0")
+POSITIVE_FLOAT = _checked(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
+OPEN_UNIT = _checked(float, lambda v: 0 < v < 1, "a number between 0 and 1 (exclusive)")
+HALF_OPEN_UNIT = _checked(float, lambda v: 0 <= v < 1, "a number >= 0 and < 1")
+QUANTILE = _checked(float, lambda v: 0 < v <= 1, "a number > 0 and <= 1")
+HYDROGEN_MASS = _checked(float, lambda v: 1 <= v <= 4, "a mass between 1 and 4 amu")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -80,34 +124,43 @@ def _opt(p: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, help: 
     p.add_argument(flag, default=None, help=help, **kw)
 
 
-def _common(p: argparse.ArgumentParser, out_help: str | None) -> None:
+TORCH_DEVICE_HELP = "torch device: cpu, cuda, cuda:1 (default: cuda if available, else cpu)"
+OPENMM_DEVICE_HELP = ("device of the OpenMM energies: cpu, cuda or cuda:N (OpenMM's CUDA platform, else its OpenCL "
+                      "platform; refused when neither can run) (default: the fastest platform available)")
+
+
+def _common(p: argparse.ArgumentParser, out_help: str | None, device_help: str = TORCH_DEVICE_HELP) -> None:
     if out_help is not None:
         p.add_argument("--out", metavar="DIR", help=out_help)
-    p.add_argument("--device", metavar="DEV", default=None,
-                   help="torch device: cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    p.add_argument("--device", metavar="DEV", default=None, help=device_help)
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=None, help="random seed, an integer >= 0 (default: 0)")
     p.add_argument("--no-progress", action="store_true", default=None, help="hide progress bars")
+
+
+def _debug_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of an error (also: environment variable TBG_DEBUG=1)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and training")
-    _opt(g, "--hidden", "hidden size H of the EGNN", type=int, metavar="H")
-    _opt(g, "--layers", "number of EGNN layers L", type=int, metavar="L")
-    _opt(g, "--steps", "optimizer steps", type=int, metavar="N")
-    _opt(g, "--epochs", "train for this many passes over the data instead of --steps", type=int, metavar="E")
-    _opt(g, "--batch-size", "molecules per training batch", type=int, metavar="B")
-    _opt(g, "--lr", "Adam learning rate", type=float)
-    _opt(g, "--lr-milestones", "steps at which the learning rate is divided by 10", type=int, nargs="*",
+    _opt(g, "--hidden", "hidden size H of the EGNN", type=POSITIVE_INT, metavar="H")
+    _opt(g, "--layers", "number of EGNN layers L", type=POSITIVE_INT, metavar="L")
+    _opt(g, "--steps", "optimizer steps (a rerun continues a run up to this many; fewer than it has done is refused)", type=NONNEGATIVE_INT, metavar="N")
+    _opt(g, "--epochs", "train for this many passes over the data instead of --steps", type=POSITIVE_INT, metavar="E")
+    _opt(g, "--batch-size", "molecules per training batch", type=POSITIVE_INT, metavar="B")
+    _opt(g, "--lr", "Adam learning rate", type=POSITIVE_FLOAT)
+    _opt(g, "--lr-milestones", "steps at which the learning rate is divided by 10", type=POSITIVE_INT, nargs="*",
          metavar="STEP")
-    _opt(g, "--ema", "exponential moving average of the weights, e.g. 0.999 (default: off)", type=float,
+    _opt(g, "--ema", "exponential moving average of the weights, e.g. 0.999 (default: off)", type=OPEN_UNIT,
          metavar="DECAY")
     _opt(g, "--coupling", "pairing of prior and data samples: independent (published) or aligned (each prior "
          "sample rotated/reflected and its interchangeable atoms relabelled to fit its data frame; shorter paths, "
          "better likelihoods; tbg.flow.coupling)", choices=["independent", "aligned"])
-    _opt(g, "--val-fraction", "fraction of the MD frames held out for validation", type=float, metavar="F")
-    _opt(g, "--checkpoint-every", "steps between checkpoints (the run resumes from the newest)", type=int,
+    _opt(g, "--val-fraction", "fraction of the MD frames held out for validation", type=HALF_OPEN_UNIT, metavar="F")
+    _opt(g, "--checkpoint-every", "steps between checkpoints (the run resumes from the newest)", type=POSITIVE_INT,
          metavar="N")
-    _opt(g, "--keep-checkpoints", "newest checkpoints kept on disk", type=int, metavar="N")
+    _opt(g, "--keep-checkpoints", "newest checkpoints kept on disk", type=POSITIVE_INT, metavar="N")
     _opt(g, "--encoding", "atom features: 'atoms' (one class per atom, alanine-dipeptide model), 'transfer' "
          "(76-wide transferable encoding), 'auto' = atoms for one molecule, transfer for several",
          choices=["auto", "atoms", "transfer"])
@@ -117,19 +170,19 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _sample_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
-    _opt(g, "--n", "number of samples", type=int, metavar="N")
-    _opt(g, "--sample-batch-size", "samples integrated together (one resumable chunk each)", type=int,
+    _opt(g, "--n", "number of samples", type=POSITIVE_INT, metavar="N")
+    _opt(g, "--sample-batch-size", "samples integrated together (one resumable chunk each)", type=POSITIVE_INT,
          metavar="B")
     _opt(g, "--likelihood", "joint: exact dlogp on the augmented ODE (published); decoupled: x path, then "
          "Gauss-Legendre quadrature of the exact divergence (cheaper); none: samples only",
          choices=["joint", "decoupled", "none"])
     g.add_argument("--no-likelihood", action="store_true", default=None,
                    help="samples only, no dlogp (same as --likelihood none)")
-    _opt(g, "--method", "ODE solver: dopri5 (adaptive) or a fixed-step rk4/midpoint/euler", metavar="NAME")
-    _opt(g, "--atol", "absolute tolerance of adaptive solvers", type=float)
-    _opt(g, "--rtol", "relative tolerance of adaptive solvers", type=float)
-    _opt(g, "--ode-steps", "steps of fixed-step solvers", type=int, metavar="N")
-    _opt(g, "--quadrature", "quadrature nodes of --likelihood decoupled", type=int, metavar="K")
+    _opt(g, "--method", "ODE solver: dopri5 (adaptive) or a fixed-step rk4/midpoint/euler", choices=[*ADAPTIVE, *FIXED])
+    _opt(g, "--atol", "absolute tolerance of adaptive solvers", type=POSITIVE_FLOAT)
+    _opt(g, "--rtol", "relative tolerance of adaptive solvers", type=POSITIVE_FLOAT)
+    _opt(g, "--ode-steps", "steps of fixed-step solvers", type=POSITIVE_INT, metavar="N")
+    _opt(g, "--quadrature", "quadrature nodes of --likelihood decoupled", type=POSITIVE_INT, metavar="K")
     _opt(g, "--dtype", "floating-point type of the integration", choices=["float32", "float64"])
     g.add_argument("--trajectory", nargs="*", choices=WRITE_FORMATS, default=None, metavar="FORMAT",
                    help="also write the samples as samples.FORMAT beside samples.npz, for VMD, PyMOL, MDAnalysis: "
@@ -142,13 +195,13 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     _opt(g, "--md-frames", "MD frames compared against (evenly thinned; energies are computed for each)",
-         type=int, metavar="N")
+         type=POSITIVE_INT, metavar="N")
     _opt(g, "--temperature", "temperature in K for the energies (default: 300 for capped peptides such as "
-         "alanine dipeptide, 310 otherwise)", type=float, metavar="K")
+         "alanine dipeptide, 310 otherwise)", type=POSITIVE_FLOAT, metavar="K")
     _opt(g, "--clip-quantile", "clip log weights above this quantile for the reweighted estimates, e.g. "
-         "0.999 (default: no clipping)", type=float, metavar="Q")
-    _opt(g, "--bins", "histogram bins of the free-energy profiles", type=int)
-    _opt(g, "--bootstrap", "bootstrap resamples for the free-energy error bars", type=int, metavar="N")
+         "0.999 (default: no clipping)", type=QUANTILE, metavar="Q")
+    _opt(g, "--bins", "histogram bins of the free-energy profiles", type=POSITIVE_INT)
+    _opt(g, "--bootstrap", "bootstrap resamples for the free-energy error bars", type=POSITIVE_INT, metavar="N")
 
 
 DATA_HELP = ("folders in the published layout (NAME-traj-arrays.npz + NAME-traj-state0.pdb), NAME-traj-arrays.npz "
@@ -181,6 +234,7 @@ def _resolve(args: argparse.Namespace, *presets: dict[str, Any]) -> None:
 # From options to the library's inputs (shared by the subcommands and `demo`).
 
 def _device(args: argparse.Namespace):  # -> torch.device
+    """The torch device of --device, checked; args.device becomes its name (as config.json records it)."""
     import torch
 
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -188,23 +242,33 @@ def _device(args: argparse.Namespace):  # -> torch.device
         device = torch.device(name)
     except RuntimeError as err:
         raise UsageError(f"--device {name!r} is not a torch device ({err}); use cpu, cuda or cuda:N") from err
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: tbg runs on cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: this torch has no usable CUDA device; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    args.device = str(device)
     return device
 
 
-def _out_dir(args: argparse.Namespace, *, record: bool = True) -> Path:
-    """The --out folder, checked, with the resolved options in config.json (unless the job records them
-    itself after further checks)."""
+def _openmm_platform(args: argparse.Namespace):  # -> openmm.Platform | None
+    """The OpenMM platform of --device (None: the fastest available), or a refusal naming the device."""
+    from tbg.chem.forcefield import platform_for_device
+
+    try:
+        return platform_for_device(args.device)
+    except InputError as err:
+        raise UsageError(f"--device {args.device}: {err}") from err
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    """The --out folder, checked (nothing is written: the jobs record config.json once they go ahead)."""
     if not args.out:
         raise UsageError("--out DIR is required: the folder that receives this run's files")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a folder; choose another path")
-    if record:
-        write_resolved_config(args, out)
     return out
 
 
@@ -252,16 +316,16 @@ def _evaluation_options(args: argparse.Namespace) -> EvaluationOptions:
 # Subcommands.
 
 def _configure_simulate(p: argparse.ArgumentParser) -> None:
-    _common(p, "folder for NAME-traj-state0.pdb and NAME-traj-arrays.npz (required)")
+    _common(p, "folder for NAME-traj-state0.pdb and NAME-traj-arrays.npz (required)", OPENMM_DEVICE_HELP)
     p.add_argument("--peptide", metavar="SEQ", help="'ala2' (Ace-Ala-Nme, 300 K) or a zwitterionic sequence "
                    "such as AY (310 K) (default: ala2)")
     g = p.add_argument_group("simulation (published settings by default)")
-    _opt(g, "--frames", "frames to write (a rerun resumes or extends)", type=int, metavar="N")
-    _opt(g, "--frame-interval", "MD steps between frames", type=int, metavar="STEPS")
-    _opt(g, "--equilibration", "MD steps before the first frame", type=int, metavar="STEPS")
-    _opt(g, "--timestep-fs", "Langevin time step in fs", type=float, metavar="FS")
-    _opt(g, "--temperature", "temperature in K (default: 300 for ala2, 310 otherwise)", type=float, metavar="K")
-    g.add_argument("--hydrogen-mass", type=float, metavar="AMU", default=None,
+    _opt(g, "--frames", "frames to write (a rerun resumes or extends; fewer than on disk is refused)", type=POSITIVE_INT, metavar="N")
+    _opt(g, "--frame-interval", "MD steps between frames", type=POSITIVE_INT, metavar="STEPS")
+    _opt(g, "--equilibration", "MD steps before the first frame", type=NONNEGATIVE_INT, metavar="STEPS")
+    _opt(g, "--timestep-fs", "Langevin time step in fs", type=POSITIVE_FLOAT, metavar="FS")
+    _opt(g, "--temperature", "temperature in K (default: 300 for ala2, 310 otherwise)", type=POSITIVE_FLOAT, metavar="K")
+    g.add_argument("--hydrogen-mass", type=HYDROGEN_MASS, metavar="AMU", default=None,
                    help="hydrogen mass repartitioning: hydrogens get this mass (3-4 usual), taken from their heavy "
                         "atom; the sampled ensemble is unchanged and longer time steps stay stable (default: off)")
 
@@ -274,7 +338,8 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     path = simulate(args.peptide, out, n_frames=args.frames, frame_interval_steps=args.frame_interval,
                     equilibration_steps=args.equilibration, timestep_fs=args.timestep_fs,
                     temperature=args.temperature, hydrogen_mass_amu=args.hydrogen_mass, seed=args.seed,
-                    progress=not args.no_progress)
+                    platform=_openmm_platform(args), progress=not args.no_progress,
+                    record=partial(write_resolved_config, args, out))
     print(f"MD data: {path}")
 
 
@@ -292,7 +357,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     _resolve(args)
     device = _device(args)
     data = _md_data(args, args.data or [ALA2_DATA])
-    out = _out_dir(args, record=False)  # train_on_md records them once the folder is known to fit
+    out = _out_dir(args)
     model = train_on_md(data, out, _training_options(args), device, record=partial(write_resolved_config, args))
     print(f"model: {model}")
 
@@ -313,7 +378,7 @@ def _configure_sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["auto", "fused", "reference"], default=None,
                    help="EGNN implementation (default: auto)")
     _sample_args(p)
-    p.add_argument("--temperature", type=float, metavar="K", help="temperature in K of samples_weights.csv "
+    p.add_argument("--temperature", type=POSITIVE_FLOAT, metavar="K", help="temperature in K of samples_weights.csv "
                    "(default: 300 for capped peptides such as alanine dipeptide, 310 otherwise)")
 
 
@@ -335,18 +400,17 @@ def _checkpoint_source(args: argparse.Namespace) -> tuple[Path, Path | None]:
     return checkpoint, topology
 
 
-def _topology_for(args: argparse.Namespace, default: Path | None, out: Path) -> Path:
-    """The PDB of the molecule to sample: --pdb, --peptide (built and written to out), or the run's."""
+def _molecule(args: argparse.Namespace, default: Path | None):  # -> Path | tbg.chem.Peptide
+    """The molecule to sample: --pdb, --peptide (built with tbg.chem), or the training run's topology."""
     from tbg.chem.md import resolve_peptide
 
-    if args.pdb:
+    if args.pdb is not None:
         return Path(args.pdb)
-    if args.peptide:
+    if args.peptide is not None:
         try:
-            peptide = resolve_peptide(args.peptide)
-        except ValueError as err:
-            raise UsageError(f"--peptide {args.peptide}: {err}") from err
-        return peptide.to_pdb(out / "topology.pdb")
+            return resolve_peptide(args.peptide)
+        except InputError as err:
+            raise UsageError(f"--peptide {args.peptide!r}: {err}") from err
     if default is None:
         raise UsageError("name the molecule to sample with --peptide SEQ or --pdb FILE")
     return default
@@ -359,12 +423,13 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     checkpoint, default_topology = _checkpoint_source(args)
     out = _out_dir(args)
     options = _sampling_options(args, _device(args), args.encoding)
-    path = sample_checkpoint(checkpoint, _topology_for(args, default_topology, out), out, options)
+    path = sample_checkpoint(checkpoint, _molecule(args, default_topology), out, options,
+                             record=partial(write_resolved_config, args))
     print(f"samples: {path}\ntopology: {out / 'topology.pdb'}")
 
 
 def _configure_evaluate(p: argparse.ArgumentParser) -> None:
-    _common(p, "folder for report.json and the plots (required)")
+    _common(p, "folder for report.json and the plots (required)", OPENMM_DEVICE_HELP)
     p.add_argument("--samples", metavar="PATH", help="samples.npz of `tbg sample`, or its folder (required)")
     p.add_argument("--data", metavar="PATH", help=f"MD data of the same molecule: {DATA_HELP} (default: the shipped "
                    f"alanine dipeptide data, {ALA2_DATA})")
@@ -390,7 +455,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     md = _one_molecule(args, _md_data(args, [args.data or ALA2_DATA]))
     out = _out_dir(args)
     evaluate_samples_file(samples, md, out, _evaluation_options(args), md_frames=args.md_frames,
-                          temperature=args.temperature)  # logs the summary table
+                          temperature=args.temperature, platform=_openmm_platform(args),
+                          record=partial(write_resolved_config, args))  # logs the summary table
     print(f"report: {out / 'report.json'}")
 
 
@@ -416,6 +482,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     preset = "quick" if args.quick else "full" if args.full else "default"
     _resolve(args, DEMO_PRESETS[preset])
     args.preset = preset
+    platform = _openmm_platform(args)  # before _device names the default device
     device = _device(args)
     data = _md_data(args, [args.data or ALA2_DATA])
     if len(data) != 1:
@@ -423,7 +490,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     out = _out_dir(args)
     log.info("== tbg demo (%s) on %s -> %s", preset, data[0].name, out)
     summary = run_demo(data[0], out, _training_options(args), _sampling_options(args, device, "auto"),
-                       _evaluation_options(args), device=device, md_frames=args.md_frames,
+                       _evaluation_options(args), device=device, md_frames=args.md_frames, platform=platform,
                        record=partial(write_resolved_config, args))
     print(summary)
 
@@ -513,17 +580,18 @@ def _load_config(path: str | None) -> dict[str, Any]:
     try:
         with file.open("rb") as fh:
             data = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as err:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise UsageError(f"config file {file} is not valid TOML: {err}") from err
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tbg",
         description="Transferable Boltzmann Generators with fused EGNN and exact-divergence kernels.",
         epilog="Run `tbg <command> --help` for a command's options. Quick start: `tbg demo`.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    _debug_arg(parser)
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name, (help_text, configure, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
@@ -531,44 +599,86 @@ def build_parser() -> argparse.ArgumentParser:
                                   "like the long flags (hidden = 32, sample-batch-size = 100); flags win.")
         p.add_argument("--config", metavar="FILE", help="TOML file with options (flags override it)")
         configure(p)
+        _debug_arg(p)
         p.set_defaults(_run=run, _parser=p)
     return parser
 
 
+def _config_tokens(key: str, value: Any, file: str) -> list[str]:
+    """The command-line tokens that say what ``key = value`` in a config file says, so that the value is
+    parsed (and checked) exactly as the flag would be."""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):  # a switch: true gives the flag, false leaves it out
+        return [flag] if value else []
+    if isinstance(value, list):
+        return [flag, *map(str, value)]
+    if isinstance(value, dict):
+        raise UsageError(f"config file {file}: {key} is a table; expected a value as for {flag}")
+    return [f"{flag}={value}"]
+
+
 def _apply_config(args: argparse.Namespace, argv: list[str]) -> None:
-    """Fill options not given on the command line from the config file; reject unknown keys."""
+    """Fill options not given on the command line from the config file, parsed like flags; reject unknown
+    keys and values the flag would not take."""
     config = _load_config(getattr(args, "config", None))
     given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+    tokens: list[str] = []
     for key, value in config.items():
-        if not hasattr(args, key) or key.startswith("_") or key in ("command", "config"):
+        if not hasattr(args, key) or key.startswith("_") or key in ("command", "config", "debug"):
             raise UsageError(f"unknown option '{key}' in config file {args.config}; see `tbg {args.command} --help`")
         if key not in given:
-            setattr(args, key, value)
+            tokens += _config_tokens(key, value, args.config)
+    try:
+        parsed = args._parser.parse_args(tokens)
+    except _ParseError as err:
+        raise UsageError(f"config file {args.config}: {err.message}") from None
+    for key in config:
+        if key not in given:
+            setattr(args, key, getattr(parsed, key))
 
 
 def write_resolved_config(args: argparse.Namespace, out_dir: Path) -> None:
-    """Record the options a run used in out_dir/config.json."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")}
-    (out_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+    """Record the options in force in out_dir/config.json (called by the jobs once they go ahead)."""
+    resolved = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    write_json(Path(out_dir) / "config.json", json.loads(json.dumps(resolved, default=str)))
+
+
+def _error_line(err: Exception) -> tuple[int, str]:
+    """(exit status, message) of an error: bad input 2, anything else 1; unexpected errors point to --debug."""
+    if isinstance(err, InputError):
+        return 2, str(err)
+    if isinstance(err, (OSError, FloatingPointError)):  # a full disk, a missing permission; a diverged loss
+        return 1, str(err)
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return 1, f"out of memory ({err}); lower the batch size (--batch-size, --sample-batch-size)"
+    return 1, f"{type(err).__name__}: {err} (unexpected; rerun with --debug for the traceback)"
+
+
+def _fail(prog: str, message: str, status: int) -> int:
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("TBG_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _ParseError as err:
+        return _fail(err.parser.prog, f"{err.message} (see `{err.parser.prog} --help`)", 2)
+    debug = debug or getattr(args, "debug", False)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         _apply_config(args, argv)
         args._run(args)
-    except (UsageError, InputError) as err:
-        args._parser.error(str(err))  # prints usage + message, exits 2
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"tbg {args.command}: error: {err}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        print(f"tbg {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return _fail(f"tbg {args.command}", "interrupted; rerun the same command to resume", 130)
+    except Exception as err:  # noqa: BLE001 - every error ends as one line (the traceback with --debug)
+        if debug:
+            raise
+        status, message = _error_line(err)
+        return _fail(f"tbg {args.command}", message, status)
     return 0
 
 
