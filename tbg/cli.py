@@ -146,7 +146,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and training")
     _opt(g, "--hidden", "hidden size H of the EGNN", type=POSITIVE_INT, metavar="H")
     _opt(g, "--layers", "number of EGNN layers L", type=POSITIVE_INT, metavar="L")
-    _opt(g, "--steps", "optimizer steps (a rerun continues a run up to this many; fewer than it has done is refused)", type=NONNEGATIVE_INT, metavar="N")
+    _opt(g, "--steps", "optimizer steps (a rerun continues a run up to this many; fewer than it has done is "
+         "refused)", type=NONNEGATIVE_INT, metavar="N")
     _opt(g, "--epochs", "train for this many passes over the data instead of --steps", type=POSITIVE_INT, metavar="E")
     _opt(g, "--batch-size", "molecules per training batch", type=POSITIVE_INT, metavar="B")
     _opt(g, "--lr", "Adam learning rate", type=POSITIVE_FLOAT)
@@ -320,11 +321,13 @@ def _configure_simulate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peptide", metavar="SEQ", help="'ala2' (Ace-Ala-Nme, 300 K) or a zwitterionic sequence "
                    "such as AY (310 K) (default: ala2)")
     g = p.add_argument_group("simulation (published settings by default)")
-    _opt(g, "--frames", "frames to write (a rerun resumes or extends; fewer than on disk is refused)", type=POSITIVE_INT, metavar="N")
+    _opt(g, "--frames", "frames to write (a rerun resumes or extends; fewer than on disk is refused)",
+         type=POSITIVE_INT, metavar="N")
     _opt(g, "--frame-interval", "MD steps between frames", type=POSITIVE_INT, metavar="STEPS")
     _opt(g, "--equilibration", "MD steps before the first frame", type=NONNEGATIVE_INT, metavar="STEPS")
     _opt(g, "--timestep-fs", "Langevin time step in fs", type=POSITIVE_FLOAT, metavar="FS")
-    _opt(g, "--temperature", "temperature in K (default: 300 for ala2, 310 otherwise)", type=POSITIVE_FLOAT, metavar="K")
+    _opt(g, "--temperature", "temperature in K (default: 300 for ala2, 310 otherwise)", type=POSITIVE_FLOAT,
+         metavar="K")
     g.add_argument("--hydrogen-mass", type=HYDROGEN_MASS, metavar="AMU", default=None,
                    help="hydrogen mass repartitioning: hydrogens get this mass (3-4 usual), taken from their heavy "
                         "atom; the sampled ensemble is unchanged and longer time steps stay stable (default: off)")
@@ -512,6 +515,10 @@ def _configure_bench(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
+    try:
+        script_args = shlex.split(args.args)
+    except ValueError as err:
+        raise UsageError(f"--args {args.args!r}: {err}; quote the arguments as a shell would") from err
     bench = _bench_dir()
     scripts = sorted(bench.glob("bench_*.py"))
     if args.list:
@@ -529,7 +536,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     failed = []
     for script in scripts:
         print(f"== {script.name}", flush=True)
-        if subprocess.run([sys.executable, str(script), *shlex.split(args.args)], cwd=bench.parent).returncode:
+        if subprocess.run([sys.executable, str(script), *script_args], cwd=bench.parent).returncode:
             failed.append(script.name)
     if failed:
         raise RuntimeError(f"benchmark(s) failed: {', '.join(failed)}")

@@ -3,8 +3,9 @@
 ``Checkpoints`` keeps numbered checkpoints ``checkpoints/step_XXXXXXXX.pt`` of a run folder: the published
 layout (``tbg.nn.save_published``, written to a temporary name and renamed, so a crash never leaves half a
 file) plus the loop's own state under ``"tbg"`` -> ``state_key``; after each save only the newest ``keep``
-remain. A resume starts from the newest checkpoint that can be read, setting aside newer unreadable ones. ``CsvLog`` is the run's CSV log: on resume it drops the rows written after the checkpoint the run
-continues from, so a killed and restarted run logs every step exactly once.
+remain. A resume starts from the newest checkpoint that can be read, setting aside newer unreadable ones.
+``CsvLog`` is the run's CSV log: on resume it drops the rows written after the checkpoint the run continues
+from, so a killed and restarted run logs every step exactly once.
 """
 from __future__ import annotations
 

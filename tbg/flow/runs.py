@@ -79,7 +79,8 @@ def molecule_record(topology: mdtraj.Topology, features: torch.Tensor) -> dict[s
     (residues, atom names and elements in order, bonds) and of the atom features (float32)."""
     atoms = [(a.residue.name, a.name, a.element.symbol if a.element is not None else "") for a in topology.atoms]
     bonds = np.array(sorted(tuple(sorted((b[0].index, b[1].index))) for b in topology.bonds), dtype=np.int64)
-    return {"sequence": "-".join(r.name for r in topology.residues), "atom_names": " ".join(a.name for a in topology.atoms),
+    return {"sequence": "-".join(r.name for r in topology.residues),
+            "atom_names": " ".join(a.name for a in topology.atoms),
             "topology_sha256": _sha256(np.array(atoms, dtype=str), bonds),
             "features_sha256": _sha256(features.detach().to("cpu", torch.float32).numpy())}
 

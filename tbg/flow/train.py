@@ -250,9 +250,10 @@ def train(model: EGNN, train_data: Iterable[Any], out_dir: str | Path, config: T
     - ``model.pt`` at the end: the final (EMA if enabled) weights in the published layout;
     - ``train_log.csv`` (and TensorBoard when installed).
 
-    With ``config.resume`` an existing run in out_dir continues from its newest (readable) checkpoint exactly;
-    one past ``n_steps`` is refused (InputError). ``on_start(step)``, if given, is called on rank 0 with the
-    step the run starts from, once the run is known to go ahead. Under torchrun, wraps the model in DistributedDataParallel (the loader must shard by rank).
+    With ``config.resume`` an existing run in out_dir continues from its newest (readable) checkpoint
+    exactly; one past ``n_steps`` is refused (InputError). ``on_start(step)``, if given, is called on rank 0
+    with the step the run starts from, once the run is known to go ahead. Under torchrun, wraps the model in
+    DistributedDataParallel (the loader must shard by rank).
     """
     cfg = config or TrainConfig()
     D.init_distributed()
