@@ -260,7 +260,7 @@ def _openmm_platform(args: argparse.Namespace):  # -> openmm.Platform | None
     try:
         return platform_for_device(args.device)
     except InputError as err:
-        raise UsageError(f"--device {args.device}: {err}") from err
+        raise UsageError(f"--device: {err}") from err
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
@@ -277,6 +277,8 @@ def _md_data(args: argparse.Namespace, paths: list) -> list[MDData]:
     """The MD data named by --data (and --topology)."""
     from tbg.chem.trajectory import find_md_data
 
+    if args.topology is not None and not Path(args.topology).is_file():
+        raise UsageError(f"--topology {args.topology}: file not found")
     try:
         return find_md_data(paths, args.topology)
     except InputError as err:
@@ -335,8 +337,14 @@ def _configure_simulate(p: argparse.ArgumentParser) -> None:
 
 def _cmd_simulate(args: argparse.Namespace) -> None:
     from tbg.chem.md import simulate
+    from tbg.chem.peptides import validate_sequence
 
     _resolve(args, {"peptide": "ala2"})
+    if args.peptide != "ala2":
+        try:
+            validate_sequence(args.peptide, capped=False)
+        except InputError as err:
+            raise UsageError(f"--peptide {args.peptide!r}: {err}") from err
     out = _out_dir(args)
     path = simulate(args.peptide, out, n_frames=args.frames, frame_interval_steps=args.frame_interval,
                     equilibration_steps=args.equilibration, timestep_fs=args.timestep_fs,

@@ -19,28 +19,13 @@ from tbg.chem.units import SCALE
 from tbg.cli import COMMANDS, main
 from tbg.evaluate.runs import thin_evenly
 
-# Tiny sampling: fixed-step solver, decoupled likelihood with few quadrature nodes.
-FAST_SAMPLE = ["--method", "rk4", "--ode-steps", "2", "--likelihood", "decoupled", "--quadrature", "2",
-               "--no-progress"]
-
-
-def run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    """Exit status, stdout and stderr of `tbg argv` (argparse errors exit through SystemExit)."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+from cli_helpers import FAST_SAMPLE, random_egnn, run, simulate_md
 
 
 @pytest.fixture(scope="module")
 def md_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A short alanine-dipeptide trajectory made by `tbg simulate` (seconds)."""
-    out = tmp_path_factory.mktemp("md")
-    assert main(["simulate", "--out", str(out), "--peptide", "ala2", "--frames", "40", "--frame-interval", "50",
-                 "--equilibration", "0", "--no-progress"]) == 0
-    return out
+    return simulate_md(tmp_path_factory.mktemp("md"))
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
@@ -256,16 +241,6 @@ def test_demo_quick(md_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture)
     assert (tmp_path / "demo" / "sample" / "samples.npz").stat().st_mtime_ns >= stamp
 
 
-def _random_egnn(n_features: int) -> tbg.EGNN:
-    """A small EGNN whose weights are all random, so that the field is far from zero."""
-    torch.manual_seed(1)
-    model = tbg.EGNN(n_features, hidden=8, n_layers=2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
-    return model
-
-
 def test_published_checkpoint_transfer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A 76-feature checkpoint in the published layout samples AY through the CLI; the result equals
     the library's flow of the same latents with the transfer encoding of the same topology."""
@@ -273,7 +248,7 @@ def test_published_checkpoint_transfer(tmp_path: Path, capsys: pytest.CaptureFix
     from tbg.flow import SolverConfig, decoupled_likelihood
     from tbg.nn.checkpoint import PREFIX
 
-    model = _random_egnn(76)
+    model = random_egnn(76)
     ckpt = tmp_path / "published.pt"
     tbg.save_published(ckpt, model)
     assert any(k.startswith(PREFIX) for k in torch.load(ckpt, weights_only=True)["model_state_dict"])
@@ -315,13 +290,13 @@ def test_published_checkpoint_atom_encoding(tmp_path: Path, capsys: pytest.Captu
     pdb = tbg.cli.ALA2_DATA / "ala2-traj-state0.pdb"
     if not pdb.is_file():
         pytest.skip("shipped alanine dipeptide data missing")
-    tbg.save_published(tmp_path / "ala2.pt", _random_egnn(22))
+    tbg.save_published(tmp_path / "ala2.pt", random_egnn(22))
     code, _, err = run(["sample", "--published", tmp_path / "ala2.pt", "--pdb", pdb, "--n", 2, "--out",
                         tmp_path / "a", *FAST_SAMPLE], capsys)
     assert code == 0, err
     with np.load(tmp_path / "a" / "samples.npz") as f:
         assert f["samples"].shape == (2, 66) and f["dlogp"].shape == (2,)
-    tbg.save_published(tmp_path / "odd.pt", _random_egnn(30))
+    tbg.save_published(tmp_path / "odd.pt", random_egnn(30))
     code, _, err = run(["sample", "--published", tmp_path / "odd.pt", "--pdb", pdb, "--n", 2, "--out",
                         tmp_path / "b", *FAST_SAMPLE], capsys)
     assert code == 2 and "expects 30 atom features" in err and "76" in err

@@ -120,9 +120,9 @@ def choose_platform(device: str | None, usable: Sequence[str]) -> tuple[str | No
         for name in GPU_PLATFORMS:
             if name in usable:
                 return name, index or None
-        raise InputError(f"device {device!r}: OpenMM has no usable CUDA or OpenCL platform here (usable: "
+        raise InputError(f"OpenMM has no usable CUDA or OpenCL platform for device {device!r} here (usable: "
                          f"{', '.join(usable) or 'none'}); use the device 'cpu'")
-    raise InputError(f"device {device!r}: expected cpu, cuda or cuda:N")
+    raise InputError(f"unknown device {device!r}: expected cpu, cuda or cuda:N")
 
 
 def platform_for_device(device: str | None) -> openmm.Platform | None:
@@ -135,7 +135,7 @@ def platform_for_device(device: str | None) -> openmm.Platform | None:
     if index is not None:
         plat.setPropertyDefaultValue("DeviceIndex", index)
         if not _usable(plat, index):
-            raise InputError(f"device {device!r}: OpenMM's {name} platform cannot use device {index}")
+            raise InputError(f"OpenMM's {name} platform cannot use device {index} (device {device!r})")
     logger.info("OpenMM platform for device %s: %s", device, name)
     return plat
 

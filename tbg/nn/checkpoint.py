@@ -40,8 +40,8 @@ def read_checkpoint(source: StateSource) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's message suggests weights_only=False, which would run whatever the file holds: not repeated.
-        raise CheckpointError(f"{path}: refused: not a checkpoint of tensors and plain containers (corrupt, or "
-                              f"holding other Python objects, which tbg never loads)") from err
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt, or holding objects other than "
+                              f"tensors and plain containers, which tbg refuses to load)") from err
     except Exception as err:  # noqa: BLE001 - truncated or foreign files fail in torch.load in many ways
         reason = " ".join(str(err).split())[:200]
         if "weights_only" in reason:  # never pass on advice to load the file unrestricted
