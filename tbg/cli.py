@@ -127,6 +127,9 @@ def _opt(p: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, help: 
 TORCH_DEVICE_HELP = "torch device: cpu, cuda, cuda:1 (default: cuda if available, else cpu)"
 OPENMM_DEVICE_HELP = ("device of the OpenMM energies: cpu, cuda or cuda:N (OpenMM's CUDA platform, else its OpenCL "
                       "platform; refused when neither can run) (default: the fastest platform available)")
+DEMO_DEVICE_HELP = ("torch device of training and sampling: cpu, cuda, cuda:1 (default: cuda if available, else cpu); "
+                    "the evaluation's OpenMM energies run on the matching platform when OpenMM has one (else on the "
+                    "fastest available, with a warning)")
 
 
 def _common(p: argparse.ArgumentParser, out_help: str | None, device_help: str = TORCH_DEVICE_HELP) -> None:
@@ -243,8 +246,6 @@ def _device(args: argparse.Namespace):  # -> torch.device
         device = torch.device(name)
     except RuntimeError as err:
         raise UsageError(f"--device {name!r} is not a torch device ({err}); use cpu, cuda or cuda:N") from err
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: tbg runs on cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: this torch has no usable CUDA device; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -253,12 +254,13 @@ def _device(args: argparse.Namespace):  # -> torch.device
     return device
 
 
-def _openmm_platform(args: argparse.Namespace):  # -> openmm.Platform | None
-    """The OpenMM platform of --device (None: the fastest available), or a refusal naming the device."""
+def _openmm_platform(args: argparse.Namespace, *, fallback: bool = False):  # -> openmm.Platform | None
+    """The OpenMM platform of --device (None: the fastest available), or a refusal naming the device
+    (``fallback``: the fastest available, with a warning, when no platform drives the device)."""
     from tbg.chem.forcefield import platform_for_device
 
     try:
-        return platform_for_device(args.device)
+        return platform_for_device(args.device, fallback=fallback)
     except InputError as err:
         raise UsageError(f"--device: {err}") from err
 
@@ -472,7 +474,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _configure_demo(p: argparse.ArgumentParser) -> None:
-    _common(p, "run folder (default: tbg-demo, tbg-demo-quick or tbg-demo-full); rerunning continues")
+    _common(p, "run folder (default: tbg-demo, tbg-demo-quick or tbg-demo-full); rerunning continues",
+            DEMO_DEVICE_HELP)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", default=None,
                       help="tiny settings (about a minute on a CPU; a smoke test, not a result)")
@@ -493,7 +496,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     preset = "quick" if args.quick else "full" if args.full else "default"
     _resolve(args, DEMO_PRESETS[preset])
     args.preset = preset
-    platform = _openmm_platform(args)  # before _device names the default device
+    platform = _openmm_platform(args, fallback=True)  # before _device names the default device
     device = _device(args)
     data = _md_data(args, [args.data or ALA2_DATA])
     if len(data) != 1:

@@ -169,6 +169,9 @@ ISSUE_CASES = {
                           "trunc_samples.npz: not a readable .npz file"),
     "samples without samples": (["evaluate", "--samples", "{bad}/nosamples.npz", "--data", "{md}", "--out", "{out}"],
                                 "nosamples.npz has no 'samples' array"),
+    "encoding does not fit the checkpoint": (["sample", "--checkpoint", "{run}", "--encoding", "transfer", "--out",
+                                              "{out}"], "the transfer encoding gives 76 atom features, but"),
+    "training data twice": (["train", "--data", "{md}", "{md}", "--out", "{out}"], "peptide 'ala2' given twice"),
     "pdb garbage": (["sample", "--published", "{t76}", "--pdb", "{bad}/garbage.pdb", "--out", "{out}"],
                     "garbage.pdb: "),
     # config files: values parsed like flags
@@ -686,6 +689,21 @@ def test_openmm_platform_choice(device: str | None, usable: list[str], expected)
         assert choose_platform(device, usable) == expected
 
 
+def test_openmm_platform_fallback(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The demo's evaluation falls back to the fastest platform (with a warning) where OpenMM drives no GPU;
+    unknown devices are refused either way."""
+    import tbg.chem.forcefield as forcefield
+
+    monkeypatch.setattr(forcefield, "usable_platforms", lambda: ["Reference", "CPU"])
+    with pytest.raises(InputError, match="no usable CUDA or OpenCL platform"):
+        forcefield.platform_for_device("cuda")
+    with caplog.at_level("WARNING", logger="tbg"):
+        assert forcefield.platform_for_device("cuda", fallback=True) is None
+    assert "the OpenMM energies run on the fastest platform available" in caplog.text
+    with pytest.raises(InputError, match="unknown device 'gpu'"):
+        forcefield.platform_for_device("gpu", fallback=True)
+
+
 @pytest.mark.parametrize("command", ["simulate", "evaluate"])
 def test_openmm_device_reaches_the_job(command: str, monkeypatch: pytest.MonkeyPatch, work: dict[str, Path],
                                        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -716,7 +734,7 @@ def test_openmm_device_reaches_the_job(command: str, monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.skipif(CUDA, reason="checks the refusals on a machine without a GPU")
-@pytest.mark.parametrize("command", ["simulate", "evaluate", "sample", "train", "demo"])
+@pytest.mark.parametrize("command", ["simulate", "evaluate", "sample", "train", "demo"])  # demo: torch refuses
 def test_cuda_refused_without_a_gpu(command: str, work: dict[str, Path], tmp_path: Path,
                                     capsys: pytest.CaptureFixture) -> None:
     argv = {"simulate": ["simulate", "--out", "{out}"],

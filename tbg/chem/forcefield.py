@@ -125,10 +125,17 @@ def choose_platform(device: str | None, usable: Sequence[str]) -> tuple[str | No
     raise InputError(f"unknown device {device!r}: expected cpu, cuda or cuda:N")
 
 
-def platform_for_device(device: str | None) -> openmm.Platform | None:
+def platform_for_device(device: str | None, *, fallback: bool = False) -> openmm.Platform | None:
     """The OpenMM platform for a torch-style ``device`` (``choose_platform``), set to its device index;
-    None for ``device=None`` (let ``platform`` pick the fastest)."""
-    name, index = choose_platform(device, usable_platforms() if device is not None else ())
+    None for ``device=None`` (let ``platform`` pick the fastest), and with ``fallback`` also when no
+    platform drives the device (with a warning) instead of refusing."""
+    try:
+        name, index = choose_platform(device, usable_platforms() if device is not None else ())
+    except InputError as err:
+        if not fallback or device is None or not device.startswith("cuda"):
+            raise
+        logger.warning("%s: the OpenMM energies run on the fastest platform available", err)
+        return None
     if name is None:
         return None
     plat = openmm.Platform.getPlatformByName(name)

@@ -138,7 +138,10 @@ def train_on_md(data: Sequence[MDData], out: Path, options: TrainingOptions, dev
     encoding = options.encoding if options.encoding != "auto" else ("atoms" if len(data) == 1 else "transfer")
     if encoding == "atoms" and len(data) > 1:
         raise InputError("the 'atoms' encoding describes one molecule; use the 'transfer' encoding for several")
-    frames = PeptideDataset(list(data), encoding=encoding)
+    try:
+        frames = PeptideDataset(list(data), encoding=encoding)
+    except ValueError as err:  # e.g. a molecule given twice; InputErrors name their file already
+        raise err if isinstance(err, InputError) else InputError(f"training data: {err}") from err
     train_idx, val_idx = split_frames(len(frames), options.val_fraction, options.seed)
     train_set, val_set = Subset(frames, train_idx), Subset(frames, val_idx)
     loader = RaggedLoader(train_set, options.batch_size, seed=options.seed,
@@ -155,8 +158,8 @@ def train_on_md(data: Sequence[MDData], out: Path, options: TrainingOptions, dev
     except ValueError as err:
         raise InputError(f"training options: {err}") from err
     molecules = [{"name": name, **molecule_record(frames.topologies[name], frames.features[name]),
-                  "frames": len(frames.frames_of(name)), "positions_sha256": _sha256(frames.frames_of(name).numpy())}
-                 for name in frames.names]
+                  "frames": len(frames.frames_of(name)),
+                  "positions_sha256": _sha256(frames.frames_of(name).numpy())} for name in frames.names]
     defines = {"molecules": molecules, "encoding": encoding, "n_features": n_features, "hidden": options.hidden,
                "layers": options.layers, "batch_size": options.batch_size, "val_fraction": options.val_fraction,
                "seed": options.seed, "lr": config.lr, "lr_milestones": config.lr_milestones,
@@ -242,9 +245,13 @@ def sample_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, opt
     state = read_checkpoint(checkpoint)
     n_features = infer_config(egnn_state(state))["n_features"]
     features = features_for_width(topology, n_features, options.encoding)
+    if features.shape[1] != n_features:
+        raise InputError(f"the {options.encoding} encoding gives {features.shape[1]} atom features, but {checkpoint} "
+                         f"expects {n_features}; use the encoding the model was trained with (auto picks it by width)")
     config = options.config
     device = torch.device(config.device or "cpu")
-    dyn = load_published(state, features.to(device=device, dtype=getattr(torch, config.dtype)), backend=options.backend)
+    dyn = load_published(state, features.to(device=device, dtype=getattr(torch, config.dtype)),
+                         backend=options.backend)
     identity = {"molecule": molecule_record(mdtraj.Topology.from_openmm(topology), features),
                 "checkpoint_sha256": file_sha256(checkpoint)}
     name = molecule.name if isinstance(molecule, Peptide) else Path(molecule).name
