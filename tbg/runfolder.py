@@ -31,9 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tbg.errors import InputError
 
-__all__ = ["LOCK_FILE", "MANIFEST_FILE", "FolderInUse", "check_manifest", "claimed", "exclusive", "file_sha256",
+__all__ = ["LOCK_FILE", "MANIFEST_FILE", "FolderInUse", "arrays_sha256", "check_manifest", "claimed", "exclusive",
+           "file_sha256",
            "read_json",
            "temporary_path", "write_atomically", "write_json"]
 
@@ -78,6 +81,16 @@ def write_json(path: str | Path, obj: Any) -> Path:
             os.fsync(fh.fileno())
 
     return write_atomically(path, write)
+
+
+def arrays_sha256(*arrays: Any) -> str:
+    """SHA-256 of arrays (numpy, or anything np.asarray takes: CPU tensors), their dtypes and shapes included."""
+    digest = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:

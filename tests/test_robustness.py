@@ -769,3 +769,21 @@ def test_load_published_checks_features(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="features contain NaN"):
         tbg.load_published(tmp_path / "m.pt", torch.full((5, 4), float("nan")))
     assert tbg.load_published(tmp_path / "m.pt", torch.randn(5, 4)).n_atoms == 5
+
+
+def test_library_sample_refuses_another_flow(tmp_path: Path) -> None:
+    """tbg.flow.sample alone (no identity from the caller) records the network and the atom features: chunks of
+    another molecule with the same atom count are not reused."""
+    from tbg.flow import SampleConfig, SolverConfig, sample
+    from tbg.nn import BoundDynamics
+
+    config = SampleConfig(n_samples=4, batch_size=2, likelihood="none", solver=SolverConfig(method="rk4", n_steps=2),
+                          progress=False)
+    model = tbg.EGNN(3, hidden=8, n_layers=1)
+    sample(BoundDynamics(model, torch.eye(3)[[0, 1, 2, 0]]), 4, tmp_path, config)
+    before = snapshot(tmp_path)
+    with pytest.raises(InputError, match="flow.features_sha256 is"):
+        sample(BoundDynamics(model, torch.eye(3)[[0, 1, 2, 1]]), 4, tmp_path, config)
+    with pytest.raises(InputError, match="flow.parameters_sha256 is"):
+        sample(BoundDynamics(tbg.EGNN(3, hidden=8, n_layers=1), torch.eye(3)[[0, 1, 2, 0]]), 4, tmp_path, config)
+    assert snapshot(tmp_path) == before

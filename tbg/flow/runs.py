@@ -26,7 +26,6 @@ rate without becoming a run that is neither the old nor the new one.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -49,7 +48,7 @@ from tbg.flow.coupling import Coupling
 from tbg.flow.reweight import log_importance_weights, normalized_weights
 from tbg.flow.sample import SampleConfig, sample, sampling_folder, sampling_manifest
 from tbg.flow.train import RaggedLoader, TrainConfig, train
-from tbg.runfolder import claimed, file_sha256, write_atomically
+from tbg.runfolder import arrays_sha256, claimed, file_sha256, write_atomically
 
 if TYPE_CHECKING:
     import openmm.app as app
@@ -65,15 +64,6 @@ FINAL_MODEL = "model.pt"
 WEIGHTS_FILE = "samples_weights.csv"
 
 
-def _sha256(*arrays: np.ndarray) -> str:
-    digest = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        digest.update(f"{a.dtype.str}{a.shape}".encode())
-        digest.update(a.tobytes())
-    return digest.hexdigest()
-
-
 def molecule_record(topology: mdtraj.Topology, features: torch.Tensor) -> dict[str, Any]:
     """What identifies a molecule to a model: residue sequence, atom names, and SHA-256 of the topology
     (residues, atom names and elements in order, bonds) and of the atom features (float32)."""
@@ -81,8 +71,8 @@ def molecule_record(topology: mdtraj.Topology, features: torch.Tensor) -> dict[s
     bonds = np.array(sorted(tuple(sorted((b[0].index, b[1].index))) for b in topology.bonds), dtype=np.int64)
     return {"sequence": "-".join(r.name for r in topology.residues),
             "atom_names": " ".join(a.name for a in topology.atoms),
-            "topology_sha256": _sha256(np.array(atoms, dtype=str), bonds),
-            "features_sha256": _sha256(features.detach().to("cpu", torch.float32).numpy())}
+            "topology_sha256": arrays_sha256(np.array(atoms, dtype=str), bonds),
+            "features_sha256": arrays_sha256(features.detach().to("cpu", torch.float32).numpy())}
 
 
 @dataclass
@@ -159,7 +149,7 @@ def train_on_md(data: Sequence[MDData], out: Path, options: TrainingOptions, dev
         raise InputError(f"training options: {err}") from err
     molecules = [{"name": name, **molecule_record(frames.topologies[name], frames.features[name]),
                   "frames": len(frames.frames_of(name)),
-                  "positions_sha256": _sha256(frames.frames_of(name).numpy())} for name in frames.names]
+                  "positions_sha256": arrays_sha256(frames.frames_of(name).numpy())} for name in frames.names]
     defines = {"molecules": molecules, "encoding": encoding, "n_features": n_features, "hidden": options.hidden,
                "layers": options.layers, "batch_size": options.batch_size, "val_fraction": options.val_fraction,
                "seed": options.seed, "lr": config.lr, "lr_milestones": config.lr_milestones,

@@ -33,7 +33,7 @@ from tbg.errors import InputError
 from tbg.flow import distributed as D
 from tbg.flow.ode import Dynamics, SolverConfig, decoupled_likelihood, integrate
 from tbg.flow.prior import MeanFreeGaussian
-from tbg.runfolder import claimed, write_atomically
+from tbg.runfolder import arrays_sha256, claimed, write_atomically
 
 log = logging.getLogger("tbg")
 
@@ -111,12 +111,17 @@ def _batch_size(dyn: Dynamics, n_atoms: int, cfg: SampleConfig) -> int:
 def sampling_manifest(dyn: Dynamics, n_atoms: int, config: SampleConfig,
                       identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """What defines the chunks of a sampling run (recorded in its run.json): ``identity`` (what the caller
-    knows of the flow and the molecule, e.g. their hashes), the settings that change the samples and the
-    chunk size. Not the device, progress bars or memory budget (beyond the chunk size it sets)."""
+    knows of the flow and the molecule, e.g. their hashes), for EGNN-backed dynamics the SHA-256 of the
+    network's parameters and of the atom features, the settings that change the samples and the chunk size.
+    Not the device, progress bars or memory budget (beyond the chunk size it sets)."""
     keep = asdict(config)
     for k in ("progress", "memory_budget_gb", "device"):
         keep.pop(k)
-    return {**(identity or {}), **keep, "batch_size": _batch_size(dyn, n_atoms, config), "n_atoms": n_atoms}
+    egnn, features = getattr(dyn, "egnn", None), getattr(dyn, "features", None)
+    flow = {} if egnn is None or features is None else {"flow": {
+        "parameters_sha256": arrays_sha256(*(v.detach().cpu() for _, v in sorted(egnn.state_dict().items()))),
+        "features_sha256": arrays_sha256(features.detach().cpu())}}
+    return {**(identity or {}), **flow, **keep, "batch_size": _batch_size(dyn, n_atoms, config), "n_atoms": n_atoms}
 
 
 def sampling_folder(out: Path, manifest: dict[str, Any], *,
