@@ -25,6 +25,7 @@ import scipy.special
 from tbg.evaluate import metrics, plots
 from tbg.evaluate.validity import ValidityChecker, ValidityResult
 from tbg.flow.reweight import clip_log_weights, kish_ess, log_importance_weights, weighted_mean
+from tbg.runfolder import write_atomically
 
 logger = logging.getLogger("tbg")
 
@@ -387,8 +388,7 @@ def write_report(out: Path, validity: Validity, weights: Reweighting, energy: di
         "timings_s": {**{f"validity_{k}": v for k, v in result.timings.items()}, "total": seconds},
     }
     report = _json_safe(report)
-    with open(out / REPORT_FILE, "w") as fh:
-        json.dump(report, fh, indent=1, allow_nan=False)
+    write_atomically(out / REPORT_FILE, lambda tmp: tmp.write_text(json.dumps(report, indent=1, allow_nan=False)))
     return report
 
 
