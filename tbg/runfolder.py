@@ -19,9 +19,11 @@ the real name, and two writers never share a temporary file.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shlex
 import threading
@@ -34,6 +36,8 @@ from typing import Any
 import numpy as np
 
 from tbg.errors import InputError
+
+log = logging.getLogger("tbg")
 
 __all__ = ["LOCK_FILE", "MANIFEST_FILE", "FolderInUse", "arrays_sha256", "check_manifest", "claimed", "exclusive",
            "file_sha256",
@@ -119,6 +123,7 @@ class _Held:
     fd: int
     thread: int
     depth: int
+    locked: bool = True  # False on a file system without locks (a warning said so)
 
 
 _HELD: dict[Path, _Held] = {}
@@ -164,15 +169,23 @@ def exclusive(folder: str | Path, lock_name: str = LOCK_FILE) -> Iterator[Path]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             holder = _lock_holder(fd)
             os.close(fd)
             raise FolderInUse(f"{folder} is in use by {holder}; wait for it to finish, or choose another output "
                               f"folder") from None
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise
+            log.warning("%s: the file system offers no locks (%s); nothing keeps a second process out of this "
+                        "folder", folder, err)
+            locked = False
         except BaseException:
             os.close(fd)
             raise
-        held = _Held(fd, me, 1)
+        held = _Held(fd, me, 1, locked)
         with _HELD_GUARD:
             _HELD[path] = held
     try:
@@ -184,7 +197,8 @@ def exclusive(folder: str | Path, lock_name: str = LOCK_FILE) -> Iterator[Path]:
             if last:
                 del _HELD[path]
         if last:
-            fcntl.flock(held.fd, fcntl.LOCK_UN)
+            if held.locked:
+                fcntl.flock(held.fd, fcntl.LOCK_UN)
             os.close(held.fd)
 
 

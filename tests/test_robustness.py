@@ -787,3 +787,26 @@ def test_library_sample_refuses_another_flow(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="flow.parameters_sha256 is"):
         sample(BoundDynamics(tbg.EGNN(3, hidden=8, n_layers=1), torch.eye(3)[[0, 1, 2, 0]]), 4, tmp_path, config)
     assert snapshot(tmp_path) == before
+
+
+def test_lock_on_a_file_system_without_locks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Where flock is not supported (some network file systems) the job runs, with a warning that nothing keeps
+    a second process out; other lock errors are raised."""
+    import tbg.runfolder
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(tbg.runfolder.fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="tbg"), exclusive(tmp_path):
+        pass
+    assert "the file system offers no locks" in caplog.text
+
+    def denied(fd: int, operation: int) -> None:
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tbg.runfolder.fcntl, "flock", denied)
+    with pytest.raises(PermissionError):
+        with exclusive(tmp_path):
+            pass
