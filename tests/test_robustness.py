@@ -249,6 +249,10 @@ OPTION_CASES = {
     ("train", "--val-fraction"): (["train", "--out", "{out}", "--val-fraction", "1"], "argument --val-fraction"),
     ("train", "--checkpoint-every"): (["train", "--out", "{out}", "--checkpoint-every", "0"],
                                       "argument --checkpoint-every"),
+    ("train", "--coupling"): (["train", "--out", "{out}", "--coupling", "optimal"],
+                              "argument --coupling: invalid choice"),
+    ("train", "--keep-checkpoints"): (["train", "--out", "{out}", "--keep-checkpoints", "0"],
+                                      "argument --keep-checkpoints: invalid value '0'"),
     ("train", "--encoding"): (["train", "--out", "{out}", "--encoding", "onehot"],
                               "argument --encoding: invalid choice"),
     ("train", "--backend"): (["train", "--out", "{out}", "--backend", "cuda"], "argument --backend: invalid choice"),
@@ -309,6 +313,7 @@ OPTION_CASES = {
     **{("demo", flag): (["demo", "--out", "{out}", flag, value], f"argument {flag}: invalid")
        for flag, value in [("--hidden", "0"), ("--layers", "-2"), ("--steps", "-1"), ("--epochs", "0"),
                            ("--batch-size", "0"), ("--lr", "-1"), ("--lr-milestones", "x"), ("--ema", "0"),
+                           ("--coupling", "x"), ("--keep-checkpoints", "-1"),
                            ("--val-fraction", "-0.1"), ("--checkpoint-every", "0"), ("--encoding", "x"),
                            ("--backend", "x"), ("--n", "0"), ("--sample-batch-size", "0"), ("--likelihood", "x"),
                            ("--method", "x"), ("--atol", "-1"), ("--rtol", "0"), ("--ode-steps", "0"),

@@ -16,7 +16,7 @@ anything in the folder changes. While a run works, its folder is locked against 
   the schedule that a checkpoint continues (batch size, validation fraction, seed, learning rate and its
   milestones, EMA, noise, coupling). Not recorded, so free to change on a rerun: the number of steps or
   epochs (more continues the run; fewer than the run has done is refused, as no such model is kept),
-  checkpoint_every, the backend, the device, progress bars.
+  checkpoint_every, keep_checkpoints, the backend, the device, progress bars.
 - Sampling: the molecule (as above, with the features of the checkpoint's encoding), the checkpoint's
   SHA-256 and the sampler's settings (``tbg.flow.sample.sampling_manifest``).
 
