@@ -10,6 +10,7 @@ import torch
 from torch.testing import assert_close
 
 import tbg
+from tbg.errors import InputError
 from tbg.flow import (
     MeanFreeGaussian,
     SolverConfig,
@@ -248,7 +249,7 @@ def test_train_by_energy_reverse_kl_and_importance_resume(tmp_path) -> None:
     cfg.n_steps = 3  # a second call continues from step 2
     more = train_by_energy(tbg.EGNN(1, hidden=8, n_layers=2), feats, wide_gaussian, tmp_path / "iw", cfg)
     assert [r["step"] for r in more] == [3]
-    with pytest.raises(RuntimeError, match="not an energy-training checkpoint"):
+    with pytest.raises(InputError, match="not an energy-training checkpoint"):
         torch.save(torch.load(tmp_path / "iw" / "model.pt", weights_only=True),
                    tmp_path / "iw" / "checkpoints" / "step_99999999.pt")
         train_by_energy(egnn, feats, wide_gaussian, tmp_path / "iw", cfg)

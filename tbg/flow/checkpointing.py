@@ -20,6 +20,7 @@ import torch
 from tbg.errors import InputError
 from tbg.nn.checkpoint import CheckpointError, read_checkpoint, save_published
 from tbg.nn.egnn import EGNN
+from tbg.runfolder import write_atomically
 
 log = logging.getLogger("tbg")
 
@@ -89,10 +90,14 @@ class CsvLog:
         if path.exists() and resume_step > 0:
             with path.open() as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with path.open("w", newline="") as f:
-            w = csv.DictWriter(f, self.fields)
-            w.writeheader()
-            w.writerows(rows)
+
+        def rewrite(tmp: Path) -> None:  # renamed into place: a kill meanwhile loses no row
+            with tmp.open("w", newline="") as f:
+                w = csv.DictWriter(f, self.fields)
+                w.writeheader()
+                w.writerows(rows)
+
+        write_atomically(path, rewrite)
         # Rows kept from before the restart, typed like the rows the loop writes ("" stays "").
         self.previous = [{k: self._parse(k, v) for k, v in r.items()} for r in rows]
 
