@@ -1,10 +1,23 @@
-"""The demo: train a flow on one molecule's MD data, sample it with likelihood, evaluate the samples, and
-summarise the headline numbers (what `tbg demo` runs; its settings are the CLI's presets)."""
+"""The demo (what `tbg demo` runs): a Boltzmann generator end to end on one molecule's MD data.
+
+Two ways, chosen by the caller (the CLI's presets):
+
+- with a shipped model (``model``: a run folder of ``tbg.flow.runs.SHIPPED_MODELS`` for this molecule):
+  stage 1 is a training demonstration, a short run of the shipped model's recipe from scratch (not the
+  model sampled afterwards; its losses are compared with the shipped run's log at the same steps), and
+  stages 2-3 sample the shipped model with exact likelihoods and evaluate it;
+- without one: stage 1 trains the model that stages 2-3 sample (the published recipe, ``--full``).
+
+Every stage resumes from what is on disk. The summary leads with the numbers that say whether the
+Boltzmann generator works: correct configurations, ESS with its number of effective samples, the energy
+distance to MD before and after reweighting, and the free-energy differences with their errors.
+"""
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,64 +27,118 @@ import torch
 from tbg.chem.trajectory import MDData
 from tbg.evaluate.report import EvaluationOptions
 from tbg.evaluate.runs import evaluate_samples_file
-from tbg.flow.runs import TOPOLOGY_FILE, SamplingOptions, TrainingOptions, sample_checkpoint, train_on_md
+from tbg.flow.ode import ADAPTIVE
+from tbg.flow.runs import (TOPOLOGY_FILE, SamplingOptions, TrainingOptions, find_run_model, read_train_log,
+                           sample_checkpoint, train_on_md)
 from tbg.runfolder import exclusive, write_atomically
 
 log = logging.getLogger("tbg")
 
-__all__ = ["FEW_EFFECTIVE_SAMPLES", "SUMMARY_FILE", "demo_summary", "run_demo"]
+__all__ = ["FEW_EFFECTIVE_SAMPLES", "SUMMARY_FILE", "TrainingRecord", "demo_summary", "run_demo"]
 
 SUMMARY_FILE = "summary.txt"
 # Below this Kish effective sample size the bootstrap errors of reweighted estimates mean little.
 FEW_EFFECTIVE_SAMPLES = 30
 
 
+@dataclass(frozen=True)
+class TrainingRecord:
+    """What the summary says about stage 1: the run's log, and for a demonstration the shipped run's."""
+
+    run: Path
+    demonstration: bool
+    shipped: Path | None = None
+
+    def describe(self) -> list[str]:
+        rows = read_train_log(self.run)
+        if not rows:
+            return []
+        first, last = rows[0], rows[-1]
+        minutes = last.get("seconds", 0.0) / 60
+        text = (f"{int(last['step'])} steps in {minutes:.1f} min (this run), loss {first['loss']:.3g} at step "
+                f"{int(first['step'])} -> {last['loss']:.3g}")
+        if not self.demonstration:
+            return [f"  training                {text}"]
+        lines = ["  training demonstration  not the sampled model: the shipped model's recipe from scratch,",
+                 f"                          {text}"]
+        shipped = read_train_log(self.shipped) if self.shipped is not None else []
+        if shipped:
+            same = min(shipped, key=lambda r: abs(r["step"] - last["step"]))
+            lines.append(f"                          (the shipped run logged {same['loss']:.3g} at step "
+                         f"{int(same['step'])} and {shipped[-1]['loss']:.3g} at its last step {int(shipped[-1]['step'])})")
+        return lines
+
+
 def run_demo(md: MDData, out: Path, training: TrainingOptions, sampling: SamplingOptions,
              evaluation: EvaluationOptions, *, device: torch.device | str, md_frames: int,
-             platform: openmm.Platform | str | None = None, record: Callable[[Path], None] | None = None) -> str:
-    """Train (out/train), sample (out/sample) and evaluate against ``md_frames`` MD frames (out/evaluate,
+             platform: openmm.Platform | str | None = None, model: Path | None = None,
+             record: Callable[[Path], None] | None = None) -> str:
+    """Train (a demonstration in out/train-demo when ``model`` is given, else the model in out/train), sample
+    ``model`` or the trained one (out/sample) and evaluate against ``md_frames`` MD frames (out/evaluate,
     energies at the sampling temperature on the OpenMM ``platform``); every stage resumes from what is on
     disk, and ``out`` is held against other processes meanwhile. Writes out/summary.txt (the report's table
     and ``demo_summary``) and returns the summary. ``record(folder)``, if given, is called for ``out`` and
     each stage's folder once that stage is known to go ahead."""
     t0 = time.perf_counter()
     with exclusive(out):
-        log.info("== 1/3 train")
-
         def record_training(train_dir: Path) -> None:
             if record is not None:
                 record(out)
                 record(train_dir)
 
-        model = train_on_md([md], out / "train", training, device, record=record_training)
-        log.info("== 2/3 sample with likelihood=%s", sampling.config.likelihood)
-        samples = sample_checkpoint(model, out / "train" / TOPOLOGY_FILE, out / "sample", sampling, record=record)
+        if model is None:
+            log.info("== 1/3 train the model")
+            checkpoint = train_on_md([md], out / "train", training, device, record=record_training)
+            topology, trained = out / "train" / TOPOLOGY_FILE, TrainingRecord(out / "train", demonstration=False)
+        else:
+            log.info("== 1/3 training demonstration (%d steps of the shipped model's recipe; the shipped model is "
+                     "what gets sampled)", training.steps)
+            train_on_md([md], out / "train-demo", training, device, record=record_training)
+            checkpoint, topology = find_run_model(model)
+            trained = TrainingRecord(out / "train-demo", demonstration=True, shipped=model)
+        log.info("== 2/3 sample %s with likelihood=%s", checkpoint, sampling.config.likelihood)
+        samples = sample_checkpoint(checkpoint, topology, out / "sample", sampling, record=record)
         log.info("== 3/3 validate, reweight, evaluate")
         report, table = evaluate_samples_file(samples, md, out / "evaluate", evaluation, md_frames=md_frames,
                                               temperature=sampling.temperature, platform=platform, record=record)
-        summary = demo_summary(report, time.perf_counter() - t0)
-        write_atomically(out / SUMMARY_FILE, lambda tmp: tmp.write_text(table + "\n\n" + summary + "\n"))
+        summary = demo_summary(report, time.perf_counter() - t0, model=checkpoint, sampling=sampling,
+                               training=trained)
+        write_atomically(out / SUMMARY_FILE, lambda tmp: tmp.write_text(table + "
+
+" + summary + "
+"))
     return summary
 
 
-def demo_summary(report: dict[str, Any], wall_s: float) -> str:
-    """The demo's closing lines: correct configurations, ESS and every basin's Delta F against MD."""
-    ess = report["ess"]
+def _pm(e: dict | None, unit: str = "kT") -> str:
+    if e is None or e["value"] is None:
+        return "-"
+    error = "(no error bar)" if e["stderr"] is None else f"+- {e['stderr']:.2f}"
+    return f"{e['value']:+.2f} {error} {unit}"
 
-    def pm(e: dict | None) -> str:
-        if e is None or e["value"] is None:
-            return "-"
-        error = "(no error bar)" if e["stderr"] is None else f"+- {e['stderr']:.2f}"
-        return f"{e['value']:+.2f} {error} kT"
 
+def _number(value: float | None, fmt: str = ".2f", unit: str = " kT") -> str:
+    return "-" if value is None else f"{value:{fmt}}{unit}"
+
+
+def demo_summary(report: dict[str, Any], wall_s: float, *, model: Path | None = None,
+                 sampling: SamplingOptions | None = None, training: TrainingRecord | None = None) -> str:
+    """The demo's closing lines: correct configurations, ESS, energy distance to MD, every basin's Delta F
+    against MD, then what was sampled and how, and the training stage."""
+    ess, energy = report["ess"], report["energy"]
     few = ess["kish_n"] is not None and ess["kish_n"] < FEW_EFFECTIVE_SAMPLES
     ess_text = "-" if ess["kish_fraction"] is None else \
-        f"{100 * ess['kish_fraction']:.2f}% ({ess['kish_n']:.0f} samples)"
+        f"{100 * ess['kish_fraction']:.2f}% ({ess['kish_n']:.0f} effective samples of {ess['n_weighted']})"
     lines = [
         f"summary ({report['n_samples']} samples, {wall_s / 60:.1f} min this run):",
         f"  correct configurations  {100 * report['correct_configuration_rate']:.1f}%",
         f"  ESS (Kish)              {ess_text}",
+        f"  energy W1 to MD         model {_number(energy['wasserstein_model'])}, "
+        f"reweighted {_number(energy['wasserstein_reweighted'])}",
     ]
+    broken = {k: v for k, v in (report.get("n_nonfinite") or {}).items() if v}
+    if broken:
+        lines.append("  weight 0 (not finite)   " + ", ".join(f"{v} samples' {k}" for k, v in broken.items()))
     if few:
         lines += [f"  (under {FEW_EFFECTIVE_SAMPLES} effective samples: the reweighted values below rest on a",
                   "   handful of samples, and their error bars are not meaningful)"]
@@ -81,10 +148,23 @@ def demo_summary(report: dict[str, Any], wall_s: float) -> str:
         label, md = d["definition"]["label"], d["MD"]
         if md is None or md["value"] is None:
             frames = "" if md is None else f": {md['n_basin']} basin / {md['n_reference']} reference frames"
-            lines.append(f"    {label}: no MD value{frames}; model {pm(d['model'])}, reweighted {pm(d['reweighted'])}")
+            lines.append(f"    {label}: no MD value{frames}; model {_pm(d['model'])}, reweighted {_pm(d['reweighted'])}")
             continue
-        lines += [f"    {label}", f"      MD          {pm(md)}"]
+        lines += [f"    {label}", f"      MD          {_pm(md)}"]
         for name in ("model", "reweighted"):
             e = d[name]
-            lines.append(f"      {name:<11} {pm(e)}   {name + ' - MD':<15} {pm(e and e['minus_md'])}")
+            lines.append(f"      {name:<11} {_pm(e)}   {name + ' - MD':<15} {_pm(e and e['minus_md'])}")
+    if model is not None:
+        lines.append(f"  sampled model           {model}")
+    if sampling is not None:
+        cfg = sampling.config
+        solver = cfg.solver.method + (f" at atol = rtol = {cfg.solver.atol:g}" if cfg.solver.method in ADAPTIVE
+                                      else f" in {cfg.solver.n_steps} steps")
+        how = {"decoupled": f"decoupled: x by {solver}, Gauss-Legendre quadrature of the exact divergence at "
+                            f"{cfg.n_quadrature} nodes",
+               "joint": f"joint: {solver} on (x, dlogp)",
+               "none": "none"}[cfg.likelihood]
+        lines.append(f"  likelihood              {how}")
+    if training is not None:
+        lines += training.describe()
     return "\n".join(lines)

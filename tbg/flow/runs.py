@@ -55,13 +55,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tbg")
 
-__all__ = ["TOPOLOGY_FILE", "TRAINING_RUN", "WEIGHTS_FILE", "SamplingOptions", "TrainingOptions", "export_samples",
-           "find_run_model", "molecule_record", "sample_checkpoint", "split_frames", "train_on_md"]
+__all__ = ["SHIPPED_MODELS", "TOPOLOGY_FILE", "TRAINING_RUN", "TRAIN_LOG", "WEIGHTS_FILE", "SamplingOptions",
+           "TrainingOptions", "export_samples", "find_run_model", "find_shipped_model", "molecule_record",
+           "read_train_log", "same_molecule", "sample_checkpoint", "split_frames", "train_on_md"]
 
 TRAINING_RUN = "training"  # the kind of run in run.json
 TOPOLOGY_FILE = "topology.pdb"
 FINAL_MODEL = "model.pt"
 WEIGHTS_FILE = "samples_weights.csv"
+TRAIN_LOG = "train_log.csv"
+
+# Trained models shipped in the package: run folders as `tbg train` writes them (model.pt, topology.pdb,
+# run.json, config.json, train_log.csv) plus a README with the command, machine and hours.
+SHIPPED_MODELS: dict[str, Path] = {
+    "alanine-dipeptide": Path(__file__).resolve().parents[1] / "data" / "models" / "alanine-dipeptide",
+}
 
 
 def molecule_record(topology: mdtraj.Topology, features: torch.Tensor) -> dict[str, Any]:
@@ -187,6 +195,51 @@ def find_run_model(path: Path) -> tuple[Path, Path | None]:
             raise InputError(f"{run}: no {FINAL_MODEL} or checkpoints/step_*.pt in this folder")
     topology = run / TOPOLOGY_FILE
     return path, topology if topology.is_file() else None
+
+
+def read_train_log(run: Path) -> list[dict[str, float]]:
+    """The rows of a run's train_log.csv (step, loss, seconds, ...) as numbers; [] when there is none."""
+    path = run / TRAIN_LOG
+    if not path.is_file():
+        return []
+    with path.open() as fh:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
+
+
+def same_molecule(pdb_a: Path, pdb_b: Path) -> bool:
+    """Whether two PDB files hold the same molecule in the same atom order (residue names, atom names and
+    elements, atom by atom): a model trained on one can sample the other."""
+    import openmm.app as app
+
+    def atoms(path: Path) -> list[tuple[str, str, str]]:
+        return [(a.residue.name, a.name, a.element.symbol if a.element else "")
+                for a in app.PDBFile(str(path)).topology.atoms()]
+
+    return atoms(pdb_a) == atoms(pdb_b)
+
+
+def find_shipped_model(md: MDData, workdir: Path) -> Path | None:
+    """The run folder of the shipped model (SHIPPED_MODELS) trained on the molecule of ``md``, or None.
+    The molecule's topology is written to workdir/topology.pdb to compare atom by atom."""
+    mine = md.write_topology_pdb(workdir / TOPOLOGY_FILE)
+    for name, run in SHIPPED_MODELS.items():
+        if (run / TOPOLOGY_FILE).is_file() and same_molecule(run / TOPOLOGY_FILE, mine):
+            log.info("the shipped %s model fits %s (%s)", name, md.name, run)
+            return run
+    log.warning("no shipped model fits %s", md.name)
+    return None
+
+
+def record_sample_source(out: Path, checkpoint: Path) -> None:
+    """Write out/checkpoint.json (path and SHA-256 of ``checkpoint``), or raise InputError if the samples
+    in ``out`` came from another model: sample chunks on disk are reused on a rerun."""
+    source = {"checkpoint": str(checkpoint), "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}
+    path = out / SOURCE_FILE
+    if path.is_file() and json.loads(path.read_text())["sha256"] != source["sha256"]:
+        raise InputError(f"{out} holds samples of another model ({path.read_text().strip()}); choose a new "
+                         f"output folder or delete {out} to sample {checkpoint}")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(source, indent=1) + "\n")
 
 
 @dataclass
