@@ -313,7 +313,7 @@ OPTION_CASES = {
     **{("demo", flag): (["demo", "--out", "{out}", flag, value], f"argument {flag}: invalid")
        for flag, value in [("--hidden", "0"), ("--layers", "-2"), ("--steps", "-1"), ("--epochs", "0"),
                            ("--batch-size", "0"), ("--lr", "-1"), ("--lr-milestones", "x"), ("--ema", "0"),
-                           ("--coupling", "x"), ("--keep-checkpoints", "-1"),
+                           ("--coupling", "x"), ("--keep-checkpoints", "-1"), ("--model", "mine"),
                            ("--val-fraction", "-0.1"), ("--checkpoint-every", "0"), ("--encoding", "x"),
                            ("--backend", "x"), ("--n", "0"), ("--sample-batch-size", "0"), ("--likelihood", "x"),
                            ("--method", "x"), ("--atol", "-1"), ("--rtol", "0"), ("--ode-steps", "0"),

@@ -103,10 +103,7 @@ def run_demo(md: MDData, out: Path, training: TrainingOptions, sampling: Samplin
                                               temperature=sampling.temperature, platform=platform, record=record)
         summary = demo_summary(report, time.perf_counter() - t0, model=checkpoint, sampling=sampling,
                                training=trained)
-        write_atomically(out / SUMMARY_FILE, lambda tmp: tmp.write_text(table + "
-
-" + summary + "
-"))
+        write_atomically(out / SUMMARY_FILE, lambda tmp: tmp.write_text(table + "\n\n" + summary + "\n"))
     return summary
 
 
