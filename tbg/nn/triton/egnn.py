@@ -29,9 +29,10 @@ input gradients through Wc1 and W2 as tl.dots) - memory O(M H), as the .cu kerne
 So there are no atomics and the result is the same bits on every call. Why per-program slots and not
 atomics: the .cu kernels' atomics make fp32 gradients differ between calls (~1e-6 relative; torch.compile
 comparisons fail on them), and the slots cost (2 H^2 + 7 H) x programs elements, at most 4 programs per
-SM (~70 MB at H = 128 on an H200 with 132 SMs, written and summed once per layer: ~0.1% of the backward's
-time by the byte count of tbg.nn.triton.plan.egnn_cost). Why splits: a molecule's receiver tiles can run
-in up to 8 programs (enough programs for small batches) while each sender-side row still has one writer.
+SM (~70 MB at H = 128 on an H200 with 132 SMs, written and summed once per layer: ~1.3 GB of traffic for
+the 9-layer transfer model, ~0.3 ms at 4.8 TB/s, under 1% of its backward even at the target rate of
+tbg.nn.triton.plan.egnn_cost's docstring). Why splits: a molecule's receiver tiles can run in up to 8
+programs (enough programs for small batches) while each sender-side row still has one writer.
 
 Host synchronisation: none. The grids (molecules x splits) and all buffer sizes follow from shapes; loop
 bounds come from mol_ptr on the device; mol_ptr is validated on the device (tbg.nn.triton.stack.
@@ -105,24 +106,31 @@ def _edge_backward_kernel(x_ptr, x0_ptr, pq_ptr, mol_ptr,
             # The read-modify-writes of the sender sums below happen once per (receiver tile, sender tile):
             # the previous receiver tile's writes must be visible to every thread that reads them now.
             tl.debug_barrier()
+            own = i0 + tl.arange(0, BLOCK_I)
+            own_ok = own < end
+            own_h = own[:, None] * H + offs_h[None, :]
             i = i0 + row_i
             i_ok = i < end
-            ih_ok = i_ok[:, None] & h_ok[None, :]
-            p_i = tl.load(pq_ptr + i[:, None] * 2 * H + offs_h[None, :], mask=ih_ok, other=0.0)
+            p_i = tl.load(pq_ptr + own[:, None] * 2 * H + offs_h[None, :], mask=own_ok[:, None] & h_ok[None, :],
+                          other=0.0)
             gxo_i = tl.load(gxo_ptr + i[:, None] * 3 + c[None, :], mask=i_ok[:, None] & c_ok[None, :], other=0.0)
             if HAS_GAGG:
-                gagg_i = tl.load(gagg_ptr + i[:, None] * H + offs_h[None, :], mask=ih_ok, other=0.0)
-            gp_acc = tl.zeros((BLOCK_I * BLOCK_J, BLOCK_H), dtype)
-            gd_acc = tl.zeros((BLOCK_I * BLOCK_J, 4), dtype)
-            gd0_acc = tl.zeros((BLOCK_I * BLOCK_J, 4), dtype)
+                gagg_i = tl.load(gagg_ptr + own_h, mask=own_ok[:, None] & h_ok[None, :], other=0.0)
+            # Receiver sums per tile: [BLOCK_I, .] accumulators keep few registers live.
+            gp_acc = tl.zeros((BLOCK_I, BLOCK_H), dtype)
+            gd_acc = tl.zeros((BLOCK_I, 4), dtype)
+            gd0_acc = tl.zeros((BLOCK_I, 4), dtype)
             for j0 in range(start, end, BLOCK_J):
+                senders = j0 + tl.arange(0, BLOCK_J)
+                senders_ok = senders < end
+                q_j = tl.load(pq_ptr + senders[:, None] * 2 * H + H + offs_h[None, :],
+                              mask=senders_ok[:, None] & h_ok[None, :], other=0.0)
                 j = j0 + row_j
                 ok = i_ok & (j < end) & (j != i)
                 d, r, sq, s, e = edge_geometry(x_ptr, x0_ptr, i, j, ok, EPS)
                 a = tl.sum(e * e, axis=1)
-                q_j = tl.load(pq_ptr + j[:, None] * 2 * H + H + offs_h[None, :], mask=ok[:, None] & h_ok[None, :],
-                              other=0.0)
-                pre1 = p_i + q_j + r[:, None] * wr[None, :] + a[:, None] * wa[None, :]
+                pre1 = (tl.reshape(p_i[:, None, :] + q_j[None, :, :], (BLOCK_I * BLOCK_J, BLOCK_H))
+                        + r[:, None] * wr[None, :] + a[:, None] * wa[None, :])
                 u, slope1, _, m0, slope2, g, m = edge_message(pre1, w2t_ptr, b2, watt, batt, offs_h, h_ok, H,
                                                               PRECISION)
                 phi, _, sc, slopec = edge_coordinate(m, wc1t_ptr, bc1, wc2, offs_h, h_ok, H, PRECISION)
@@ -132,7 +140,8 @@ def _edge_backward_kernel(x_ptr, x0_ptr, pq_ptr, mol_ptr,
                 gxo_e = tl.where(ok[:, None], gxo_i, 0.0)
                 gy = scale * tl.sum(gxo_e * d, axis=1) * inv_s * (1 - phi * phi)
                 if HAS_GAGG:
-                    gm_in = tl.where(ok[:, None], gagg_i, 0.0)
+                    gm_in = tl.where(ok[:, None], tl.reshape(tl.broadcast_to(gagg_i[:, None, :], (BLOCK_I, BLOCK_J, BLOCK_H)),
+                                                             (BLOCK_I * BLOCK_J, BLOCK_H)), 0.0)
                 else:
                     gm_in = tl.zeros((BLOCK_I * BLOCK_J, BLOCK_H), dtype)
                 gpre, gzc, gz2, gsig = edge_mlp_backward(gy, gm_in, slope1, m0, slope2, g, slopec, w2_ptr, watt,
@@ -152,33 +161,29 @@ def _edge_backward_kernel(x_ptr, x0_ptr, pq_ptr, mol_ptr,
                 ga = tl.sum(gpre * wa[None, :], axis=1)
                 gn = (scale * phi)[:, None] * gxo_e
                 gnd = tl.sum(gn * d, axis=1)
-                gd = 2 * gr[:, None] * d + gn * inv_s[:, None] - d * (gnd * inv_s * inv_s / sq)[:, None]
-                gd0 = 2 * ga[:, None] * e
-                gp_acc += gpre
-                gd_acc += gd
-                gd0_acc += gd0
+                gd = tl.reshape(2 * gr[:, None] * d + gn * inv_s[:, None] - d * (gnd * inv_s * inv_s / sq)[:, None],
+                                (BLOCK_I, BLOCK_J, 4))
+                gd0 = tl.reshape(2 * ga[:, None] * e, (BLOCK_I, BLOCK_J, 4))
+                gpre = tl.reshape(gpre, (BLOCK_I, BLOCK_J, BLOCK_H))
+                gp_acc += tl.sum(gpre, axis=1)
+                gd_acc += tl.sum(gd, axis=1)
+                gd0_acc += tl.sum(gd0, axis=1)
                 # Sender side: sums over this tile's receivers into the split's own rows.
-                own_j = j0 + tl.arange(0, BLOCK_J)
-                jh = (split * M + own_j)[:, None] * H + offs_h[None, :]
-                jh_ok = (own_j < end)[:, None] & h_ok[None, :]
-                tl.store(gq_part_ptr + jh, tl.load(gq_part_ptr + jh, mask=jh_ok, other=0.0)
-                         + tl.sum(tl.reshape(gpre, (BLOCK_I, BLOCK_J, BLOCK_H)), axis=0), mask=jh_ok)
-                jc = (split * M + own_j)[:, None] * 8 + c[None, :]
-                jc_ok = (own_j < end)[:, None] & c_ok[None, :]
-                tl.store(gxs_part_ptr + jc, tl.load(gxs_part_ptr + jc, mask=jc_ok, other=0.0)
-                         - tl.sum(tl.reshape(gd, (BLOCK_I, BLOCK_J, 4)), axis=0), mask=jc_ok)
+                jh = (split * M + senders)[:, None] * H + offs_h[None, :]
+                jh_ok = senders_ok[:, None] & h_ok[None, :]
+                tl.store(gq_part_ptr + jh, tl.load(gq_part_ptr + jh, mask=jh_ok, other=0.0) + tl.sum(gpre, axis=0),
+                         mask=jh_ok)
+                jc = (split * M + senders)[:, None] * 8 + c[None, :]
+                jc_ok = senders_ok[:, None] & c_ok[None, :]
+                tl.store(gxs_part_ptr + jc, tl.load(gxs_part_ptr + jc, mask=jc_ok, other=0.0) - tl.sum(gd, axis=0),
+                         mask=jc_ok)
                 tl.store(gxs_part_ptr + jc + 4, tl.load(gxs_part_ptr + jc + 4, mask=jc_ok, other=0.0)
-                         - tl.sum(tl.reshape(gd0, (BLOCK_I, BLOCK_J, 4)), axis=0), mask=jc_ok)
-            own = i0 + tl.arange(0, BLOCK_I)
-            own_ok = own < end
-            tl.store(gp_ptr + own[:, None] * H + offs_h[None, :],
-                     tl.sum(tl.reshape(gp_acc, (BLOCK_I, BLOCK_J, BLOCK_H)), axis=1), mask=own_ok[:, None] & h_ok[None, :])
+                         - tl.sum(gd0, axis=0), mask=jc_ok)
+            tl.store(gp_ptr + own_h, gp_acc, mask=own_ok[:, None] & h_ok[None, :])
             ic = own[:, None] * 3 + c[None, :]
             ic_ok = own_ok[:, None] & c_ok[None, :]
-            tl.store(gx_ptr + ic, tl.load(gxo_ptr + ic, mask=ic_ok, other=0.0)
-                     + tl.sum(tl.reshape(gd_acc, (BLOCK_I, BLOCK_J, 4)), axis=1), mask=ic_ok)
-            tl.store(gx0_ptr + ic, tl.load(gx0_ptr + ic, mask=ic_ok, other=0.0)
-                     + tl.sum(tl.reshape(gd0_acc, (BLOCK_I, BLOCK_J, 4)), axis=1), mask=ic_ok)
+            tl.store(gx_ptr + ic, tl.load(gxo_ptr + ic, mask=ic_ok, other=0.0) + gd_acc, mask=ic_ok)
+            tl.store(gx0_ptr + ic, tl.load(gx0_ptr + ic, mask=ic_ok, other=0.0) + gd0_acc, mask=ic_ok)
     slot = slot_ptr + pid.to(tl.int64) * (2 * H * H + 7 * H)
     square = offs_h[:, None] * H + offs_h[None, :]
     w_ok = h_ok[:, None] & h_ok[None, :]

@@ -195,14 +195,18 @@ class EdgeTiles:
 
 
 def default_edge_tiles(hidden: int) -> EdgeTiles:
-    """A starting point by hidden size, not tuned on hardware: 64-edge tiles (8 x 8 pads a 22-atom
-    molecule to 24 x 24 rows, 1.25x its edges), 4 warps up to H = 64, 8 beyond."""
-    return EdgeTiles(receivers=8, senders=8, warps=4 if hidden <= 64 else 8)
+    """A starting point by hidden size, not tuned on hardware. Up to H = 64: 8 x 8 = 64-edge tiles (pads a
+    22-atom molecule to 24 x 24 rows, 1.25x its edges), 4 warps. Beyond: 4 x 8 = 32-edge tiles and 8
+    warps, because the backward keeps two [H, H] weight-gradient accumulators in registers besides the
+    [rows, H] tiles (at H = 128 the accumulators alone take 128 registers per thread with 8 warps)."""
+    if hidden <= 64:
+        return EdgeTiles(receivers=8, senders=8, warps=4)
+    return EdgeTiles(receivers=4, senders=8, warps=8)
 
 
 # Variants timed by `bench/bench_egnn.py --sweep` on a GPU (all valid there).
-EDGE_SWEEP = (EdgeTiles(), EdgeTiles(warps=8), EdgeTiles(receivers=4, senders=16), EdgeTiles(senders=16, warps=8),
-              EdgeTiles(receivers=16, senders=8, warps=8), EdgeTiles(stages=2), EdgeTiles(receivers=4, senders=4))
+EDGE_SWEEP = (EdgeTiles(), EdgeTiles(warps=8), EdgeTiles(receivers=4, senders=8, warps=8),
+              EdgeTiles(receivers=8, senders=16, warps=8), EdgeTiles(stages=2), EdgeTiles(receivers=4, senders=4))
 
 MAX_SPLITS = 8
 
@@ -254,8 +258,20 @@ def egnn_cost(sizes: list[int], hidden: int, n_layers: int, *, backward: bool = 
     MLP's tensors, gagg, gP, the splits' partial gQ, gh), plus the backward programs' weight-gradient slots
     (2 H^2 + 7 H each, written and read once per layer; splits and programs as ``work_split`` chooses them
     for sm_count, None: the CPU's). Re-reads of P_i / Q_j by the other tiles of a
-    molecule come from the L2 cache and are not counted. Useful FLOPs per state byte ~ 14 (n - 1) H / 128
-    per float32 byte (~190 at n = 22, H = 64): compute-bound on an H200 even with TF32 (balance ~100).
+    molecule come from the L2 cache and are not counted. Intensity (useful FLOPs per byte, float32, a
+    training step's op pair): ~60 for alanine dipeptide at batch 256 (H = 64; a third of the bytes are the
+    weight-gradient slots of 512 programs), ~230 for 400 dipeptides at H = 128: compute-bound on an H200 in
+    float32 (balance ~14: 67 TFLOP/s over 4.8 TB/s), near or above TF32's balance (~100, ~495 TFLOP/s).
+
+    Ceiling aimed for (issue 13: a training step >= 3x the reference with >= 3x less memory). The .cu
+    kernels' op pair (bench/RESULTS.md, H100) achieves 4.4 useful TFLOP/s for alanine dipeptide and 7.2
+    for the transfer batch, 9% and 14% of the 51.6 TFLOP/s fp32 torch.mm ceiling; 3x the reference needs
+    ~7.5 and ~11 (15% and 22%). The aim: >= 40% of the fp32 mm ceiling measured in the same run with IEEE
+    dots, >= 25% of the TF32 one with TF32 on - there the element-wise epilogues (~40 H operations and 3 H
+    exponentials per edge in the backward, on CUDA cores and the SFU) take about as long as the tensor-core
+    products, so half the TF32 rate is the practical bound. Alanine dipeptide at batch 256 does ~32 GFLOP
+    per step: at these rates ~1.5 ms (fp32) or ~0.3 ms (TF32) of kernel work against ~250 kernel launches
+    of a few microseconds (the node-level torch GEMMs), so there the launches bound the step.
     """
     h, hp, L = hidden, padded_hidden(hidden), n_layers
     tiles = tiles or default_edge_tiles(hidden)

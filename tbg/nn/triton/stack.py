@@ -63,35 +63,37 @@ def edge_forward_kernel(x_ptr, x0_ptr, pq_ptr, mol_ptr,
         start = tl.load(mol_ptr + mol)
         end = tl.load(mol_ptr + mol + 1)
         for i0 in range(start + (item % SPLITS) * BLOCK_I, end, SPLITS * BLOCK_I):
+            own = i0 + tl.arange(0, BLOCK_I)
+            own_ok = own < end
             i = i0 + row_i
             i_ok = i < end
-            p_i = tl.load(pq_ptr + i[:, None] * 2 * H + offs_h[None, :], mask=i_ok[:, None] & h_ok[None, :], other=0.0)
-            trans = tl.zeros((BLOCK_I * BLOCK_J, 4), dtype)
-            agg = tl.zeros((BLOCK_I * BLOCK_J, BLOCK_H), dtype)
+            p_i = tl.load(pq_ptr + own[:, None] * 2 * H + offs_h[None, :], mask=own_ok[:, None] & h_ok[None, :],
+                          other=0.0)
+            # Sums over senders per receiver tile: [BLOCK_I, .] accumulators keep few registers live.
+            moved = tl.zeros((BLOCK_I, 4), dtype)
+            agg = tl.zeros((BLOCK_I, BLOCK_H), dtype)
             for j0 in range(start, end, BLOCK_J):
+                senders = j0 + tl.arange(0, BLOCK_J)
+                q_j = tl.load(pq_ptr + senders[:, None] * 2 * H + H + offs_h[None, :],
+                              mask=(senders < end)[:, None] & h_ok[None, :], other=0.0)
                 j = j0 + row_j
                 ok = i_ok & (j < end) & (j != i)
                 d, r, sq, s, e = edge_geometry(x_ptr, x0_ptr, i, j, ok, EPS)
-                q_j = tl.load(pq_ptr + j[:, None] * 2 * H + H + offs_h[None, :], mask=ok[:, None] & h_ok[None, :],
-                              other=0.0)
-                pre1 = p_i + q_j + r[:, None] * wr[None, :] + tl.sum(e * e, axis=1)[:, None] * wa[None, :]
+                pre1 = (tl.reshape(p_i[:, None, :] + q_j[None, :, :], (BLOCK_I * BLOCK_J, BLOCK_H))
+                        + r[:, None] * wr[None, :] + tl.sum(e * e, axis=1)[:, None] * wa[None, :])
                 _, _, _, _, _, _, m = edge_message(pre1, w2t_ptr, b2, watt, batt, offs_h, h_ok, H, PRECISION)
                 if AGG:
-                    agg += tl.where(ok[:, None], m, 0.0)
+                    agg += tl.sum(tl.reshape(tl.where(ok[:, None], m, 0.0), (BLOCK_I, BLOCK_J, BLOCK_H)), axis=1)
                 if COORDS:
                     phi, _, _, _ = edge_coordinate(m, wc1t_ptr, bc1, wc2, offs_h, h_ok, H, PRECISION)
-                    trans += tl.where(ok, phi / s, 0.0)[:, None] * d
-            own = i0 + tl.arange(0, BLOCK_I)
-            own_ok = own < end
+                    trans = tl.where(ok, phi / s, 0.0)[:, None] * d
+                    moved += tl.sum(tl.reshape(trans, (BLOCK_I, BLOCK_J, 4)), axis=1)
             if COORDS:
                 xc = own[:, None] * 3 + c[None, :]
                 xc_ok = own_ok[:, None] & (c < 3)[None, :]
-                moved = tl.sum(tl.reshape(trans, (BLOCK_I, BLOCK_J, 4)), axis=1)
                 tl.store(x_out_ptr + xc, tl.load(x_ptr + xc, mask=xc_ok, other=0.0) + scale * moved, mask=xc_ok)
             if AGG:
-                tl.store(agg_ptr + own[:, None] * H + offs_h[None, :],
-                         tl.sum(tl.reshape(agg, (BLOCK_I, BLOCK_J, BLOCK_H)), axis=1),
-                         mask=own_ok[:, None] & h_ok[None, :])
+                tl.store(agg_ptr + own[:, None] * H + offs_h[None, :], agg, mask=own_ok[:, None] & h_ok[None, :])
 
 
 def interpreted() -> bool:
