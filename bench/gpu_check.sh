@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One-call GPU check (the lent device machine, or any CUDA box), within one time budget (default 470 s,
-# GPU_CHECK_BUDGET): build tbg with TBG_CUDA=on, run every CUDA test - the .cu kernels (cuda_smoke checks,
-# pytest -k cuda) and the Triton divergence natively with TBG_TRITON=divergence - then the GPU
-# benchmarks: Triton vs batched vs published divergence with the fp32 / TF32 mm ceilings, TF32's effect
-# on dlogp, the .cu EGNN benchmarks. Steps run in that order of priority; a step that does not fit the
-# time left is skipped and says so. Logs go to $OUT (default ./gpu_check_out), at most 8 files; the last
-# lines printed (and $OUT/summary.txt) are a table: step, status, seconds, result.
+# GPU_CHECK_BUDGET): build tbg with TBG_CUDA=on, run every CUDA test - the Triton kernels natively with
+# TBG_TRITON=divergence,egnn (their own tests, and the .cu kernels' EGNN and divergence tests served by
+# Triton), then the .cu kernels (cuda_smoke checks, pytest -k cuda) - then the GPU benchmarks: Triton vs
+# batched vs published divergence, the EGNN training step Triton vs .cu vs reference (both with the fp32 /
+# TF32 mm ceilings), TF32's effect on dlogp, the tile sweeps, the .cu op benchmark. Steps run in that
+# order of priority; a step that does not fit the time left is skipped and says so. Logs go to $OUT
+# (default ./gpu_check_out), at most 8 files; the last lines printed (and $OUT/summary.txt) are a table:
+# step, status, seconds, result.
 #
 #   bash bench/gpu_check.sh                 # on the GPU machine
 #   bash bench/gpu_check.sh --cpu-dry-run   # here: the same steps on CPU, Triton under the interpreter,
@@ -82,17 +84,21 @@ else
   fi
   DEVICE=cuda
 fi
-TBG_TRITON=divergence $PY -c "from tbg.cli import main; main(['info'])" 2>&1 | tee -a "$OUT/env_build.log" | tail -7
+TBG_TRITON=divergence,egnn $PY -c "from tbg.cli import main; main(['info'])" 2>&1 | tee -a "$OUT/env_build.log" | tail -7
 
 # -- tests: Triton natively (needs nothing but the CPU library), then the .cu kernels ----------------
 if ((DRY)); then  # the CUDA selection (all skipped here), then a few Triton cases on CPU
-  step "triton tests -k cuda" triton_tests.log 120 "$PYTEST_NOTE" -- \
-    env TBG_TRITON=divergence $PY -m pytest -q -p no:cacheprovider tests/test_triton_divergence.py -k cuda
+  step "triton tests -k cuda" triton_tests.log 120 "$PYTEST_NOTE" -- env TBG_TRITON=divergence,egnn \
+    $PY -m pytest -q -p no:cacheprovider tests/test_triton_divergence.py tests/test_triton_egnn.py -k cuda
   step "triton tests (cpu)" triton_tests.log 240 "$PYTEST_NOTE" -- \
-    $PY -m pytest -q -p no:cacheprovider tests/test_triton_divergence.py -k "jvp_matches and dtype0 and cpu"
-else  # the Triton tests, and the divergence tests with Triton as the registered CUDA implementation
-  step "triton tests -k cuda" triton_tests.log 240 "$PYTEST_NOTE" -- env TBG_TRITON=divergence \
-    $PY -m pytest -q -p no:cacheprovider tests/test_triton_divergence.py tests/test_divergence.py -k cuda
+    $PY -m pytest -q -p no:cacheprovider tests/test_triton_divergence.py tests/test_triton_egnn.py \
+    -k "(jvp_matches and dtype0 and cpu) or (match_cpp_kernel and sizes0 and cpu) or no_host"
+else  # the Triton tests, and the .cu kernels' tests with Triton as the registered CUDA implementation
+  # (test_egnn_ops' bad-input test expects host-side messages for a bad mol_ptr, which Triton, like the .cu
+  # kernels, checks on the device: its device-side assertion would end the CUDA context of the run)
+  step "triton tests -k cuda" triton_tests.log 300 "$PYTEST_NOTE" -- env TBG_TRITON=divergence,egnn \
+    $PY -m pytest -q -p no:cacheprovider tests/test_triton_divergence.py tests/test_triton_egnn.py \
+    tests/test_divergence.py tests/test_egnn_ops.py -k cuda --deselect "tests/test_egnn_ops.py::test_bad_inputs_raise[cuda]"
 fi
 if ((DRY)); then
   record "cuda_smoke checks" skipped 0 "needs a GPU"
@@ -100,25 +106,33 @@ else
   step "cuda_smoke checks" checks.log 90 'grep -E "CHECKS" | tail -1' -- $PY bench/cuda_smoke.py --check-only
 fi
 # (these files need no OpenMM, which the GPU image lacks)
+# (test_egnn_ops.py last: its bad-input test may end the CUDA context with a device-side assertion)
 step ".cu + batched tests" checks.log 150 "$PYTEST_NOTE" -- \
-  $PY -m pytest -q -p no:cacheprovider tests/test_egnn_ops.py tests/test_divergence.py -k cuda
+  $PY -m pytest -q -p no:cacheprovider tests/test_divergence.py tests/test_egnn_ops.py -k cuda
 
 # -- benchmarks ----------------------------------------------------------------------------------------
 TF32_NOTE='grep -E "^divergence GEMMs|^(fp32|tf32)" | cut -c1-80'
 TRITON_NOTE='grep -E "^(ala2|dipeptides) triton"'
+EGNN_NOTE='grep -E "^(ala2|transfer) training triton"'
 SWEEP_NOTE='grep -E "^[a-z ]+: Triton tile|^ +tangents|^ +[0-9]+ +[0-9]+ +[0-9]+ +[0-9]" | cut -c1-110'
+EGNN_SWEEP_NOTE='grep -E "training step: Triton tile|^ +receivers|^ +[0-9]+ +[0-9]+ +[0-9]+ +[0-9]" | cut -c1-110'
 if ((DRY)); then
   step "bench divergence" bench_divergence.log 240 "$TRITON_NOTE" -- env TBG_TRITON=divergence \
     $PY bench/bench_divergence.py --device cpu --triton --dry-run --batch 2 --dip-batch 2 --grad-batch 2 --repeats 1
+  step "bench egnn triton" bench_egnn.log 150 "$EGNN_NOTE" -- \
+    $PY bench/bench_egnn.py --device cpu --triton --dry-run --case a d --repeats 1
   step "bench tf32 dlogp" bench_tf32.log 120 "$TF32_NOTE" -- \
     $PY bench/bench_tf32.py --dry-run
   step "triton tile sweep" bench_divergence.log 120 "$SWEEP_NOTE" -- \
     $PY bench/bench_divergence.py --device cpu --sweep --dry-run --batch 1 --dip-batch 1 --repeats 1
+  step "egnn tile sweep" bench_egnn.log 120 "$EGNN_SWEEP_NOTE" -- \
+    $PY bench/bench_egnn.py --device cpu --sweep --dry-run --repeats 1
   record "cuda_smoke bench" skipped 0 "needs a GPU"
-  record "bench_egnn" skipped 0 "needs a GPU"
 else
   step "bench divergence" bench_divergence.log 150 "$TRITON_NOTE" -- env TBG_TRITON=divergence \
     $PY bench/bench_divergence.py --device cuda --triton --batch 64 --dip-batch 32 --repeats 5 --skip gradient
+  step "bench egnn triton" bench_egnn.log 150 "$EGNN_NOTE" -- \
+    $PY bench/bench_egnn.py --device cuda --triton --case a d --repeats 5
   if [ -f bench_tf32_run/model.pt ] && [ -f bench_tf32_run/features.pt ]; then
     step "bench tf32 dlogp" bench_tf32.log 90 "$TF32_NOTE" -- \
       $PY bench/bench_tf32.py --device cuda --checkpoint bench_tf32_run/model.pt --features bench_tf32_run/features.pt
@@ -127,8 +141,9 @@ else
   fi
   step "triton tile sweep" bench_divergence.log 120 "$SWEEP_NOTE" -- \
     $PY bench/bench_divergence.py --device cuda --sweep --batch 64 --dip-batch 32 --repeats 3
+  step "egnn tile sweep" bench_egnn.log 120 "$EGNN_SWEEP_NOTE" -- \
+    $PY bench/bench_egnn.py --device cuda --sweep --repeats 3
   step "cuda_smoke bench" bench_egnn.log 120 'grep -E "forward\+backward" | tail -2' -- $PY bench/cuda_smoke.py --bench-only
-  step "bench_egnn" bench_egnn.log 150 'tail -2' -- $PY bench/bench_egnn.py --device cuda
 fi
 
 echo

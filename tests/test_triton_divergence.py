@@ -35,8 +35,9 @@ import tbg
 from tbg.nn import dispatch, ops, reference
 from tbg.nn import triton as tbg_triton
 from tbg.nn.layout import mol_ptr_from_sizes, molecule_index
-from tbg.nn.triton import plan
+from tbg.nn.triton import plan, stack
 from conftest import random_egnn
+from host_reads import HostReads, cuda_syncs
 
 _KERNELS = "tbg.nn.triton.divergence"
 
@@ -62,7 +63,7 @@ def _poisoned_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
     def alloc(*shape: int, like: torch.Tensor) -> torch.Tensor:
         return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
 
-    monkeypatch.setattr(TD, "_alloc", alloc)
+    monkeypatch.setattr(stack, "alloc", alloc)
 
 
 @contextlib.contextmanager
@@ -335,43 +336,6 @@ def test_bad_inputs_raise(device) -> None:
         TD.egnn_divergence(x, h0.float(), ptr, *weights, rng, 3)
 
 
-def _in_host_view() -> bool:
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code.co_name == "_host_view" and frame.f_globals.get("__name__") == _KERNELS:
-            return True
-        frame = frame.f_back
-    return False
-
-
-class _HostReads(torch.overrides.TorchFunctionMode):
-    """Records the torch calls of tbg code that read tensor values on the host (on a GPU: synchronise)
-    and the tensor factories called without a device (they would land on the CPU next to CUDA inputs).
-    Reads inside the implementation's _host_view, which works on its one host copy, are kept apart."""
-
-    READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
-             torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.nonzero, torch.nonzero,
-             torch.repeat_interleave, torch.Tensor.repeat_interleave, torch.masked_select, torch.unique}
-    FACTORIES = {torch.arange, torch.zeros, torch.ones, torch.empty, torch.full, torch.tensor, torch.as_tensor,
-                 torch.rand, torch.randn, torch.eye}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.host_view: list[str] = []
-        self.reads: list[str] = []
-        self.missing_device: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        caller = sys._getframe(1).f_globals.get("__name__", "")
-        if caller.startswith("tbg."):  # not the interpreter's copies of the kernel arguments
-            if func in self.READS:
-                (self.host_view if _in_host_view() else self.reads).append(f"{caller}.{func.__name__}")
-            if func in self.FACTORIES and kwargs.get("device") is None:
-                self.missing_device.append(func.__name__)
-        return func(*args, **kwargs)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_one_host_read_per_call(device) -> None:
     """A call reads device values on the host once: _host_view copies mol_ptr and the finiteness flags
@@ -382,21 +346,13 @@ def test_one_host_read_per_call(device) -> None:
     tangents = torch.randn(3, x.shape[0], 3, dtype=x.dtype, device=device)
     for call in (lambda: TD.egnn_divergence(x, h0, ptr, *weights, rng, 2),
                  lambda: TD.egnn_jvp(x, h0, ptr, *weights, tangents, rng)):
-        with _HostReads() as mode:
+        with HostReads(allowed_in=("_host_view", _KERNELS)) as mode:
             call()
         # (check_mol_ptr's own .cpu() on the host copy copies nothing.)
-        assert mode.host_view.count(f"{_KERNELS}.cpu") == 1 and mode.reads == [] and mode.missing_device == []
+        assert mode.allowed.count(f"{_KERNELS}.cpu") == 1 and mode.reads == [] and mode.missing_device == []
         if device == "cuda":
-            torch.cuda.synchronize()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    call()
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            syncs = [w for w in caught if "synchroniz" in str(w.message)]
-            assert len(syncs) == 1, [str(w.message) for w in syncs]
+            syncs = cuda_syncs(call)
+            assert len(syncs) == 1, syncs
 
 
 def test_dot_precision_follows_torch_switch() -> None:
@@ -417,10 +373,10 @@ def test_dot_precision_follows_torch_switch() -> None:
 def test_switch_selects_the_requested_groups(monkeypatch, caplog) -> None:
     monkeypatch.delenv(tbg_triton.ENV, raising=False)
     assert tbg_triton.cuda_implementations() == {}
-    monkeypatch.setenv(tbg_triton.ENV, " divergence, egnn ,bogus")
+    monkeypatch.setenv(tbg_triton.ENV, " divergence, bogus ,divergence")
     with caplog.at_level(logging.WARNING, logger="tbg"):
         assert tbg_triton.requested() == ("divergence",)
-    assert "'egnn' has no Triton implementation yet" in caplog.text and "'bogus' is not a group" in caplog.text
+    assert "'bogus' is not a group" in caplog.text
     assert tbg_triton.cuda_implementations() == {"egnn_divergence": TD.egnn_divergence, "egnn_jvp": TD.egnn_jvp}
     # ... and tbg.nn.ops takes them over the torch implementation.
     assert ops.cuda_implementations()["egnn_jvp"] is TD.egnn_jvp

@@ -2,8 +2,9 @@
 GPU hardware (what ``tbg info`` prints).
 
 Implementations: the C++ CPU kernels (csrc/), the CUDA kernels in .cu files, and the Python
-implementations tbg.nn.ops installs for the CUDA ops without a compiled kernel: the torch-ops code of
-the divergence (tbg.nn.divergence_torch) or, opt-in by TBG_TRITON, the Triton kernels (tbg.nn.triton).
+implementations tbg.nn.ops installs for CUDA: the torch-ops code of the divergence
+(tbg.nn.divergence_torch), where no compiled kernel exists, or, opt-in by TBG_TRITON, the Triton kernels
+(tbg.nn.triton; TBG_TRITON=egnn in place of the .cu kernels).
 ``GPU_VERIFIED`` records, by hand after each GPU run, which of them have passed their CUDA checks on a
 GPU; an implementation missing from it has not.
 """
@@ -23,7 +24,8 @@ CU = ".cu kernel"
 TORCH_OPS = "batched torch ops"
 TRITON = "Triton"
 # Module of a Python CUDA implementation -> its name here.
-PYTHON_IMPLEMENTATIONS = {divergence_torch.__name__: TORCH_OPS, triton_impl.GROUPS["divergence"].module: TRITON}
+PYTHON_IMPLEMENTATIONS = {divergence_torch.__name__: TORCH_OPS,
+                          **{group.module: TRITON for group in triton_impl.GROUPS.values()}}
 
 # (implementation, op) -> GPU and date of the run that passed its CUDA checks (see bench/RESULTS.md).
 GPU_VERIFIED: dict[tuple[str, str], str] = {

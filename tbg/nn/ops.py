@@ -6,11 +6,13 @@ kernels. This module, imported by ``import tbg``, adds for every op what Python 
 ==================  ==============  =========================================  =================================
 op                  fake kernel     autograd                                   implementations
 ==================  ==============  =========================================  =================================
-egnn_forward        yes             egnn_backward (first order)                CPU, CUDA: compiled
-egnn_backward       yes             raises (no second derivatives)             CPU, CUDA: compiled
+egnn_forward        yes             egnn_backward (first order)                CPU, CUDA: compiled (*)
+egnn_backward       yes             raises (no second derivatives)             CPU, CUDA: compiled (*)
 egnn_divergence     yes             raises (use ``EGNN.divergence``)           CPU: compiled; CUDA: see below
 egnn_jvp            yes             raises (use ``EGNN.divergence``)           CPU: compiled; CUDA: see below
 ==================  ==============  =========================================  =================================
+
+(*) TBG_TRITON=egnn puts the Triton kernels in place of the compiled CUDA ones (opt-in, see below).
 
 Fake kernels let ``torch.compile`` and ``torch.library.opcheck`` trace the ops without running
 them. ``cuda_implementations`` is the one place where Python implementations are chosen for the
@@ -24,6 +26,7 @@ signatures are in ``tbg.nn.reference``.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -111,12 +114,13 @@ for _op in ("egnn_divergence", "egnn_jvp"):
 
 # ---- device implementations --------------------------------------------------------------------------
 def cuda_implementations() -> dict[str, Callable[..., Any]]:
-    """The Python implementation of each op that runs on CUDA where the native library has no
-    compiled CUDA kernel for it, keyed by op name (the functions take the op's schema).
+    """The Python implementation of each op that runs on CUDA, keyed by op name (the functions take
+    the op's schema).
 
-    The torch implementation serves both divergence ops, unless TBG_TRITON asks for the Triton
-    kernels (tbg.nn.triton: opt-in until they are verified on a GPU). This is the one place to
-    choose another: return it here; it is installed once, at import.
+    The torch implementation serves both divergence ops where the library has no compiled kernel for
+    them. The Triton kernels serve the groups TBG_TRITON asks for (tbg.nn.triton: opt-in until they are
+    verified on a GPU), also in place of compiled .cu kernels (TBG_TRITON=egnn). This is the one place
+    to choose another: return it here; it is installed once, at import.
     """
     implementations = {"egnn_divergence": divergence_torch.egnn_divergence, "egnn_jvp": divergence_torch.egnn_jvp}
     implementations.update(tbg_triton.cuda_implementations())
@@ -125,9 +129,13 @@ def cuda_implementations() -> dict[str, Callable[..., Any]]:
 
 def _install_cuda_implementations() -> dict[str, Callable[..., Any]]:
     installed = {}
+    triton_modules = {group.module for group in tbg_triton.GROUPS.values()}
     for op, implementation in cuda_implementations().items():
-        if not has_kernel(op, "cuda"):
-            torch.library.impl(f"tbg::{op}", "CUDA", implementation)
+        # Triton is asked for explicitly (TBG_TRITON): it replaces a compiled kernel too.
+        if implementation.__module__ in triton_modules or not has_kernel(op, "cuda"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # replacing the .cu kernel is what was asked for
+                torch.library.impl(f"tbg::{op}", "CUDA", implementation)
             installed[op] = implementation
     return installed
 

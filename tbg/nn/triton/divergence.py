@@ -21,12 +21,13 @@ of every molecule that has one, tbg.nn.layout.unit_tangents), so the tangent sta
 tangents is [T, M, ...]: dX [T, M, 3], dPQ [T, M, 2H], dH and dagg [T, M, H], O(T M H) memory. Per
 layer, ``_tangent_layer_kernel`` runs one program per (receiver atom i, tile of BLOCK_T tangents),
 looping over sender tiles of its molecule with run-time bounds from mol_ptr; per tile it recomputes the
-primal edge MLP ([J, H] x [H, H] dots, tbg.nn.triton.edge.edge_mlp) and pushes the BLOCK_T x J rows
+primal edge MLP ([J, H] x [H, H] dots, tbg.nn.triton.edge) and pushes the BLOCK_T x J rows
 through the two H x H products as [BLOCK_T J, H] x [H, H] tl.dots with the SiLU slopes, the attention
 gate and the coordinate head as epilogues (edge_mlp_tangent), summing over senders in registers. Every
 program owns its outputs (dX' and dagg at (t, i)), so there are no atomics and no [T, E, H] tensor in
 global memory. The node-level tangent products ([T M, H] x [H, H]: Wn1, Wn2, the next layer's W1
-halves) and the primal node update run as torch GEMMs (cuBLAS on a GPU). The last layer of the exact
+halves) run as torch GEMMs (cuBLAS on a GPU); the primal pass is the one every EGNN op shares
+(tbg.nn.triton.stack: its input checks, edge kernel and mean removal too). The last layer of the exact
 divergence runs one program per atom over its own 3 tangents and adds its trace to diag[i]; per-molecule
 sums and mean removals are Triton kernels with one program per molecule (tbg.nn.triton.ragged):
 deterministic, no atomics.
@@ -67,54 +68,15 @@ from torch import Tensor
 
 from tbg.nn import spec
 from tbg.nn.layout import check_mol_ptr
-from tbg.nn.triton.edge import edge_geometry, edge_mlp, edge_mlp_tangent
-from tbg.nn.triton.plan import Blocks, default_blocks, jvp_chunk, padded_hidden
-from tbg.nn.triton.ragged import center_kernel, molecule_sum_kernel
+from tbg.nn.triton import stack
+from tbg.nn.triton.edge import edge_coordinate, edge_geometry, edge_message, edge_mlp_tangent
+from tbg.nn.triton.plan import Blocks, default_blocks, jvp_chunk
+from tbg.nn.triton.ragged import molecule_sum_kernel
+from tbg.nn.triton.stack import dot_precision, interpreted  # noqa: F401 - part of this module's interface
 
 
 
 # ---- kernels ------------------------------------------------------------------------------------------
-@triton.jit
-def _forward_layer_kernel(x_ptr, x0_ptr, pq_ptr, mol_ptr, mol_of_ptr,
-                          wr_ptr, wa_ptr, w2t_ptr, b2_ptr, watt_ptr, batt_ptr, wc1t_ptr, bc1_ptr, wc2_ptr, range_ptr,
-                          x_out_ptr, agg_ptr, H,
-                          EPS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_H: tl.constexpr,
-                          PRECISION: tl.constexpr):
-    """Primal edge pass of one layer, one program per receiver i: x_out[i] = x[i] + range sum_j phi_ij
-    d_ij / s_ij and agg[i] = sum_j m_ij, from pq = [P | Q] [M, 2H] of the layer's node features."""
-    i = tl.program_id(0).to(tl.int64)
-    mol = tl.load(mol_of_ptr + i)
-    start = tl.load(mol_ptr + mol)
-    end = tl.load(mol_ptr + mol + 1)
-    offs_h = tl.arange(0, BLOCK_H)
-    h_ok = offs_h < H
-    c = tl.arange(0, 4)
-    wr = tl.load(wr_ptr + offs_h, mask=h_ok, other=0.0)
-    wa = tl.load(wa_ptr + offs_h, mask=h_ok, other=0.0)
-    b2 = tl.load(b2_ptr + offs_h, mask=h_ok, other=0.0)
-    watt = tl.load(watt_ptr + offs_h, mask=h_ok, other=0.0)
-    bc1 = tl.load(bc1_ptr + offs_h, mask=h_ok, other=0.0)
-    wc2 = tl.load(wc2_ptr + offs_h, mask=h_ok, other=0.0)
-    batt = tl.load(batt_ptr)
-    p_i = tl.load(pq_ptr + i * 2 * H + offs_h, mask=h_ok, other=0.0)
-    trans = tl.full((BLOCK_J, 4), 0, p_i.dtype)
-    agg = tl.full((BLOCK_J, BLOCK_H), 0, p_i.dtype)
-    for j0 in range(start, end, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        j_ok = (j < end) & (j != i)
-        d, r, sq, s, e = edge_geometry(x_ptr, x0_ptr, i, j, j_ok, EPS)
-        q_j = tl.load(pq_ptr + j[:, None] * 2 * H + H + offs_h[None, :], mask=j_ok[:, None] & h_ok[None, :],
-                      other=0.0)
-        pre1 = p_i[None, :] + q_j + r[:, None] * wr[None, :] + tl.sum(e * e, axis=1)[:, None] * wa[None, :]
-        m, phi, _, _, _, _, _, _, _ = edge_mlp(pre1, w2t_ptr, b2, watt, batt, wc1t_ptr, bc1, wc2, offs_h, h_ok, H,
-                                               PRECISION)
-        trans += tl.where(j_ok, phi / s, 0.0)[:, None] * d
-        agg += tl.where(j_ok[:, None], m, 0.0)
-    x_i = tl.load(x_ptr + i * 3 + c, mask=c < 3, other=0.0)
-    tl.store(x_out_ptr + i * 3 + c, x_i + tl.load(range_ptr) * tl.sum(trans, axis=0), mask=c < 3)
-    tl.store(agg_ptr + i * H + offs_h, tl.sum(agg, axis=0), mask=h_ok)
-
-
 @triton.jit
 def _tangent_layer_kernel(x_ptr, x0_ptr, pq_ptr, mol_ptr, mol_of_ptr,
                           wr_ptr, wa_ptr, w2t_ptr, b2_ptr, watt_ptr, batt_ptr, wc1t_ptr, bc1_ptr, wc2_ptr, range_ptr,
@@ -194,8 +156,8 @@ def _tangent_layer_kernel(x_ptr, x0_ptr, pq_ptr, mol_ptr, mol_of_ptr,
         q_j = tl.load(pq_ptr + j[:, None] * 2 * H + H + offs_h[None, :], mask=j_ok[:, None] & h_ok[None, :],
                       other=0.0)
         pre1 = p_i[None, :] + q_j + r[:, None] * wr[None, :] + tl.sum(e * e, axis=1)[:, None] * wa[None, :]
-        _, phi, w2t, wc1t, slope1, m0, slope2, g, slopec = edge_mlp(pre1, w2t_ptr, b2, watt, batt, wc1t_ptr, bc1,
-                                                                     wc2, offs_h, h_ok, H, PRECISION)
+        _, slope1, w2t, m0, slope2, g, m = edge_message(pre1, w2t_ptr, b2, watt, batt, offs_h, h_ok, H, PRECISION)
+        phi, wc1t, _, slopec = edge_coordinate(m, wc1t_ptr, bc1, wc2, offs_h, h_ok, H, PRECISION)
 
         # Tangent of d_ij = x_i - x_j [BLOCK_T, BLOCK_J, 4] and of r_ij [BLOCK_T, BLOCK_J].
         row_j = (t[:, None] * M + j[None, :])[:, :, None] * 3 + c[None, None, :]
@@ -269,91 +231,7 @@ def use_blocks(blocks: Blocks) -> Iterator[None]:
         _blocks_override = previous
 
 
-def interpreted() -> bool:
-    """Whether the kernels were built by the Triton interpreter (TRITON_INTERPRET=1 when this module
-    was imported): then they run on CPU tensors, not on a GPU."""
-    return not isinstance(_tangent_layer_kernel, triton.runtime.JITFunction)
-
-
-def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """tl.dot input precision: "tf32" for float32 on a GPU when PyTorch's TF32 switch is on, else "ieee"."""
-    tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-    return "tf32" if tf32 else "ieee"
-
-
-def _alloc(*shape: int, like: Tensor) -> Tensor:
-    """Uninitialised buffer like `like` (every element is written before it is read; the tests make
-    this NaN-filled to check that)."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
-
-
 # ---- host side ----------------------------------------------------------------------------------------
-class _Weights(NamedTuple):
-    """The 13 stacked weights rearranged once per call for the kernels and the torch GEMMs."""
-
-    w1h_t: Tensor   # [L, H, 2H]: h @ w1h_t[l] = [h W1i^T | h W1j^T]
-    b1pq: Tensor    # [L, 2H]: (b1, 0), the bias of [P | Q]
-    wr: Tensor      # [L, H] first-linear columns of r and a
-    wa: Tensor
-    w2t: Tensor     # [L, H, H] transposed (input-major) for tl.dot
-    b2: Tensor
-    watt: Tensor
-    batt: Tensor    # [L]
-    wc1t: Tensor
-    bc1: Tensor
-    wc2: Tensor
-    wn1h_t: Tensor  # [L, H, H] node MLP, transposed for torch.mm
-    wn1a_t: Tensor
-    bn1: Tensor
-    wn2_t: Tensor
-    bn2: Tensor
-
-
-def _pack(weights: tuple[Tensor, ...]) -> _Weights:
-    w1, b1, w2, b2, watt, batt, wc1, bc1, wc2, wn1, bn1, wn2, bn2 = weights
-    hidden = w1.shape[1]
-    w1h_t = torch.cat([w1[:, :, :hidden].transpose(1, 2), w1[:, :, hidden:2 * hidden].transpose(1, 2)], dim=2)
-    return _Weights(w1h_t.contiguous(), torch.cat([b1, torch.zeros_like(b1)], dim=1),
-                    w1[:, :, 2 * hidden].contiguous(), w1[:, :, 2 * hidden + 1].contiguous(),
-                    w2.transpose(1, 2).contiguous(), b2.contiguous(), watt.contiguous(), batt.contiguous(),
-                    wc1.transpose(1, 2).contiguous(), bc1.contiguous(), wc2.contiguous(),
-                    wn1[:, :, :hidden].transpose(1, 2).contiguous(), wn1[:, :, hidden:].transpose(1, 2).contiguous(),
-                    bn1.contiguous(), wn2.transpose(1, 2).contiguous(), bn2.contiguous())
-
-
-def _layer_weights(w: _Weights, layer: int) -> tuple[Tensor, ...]:
-    """The edge weights of one layer in the kernels' argument order (wr ... wc2)."""
-    return (w.wr[layer], w.wa[layer], w.w2t[layer], w.b2[layer], w.watt[layer], w.batt[layer:layer + 1],
-            w.wc1t[layer], w.bc1[layer], w.wc2[layer])
-
-
-def _check_inputs(op: str, x: Tensor, h0: Tensor, mol_ptr: Tensor, weights: tuple[Tensor, ...]) -> None:
-    """Shape, dtype and device checks (metadata only, no device read), as RuntimeError."""
-    def fail(msg: str) -> None:
-        raise RuntimeError(f"{op}: {msg}")
-
-    if x.dim() != 2 or x.shape[1] != 3:
-        fail(f"x must have shape [M, 3], got {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float64):
-        fail(f"x must be float32 or float64, got {x.dtype}")
-    if h0.dim() != 2 or h0.shape[0] != x.shape[0] or h0.dtype != x.dtype or h0.device != x.device:
-        fail(f"h0 must have shape [M, H] with M = {x.shape[0]} and match x in dtype and device, got "
-             f"{tuple(h0.shape)} {h0.dtype} on {h0.device}")
-    if mol_ptr.device != x.device or mol_ptr.dtype != torch.long or mol_ptr.dim() != 1 or mol_ptr.numel() < 1:
-        fail(f"mol_ptr must be a 1-d int64 tensor of length n_molecules + 1 on {x.device}, got shape "
-             f"{tuple(mol_ptr.shape)}, {mol_ptr.dtype} on {mol_ptr.device}")
-    if len(weights) != spec.N_WEIGHTS:
-        fail(f"expected {spec.N_WEIGHTS} stacked weight tensors, got {len(weights)}")
-    n_layers, hidden = (weights[0].shape[0] if weights[0].dim() == 3 else 0), h0.shape[1]
-    if n_layers < 1:
-        fail(f"w1 must have shape [L, H, 2H + 2], got {tuple(weights[0].shape)}")
-    for name, w, shape in zip(spec.WEIGHT_NAMES, weights, spec.weight_shapes(n_layers, hidden)):
-        if tuple(w.shape) != shape:
-            fail(f"weight {name} must have shape {list(shape)} for L = {n_layers}, H = {hidden}, got {list(w.shape)}")
-        if w.dtype != x.dtype or w.device != x.device:
-            fail(f"weight {name} is {w.dtype} on {w.device} but x is {x.dtype} on {x.device}")
-
-
 def _host_view(op: str, x: Tensor, mol_ptr: Tensor, *checked: Tensor) -> int:
     """The call's one device-to-host copy: mol_ptr and whether every `checked` tensor is finite.
     Validates mol_ptr and the values; returns the largest molecule's atom count."""
@@ -370,26 +248,20 @@ def _host_view(op: str, x: Tensor, mol_ptr: Tensor, *checked: Tensor) -> int:
 
 
 class _Batch(NamedTuple):
-    """What every launch of a call shares."""
+    """What every launch of a call shares: the stack's (tbg.nn.triton.stack.Batch), the molecule of every
+    atom and the tangent kernels' tiles."""
 
-    x0: Tensor
-    mol_ptr: Tensor
-    mol_of: Tensor      # [M] molecule of every atom
-    weights: _Weights
-    range_: Tensor      # [1] coords_range in x's dtype (a float argument would be float32)
+    stack: stack.Batch
+    mol_of: Tensor      # [M]
     blocks: Blocks
-    block_h: int
-    precision: str
 
 
 def _batch(x: Tensor, h0: Tensor, mol_ptr: Tensor, weights: tuple[Tensor, ...], coords_range: float) -> _Batch:
-    hidden = h0.shape[1]
-    blocks = _blocks_override or default_blocks(hidden)
+    blocks = _blocks_override or default_blocks(h0.shape[1])
     blocks.check(native=not interpreted())
     # Molecule of each atom without a host read: the number of molecule ends <= the atom index.
     mol_of = torch.searchsorted(mol_ptr[1:], torch.arange(x.shape[0], device=x.device), right=True)
-    return _Batch(x, mol_ptr, mol_of, _pack(weights), torch.full((1,), coords_range, dtype=x.dtype, device=x.device),
-                  blocks, padded_hidden(hidden), dot_precision(x.dtype, x.device))
+    return _Batch(stack.batch(x, h0, mol_ptr, weights, coords_range), mol_of, blocks)
 
 
 class _Primal(NamedTuple):
@@ -401,25 +273,11 @@ class _Primal(NamedTuple):
 def _primal(b: _Batch, h0: Tensor) -> _Primal:
     """The forward pass, storing what the tangent pass reads (node-level tensors only)."""
     n_atoms, hidden = h0.shape
-    n_layers = b.weights.w2t.shape[0]
-    xs, pq = _alloc(n_layers + 1, n_atoms, 3, like=h0), _alloc(n_layers, n_atoms, 2 * hidden, like=h0)
-    node_slope = _alloc(max(n_layers - 1, 0), n_atoms, hidden, like=h0)
-    agg = _alloc(n_atoms, hidden, like=h0)
-    xs[0] = b.x0
-    h = h0
-    w = b.weights
-    for layer in range(n_layers):
-        torch.addmm(w.b1pq[layer], h, w.w1h_t[layer], out=pq[layer])
-        torch.library.wrap_triton(_forward_layer_kernel)[(n_atoms,)](
-            xs[layer], b.x0, pq[layer], b.mol_ptr, b.mol_of, *_layer_weights(w, layer), b.range_, xs[layer + 1], agg,
-            hidden, EPS=spec.EDGE_EPS, BLOCK_J=b.blocks.senders, BLOCK_H=b.block_h, PRECISION=b.precision,
-            num_warps=b.blocks.warps, num_stages=b.blocks.stages)
-        if layer + 1 < n_layers:  # the last layer's node update feeds nothing
-            z = torch.addmm(w.bn1[layer], h, w.wn1h_t[layer]).addmm_(agg, w.wn1a_t[layer])
-            sig = torch.sigmoid(z)
-            torch.mul(sig, 1 + z * (1 - sig), out=node_slope[layer])
-            h = torch.addmm(w.bn2[layer], z * sig, w.wn2_t[layer]).add_(h)
-    return _Primal(xs, pq, node_slope)
+    n_layers = b.stack.weights.w2t.shape[0]
+    p = _Primal(stack.alloc(n_layers + 1, n_atoms, 3, like=h0), stack.alloc(n_layers, n_atoms, 2 * hidden, like=h0),
+                stack.alloc(max(n_layers - 1, 0), n_atoms, hidden, like=h0))
+    stack.primal(b.stack, h0, p.xs, pq=p.pq, node_slope=p.node_slope)
+    return p
 
 
 def _tangent_pass(b: _Batch, p: _Primal, n_tan: int, t0: int, tangents: Tensor | None, diag: Tensor | None
@@ -430,15 +288,15 @@ def _tangent_pass(b: _Batch, p: _Primal, n_tan: int, t0: int, tangents: Tensor |
     returns None. Given tangents [n_tan, M, 3]: returns the tangents of x^L [n_tan, M, 3].
     """
     n_layers, n_atoms, hidden = p.pq.shape[0], p.pq.shape[1], p.pq.shape[2] // 2
-    w, blocks = b.weights, b.blocks
+    w, blocks = b.stack.weights, b.blocks
     unit = tangents is None
-    like = b.x0
-    dx = (_alloc(n_tan, n_atoms, 3, like=like), _alloc(n_tan, n_atoms, 3, like=like))
+    like = b.stack.x0
+    dx = (stack.alloc(n_tan, n_atoms, 3, like=like), stack.alloc(n_tan, n_atoms, 3, like=like))
     state = n_layers > 1
-    dpq = _alloc(n_tan, n_atoms, 2 * hidden, like=like) if state else None
-    dagg = _alloc(n_tan, n_atoms, hidden, like=like) if state else None
-    dh = _alloc(n_tan * n_atoms, hidden, like=like) if state else None
-    dz = _alloc(n_tan * n_atoms, hidden, like=like) if state else None
+    dpq = stack.alloc(n_tan, n_atoms, 2 * hidden, like=like) if state else None
+    dagg = stack.alloc(n_tan, n_atoms, hidden, like=like) if state else None
+    dh = stack.alloc(n_tan * n_atoms, hidden, like=like) if state else None
+    dz = stack.alloc(n_tan * n_atoms, hidden, like=like) if state else None
     dx_in = tangents if tangents is not None else dx[1]  # layer 1 of unit tangents reads no dX
     for layer in range(n_layers):
         first, last = layer == 0, layer + 1 == n_layers
@@ -447,12 +305,14 @@ def _tangent_pass(b: _Batch, p: _Primal, n_tan: int, t0: int, tangents: Tensor |
         grid = (n_atoms, 1 if own else triton.cdiv(n_tan, tile))
         dx_out = dx[layer % 2]
         torch.library.wrap_triton(_tangent_layer_kernel)[grid](
-            p.xs[layer], b.x0, p.pq[layer], b.mol_ptr, b.mol_of, *_layer_weights(w, layer), b.range_,
+            p.xs[layer], b.stack.x0, p.pq[layer], b.stack.mol_ptr, b.mol_of, *stack.layer_edge_weights(w, layer),
+            b.stack.range_,
             tangents if tangents is not None else dx_in, dx_in, dpq if dpq is not None else dx_in, dx_out,
             dagg if dagg is not None else dx_out, diag if diag is not None else dx_out,
             n_atoms, hidden, n_tan, t0,
             FIRST=first, LAST=last, OWN=own, UNIT=unit, EPS=spec.EDGE_EPS, BLOCK_T=tile, BLOCK_J=blocks.senders,
-            BLOCK_H=b.block_h, PRECISION=b.precision, num_warps=blocks.warps, num_stages=blocks.stages)
+            BLOCK_H=b.stack.block_h, PRECISION=b.stack.precision, num_warps=blocks.warps,
+            num_stages=blocks.stages)
         dx_in = dx_out
         if last:
             break
@@ -470,28 +330,18 @@ def _tangent_pass(b: _Batch, p: _Primal, n_tan: int, t0: int, tangents: Tensor |
     return None if unit else dx_in
 
 
-def _center(a: Tensor, b: Tensor | None, mol_ptr: Tensor) -> Tensor:
-    """a - b (or a) with each molecule's mean removed, per leading index: [K, M, 3] or [M, 3]."""
-    out = _alloc(*a.shape, like=a)
-    n_mol, n_rows = mol_ptr.numel() - 1, a.shape[0] if a.dim() == 3 else 1
-    if n_mol and out.numel():
-        torch.library.wrap_triton(center_kernel)[(n_mol, n_rows)](
-            a, b if b is not None else a, out, mol_ptr, a.shape[-2], SUBTRACT_B=b is not None, BLOCK=32)
-    return out
-
-
 # ---- the op implementations ---------------------------------------------------------------------------
 @torch.no_grad()
 def egnn_divergence(x: Tensor, h0: Tensor, mol_ptr: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
     """tbg::egnn_divergence (v [M, 3], div [B]); after mol_ptr: the 13 weights, coords_range,
     tangent_chunk (tangents per chunk; the tangent state is O(tangent_chunk M H))."""
     weights, (coords_range, tangent_chunk) = args[:spec.N_WEIGHTS], args[spec.N_WEIGHTS:]
-    _check_inputs("egnn_divergence", x, h0, mol_ptr, weights)
+    stack.check_inputs("egnn_divergence", x, h0, mol_ptr, weights)
     if tangent_chunk < 1:
         raise RuntimeError(f"egnn_divergence: tangent_chunk must be >= 1, got {tangent_chunk}")
     n_max = _host_view("egnn_divergence", x, mol_ptr, x)
     n_mol = mol_ptr.numel() - 1
-    div = _alloc(n_mol, like=x)
+    div = stack.alloc(n_mol, like=x)
     if x.shape[0] == 0:
         return torch.zeros_like(x), div.zero_()
     b = _batch(x.contiguous(), h0.contiguous(), mol_ptr, weights, coords_range)
@@ -501,7 +351,7 @@ def egnn_divergence(x: Tensor, h0: Tensor, mol_ptr: Tensor, *args: Any) -> tuple
         _tangent_pass(b, p, min(tangent_chunk, 3 * n_max - t0), t0, None, diag)
     if n_mol:
         torch.library.wrap_triton(molecule_sum_kernel)[(n_mol,)](diag, div, mol_ptr, BLOCK=32)
-    return _center(p.xs[-1], b.x0, mol_ptr), div
+    return stack.center(p.xs[-1], b.stack.x0, mol_ptr), div
 
 
 @torch.no_grad()
@@ -509,14 +359,14 @@ def egnn_jvp(x: Tensor, h0: Tensor, mol_ptr: Tensor, *args: Any) -> tuple[Tensor
     """tbg::egnn_jvp (v [M, 3], (dv/dx) tangents[k] [K, M, 3]); after mol_ptr: the 13 weights,
     tangents [K, M, 3], coords_range."""
     weights, (tangents, coords_range) = args[:spec.N_WEIGHTS], args[spec.N_WEIGHTS:]
-    _check_inputs("egnn_jvp", x, h0, mol_ptr, weights)
+    stack.check_inputs("egnn_jvp", x, h0, mol_ptr, weights)
     if tangents.dim() != 3 or tangents.shape[1:] != x.shape:
         raise RuntimeError(f"egnn_jvp: tangents must have shape [K, M, 3] with M = {x.shape[0]}, "
                            f"got {tuple(tangents.shape)}")
     if tangents.dtype != x.dtype or tangents.device != x.device or not tangents.is_contiguous():
         raise RuntimeError("egnn_jvp: tangents must be contiguous and match x in dtype and device")
     _host_view("egnn_jvp", x, mol_ptr, x, tangents)
-    jvp = _alloc(*tangents.shape, like=x)
+    jvp = stack.alloc(*tangents.shape, like=x)
     if x.shape[0] == 0:
         return torch.zeros_like(x), jvp
     b = _batch(x.contiguous(), h0.contiguous(), mol_ptr, weights, coords_range)
@@ -524,5 +374,5 @@ def egnn_jvp(x: Tensor, h0: Tensor, mol_ptr: Tensor, *args: Any) -> tuple[Tensor
     chunk = jvp_chunk(x.shape[0], h0.shape[1], tangents.shape[0])
     for k0 in range(0, tangents.shape[0], chunk):
         tan = tangents[k0:k0 + chunk]
-        jvp[k0:k0 + chunk] = _center(_tangent_pass(b, p, tan.shape[0], 0, tan, None), tan, mol_ptr)
-    return _center(p.xs[-1], b.x0, mol_ptr), jvp
+        jvp[k0:k0 + chunk] = stack.center(_tangent_pass(b, p, tan.shape[0], 0, tan, None), tan, mol_ptr)
+    return stack.center(p.xs[-1], b.stack.x0, mol_ptr), jvp
