@@ -5,7 +5,7 @@ Implementations: the C++ CPU kernels (csrc/), the CUDA kernels in .cu files, and
 implementations tbg.nn.ops installs for the CUDA ops without a compiled kernel: the torch-ops code of
 the divergence (tbg.nn.divergence_torch) or, opt-in by TBG_TRITON, the Triton kernels (tbg.nn.triton).
 ``GPU_VERIFIED`` records, by hand after each GPU run, which of them have passed their CUDA checks on a
-GPU; an implementation missing from it has not.
+GPU; an implementation missing from it has not (the protocol: docs/gpu.md).
 """
 from __future__ import annotations
 
