@@ -8,6 +8,7 @@
 # order of priority; a step that does not fit the time left is skipped and says so. Logs go to $OUT
 # (default ./gpu_check_out), at most 8 files; the last lines printed (and $OUT/summary.txt) are a table:
 # step, status, seconds, result.
+# The protocol around it (what a pass means, how results are recorded): docs/gpu.md.
 #
 #   bash bench/gpu_check.sh                 # on the GPU machine
 #   bash bench/gpu_check.sh --cpu-dry-run   # here: the same steps on CPU, Triton under the interpreter,

@@ -16,7 +16,8 @@
 //   wc2 [L, H]                     coordinate MLP, last linear (no bias), then tanh * coords_range
 //   wn1 [L, H, 2H]   bn1 [L, H]    node MLP, first linear; input order (h_i, sum_j m_ij)
 //   wn2 [L, H, H]    bn2 [L, H]    node MLP, second linear (residual update)
-// The semantics are those of tbg.nn.reference, written out in docs/model.md.
+// The semantics are those of tbg.nn.reference, written out in docs/model.md; docs/architecture.md
+// lists which file serves each op on each device.
 #include <torch/library.h>
 
 #define TBG_EGNN_WEIGHTS                                                                   \

@@ -1,4 +1,5 @@
-"""Run folders: one process at a time, a manifest of what defines the run, per-process temporary files.
+"""Run folders: one process at a time, a manifest of what defines the run, per-process temporary files
+(docs/architecture.md, "Run folders", lists the files every job writes).
 
 Every job that writes into an output folder (training, sampling, simulation, evaluation, refinement)
 holds the folder's lock while it runs (``exclusive``): an advisory ``fcntl.flock`` on a lock file in the

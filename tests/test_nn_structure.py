@@ -1,5 +1,6 @@
-"""How tbg is put together: ops fully registered by `import tbg`, no import cycle, and one definition
-of the weight order and the shared constants that the compiled library agrees with."""
+"""How tbg is put together: ops fully registered by `import tbg`, no import cycle, layers that import only
+downward (docs/architecture.md), and one definition of the weight order and the shared constants that the
+compiled library agrees with."""
 from __future__ import annotations
 
 import ast
@@ -153,10 +154,16 @@ def _imports(path: Path, files: dict[str, Path]) -> set[str]:
     return found
 
 
-def test_import_graph_is_acyclic() -> None:
+def _import_graph() -> dict[str, set[str]]:
+    """Every tbg module -> the tbg modules it imports."""
     files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph = {name: _imports(path, files) for name, path in files.items()}
     assert graph["tbg.nn.egnn"] >= {"tbg.nn.ops", "tbg.nn.reference"}  # the parse sees imports at all
+    return graph
+
+
+def test_import_graph_is_acyclic() -> None:
+    graph = _import_graph()
     done: set[str] = set()
 
     def visit(name: str, stack: list[str]) -> None:
@@ -170,6 +177,33 @@ def test_import_graph_is_acyclic() -> None:
 
     for name in sorted(graph):
         visit(name, [])
+
+
+# The layers of docs/architecture.md, lowest first; the shared modules sit below all of them and the package
+# front (tbg/__init__.py, which imports tbg.nn) on the nn layer.
+LAYERS = ("shared", "chem", "nn", "flow", "evaluate", "cli")
+SHARED = ("tbg.errors", "tbg.runfolder", "tbg._library")
+
+
+def _layer(module: str) -> str:
+    if module in SHARED:
+        return "shared"
+    if module == "tbg":
+        return "nn"
+    if module == "tbg.__main__":
+        return "cli"
+    layer = module.split(".")[1]
+    assert layer in LAYERS, f"{module} belongs to no layer of docs/architecture.md"
+    return layer
+
+
+def test_layers_import_only_downward() -> None:
+    """chem -> nn -> flow -> evaluate -> cli: a module imports only from its own layer or lower ones."""
+    graph = _import_graph()
+    upward = [f"{name} -> {dep}" for name, deps in sorted(graph.items()) for dep in sorted(deps)
+              if LAYERS.index(_layer(dep)) > LAYERS.index(_layer(name))]
+    assert not upward, "imports from a higher layer: " + ", ".join(upward)
+    assert "tbg.chem.data" in graph["tbg.flow.train"]  # downward imports exist, and pass
 
 
 # ---- one definition of the weight order and the constants, and the C++ side agrees ------------------

@@ -1,4 +1,4 @@
-"""Per-atom features of the published TBG models.
+"""Per-atom features of the published TBG models (docs/model.md, "Atom encodings").
 
 Alanine-dipeptide style (``encode_atoms``): one class per atom, except that the three hydrogens of a methyl
 group (a carbon bonded to exactly three hydrogens) share one class, the index of the group's second

@@ -1,7 +1,8 @@
 """Unit conventions shared by the chemistry side and the flow.
 
 The network sees centred positions in nm multiplied by ``SCALE`` ("scaled" or model units); energies are
-always evaluated in nm. Define the factor once here and import it everywhere else.
+always evaluated in nm. Define the factor once here and import it everywhere else (docs/model.md, "Units",
+lists every unit).
 """
 from __future__ import annotations
 

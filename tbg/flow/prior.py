@@ -1,4 +1,4 @@
-"""The TBG prior: an isotropic standard normal on the mean-free subspace of each molecule.
+"""The TBG prior: an isotropic standard normal on the mean-free subspace of each molecule (docs/model.md).
 
 For a molecule of N atoms the positions live in R^{3N}, but the flow (translation invariant) only ever
 sees configurations with zero centre of mass, a (N-1)*3-dimensional subspace. The prior is the standard

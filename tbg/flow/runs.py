@@ -1,4 +1,5 @@
-"""Run folders of flows trained on MD data and of their samples, as the `tbg` command makes them.
+"""Run folders of flows trained on MD data and of their samples, as the `tbg` command makes them
+(docs/architecture.md follows the data from MD frames to a report).
 
 A training run folder holds, besides what ``tbg.flow.train`` writes (checkpoints/, model.pt,
 train_log.csv), ``topology.pdb`` (the molecule, so that sampling needs nothing else) and ``run.json``. A

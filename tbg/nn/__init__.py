@@ -6,6 +6,7 @@ it), ``reference`` (the plain-PyTorch oracle: the field, the ops' twins, diverge
 stochastic trace estimator), ``egnn`` (the module and its backend choice), ``layout`` (batch
 layouts), ``spec`` (what Python and the kernels agree on), ``checkpoint`` (published checkpoints),
 ``published`` (published dynamics objects on tbg's engine: a drop-in divergence estimator).
+The equations are in docs/model.md; how the ops reach their kernels, in docs/architecture.md.
 """
 from tbg.nn import ops  # noqa: F401 - registers fake kernels, autograd and device implementations
 from tbg.nn.checkpoint import CheckpointError, load_egnn, load_published, save_published

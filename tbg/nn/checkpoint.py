@@ -1,4 +1,4 @@
-"""Checkpoints in the layout of the published TBG code, in both directions.
+"""Checkpoints in the layout of the published TBG code, in both directions (docs/model.md, "Checkpoints").
 
 A published checkpoint is ``{"model_state_dict": flow_state}``; the EGNN's tensors sit in the
 flow state under ``PREFIX`` and, a second time, under ``INVERSE_PREFIX`` (the inverse direction

@@ -6,7 +6,7 @@ implementations tbg.nn.ops installs for CUDA: the torch-ops code of the divergen
 (tbg.nn.divergence_torch), where no compiled kernel exists, or, opt-in by TBG_TRITON, the Triton kernels
 (tbg.nn.triton; TBG_TRITON=egnn in place of the .cu kernels).
 ``GPU_VERIFIED`` records, by hand after each GPU run, which of them have passed their CUDA checks on a
-GPU; an implementation missing from it has not.
+GPU; an implementation missing from it has not (the protocol: docs/gpu.md).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The TBG vector field: EGNN dynamics with the published parameter layout, two backends.
+"""The TBG vector field (docs/model.md): EGNN dynamics with the published parameter layout, two backends.
 
 ``EGNN`` holds the parameters under exactly the names of the published code (``embedding``,
 ``gcl_{l}.edge_mlp.0`` ...), so a published state dict loads without renaming. Its forward

@@ -16,7 +16,8 @@ egnn_jvp            yes             raises (use ``EGNN.divergence``)           C
 
 Fake kernels let ``torch.compile`` and ``torch.library.opcheck`` trace the ops without running
 them. ``cuda_implementations`` is the one place where Python implementations are chosen for the
-CUDA ops the library has no compiled kernel for; ``PYTHON_CUDA_OPS`` names the ops it serves.
+CUDA ops the library has no compiled kernel for; ``PYTHON_CUDA_OPS`` names the ops it serves (how an
+implementation earns that place: docs/gpu.md).
 Because all of it happens at import, ``tbg.has_kernel``, ``tbg info`` and direct
 ``torch.ops.tbg.*`` calls behave the same before and after the first model call.
 
