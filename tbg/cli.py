@@ -97,7 +97,9 @@ DEFAULTS: dict[str, Any] = {
     "n": 1000, "sample_batch_size": 500, "likelihood": "joint", "method": "dopri5", "atol": 1e-4, "rtol": 1e-4,
     "ode_steps": 20, "quadrature": 16, "dtype": "float32", "trajectory": ["pdb", "dcd"],
     # evaluation
-    "md_frames": 5000, "temperature": None, "clip_quantile": None, "bins": 60, "bootstrap": 200,
+    "md_frames": 5000, "temperature": None, "bins": 60, "bootstrap": 200,
+    # tail treatments, each reported beside plain importance sampling; point-set W2 size
+    "clip_quantile": [0.999], "energy_cutoff": [20.0], "w2_points": 1000,
     # simulation (published: 0.5 fs Langevin, frames every 10000 steps)
     "frames": 1000, "frame_interval": 10000, "equilibration": 20000, "timestep_fs": 0.5,
 }
@@ -207,8 +209,14 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
          type=POSITIVE_INT, metavar="N")
     _opt(g, "--temperature", "temperature in K for the energies (default: 300 for capped peptides such as "
          "alanine dipeptide, 310 otherwise)", type=POSITIVE_FLOAT, metavar="K")
-    _opt(g, "--clip-quantile", "clip log weights above this quantile for the reweighted estimates, e.g. "
-         "0.999 (default: no clipping)", type=QUANTILE, metavar="Q")
+    _opt(g, "--clip-quantile", "tail treatment of the importance weights, reported beside plain importance "
+         "sampling (never instead of it): log weights clipped at quantile Q; one treatment per value, the flag "
+         "alone gives none", type=QUANTILE, nargs="*", metavar="Q")
+    _opt(g, "--energy-cutoff", "tail treatment reported beside plain importance sampling: weight 0 for samples "
+         "whose reduced energy lies more than KT above the MD frames' mean energy; one treatment per value, the "
+         "flag alone gives none", type=POSITIVE_FLOAT, nargs="*", metavar="KT")
+    _opt(g, "--w2-points", "equal-mass points per method of the point-set W2 metrics (torus-W2, TICA-W2; exact "
+         "optimal transport, O(M^3) time)", type=POSITIVE_INT, metavar="M")
     _opt(g, "--bins", "histogram bins of the free-energy profiles", type=POSITIVE_INT)
     _opt(g, "--bootstrap", "bootstrap resamples for the free-energy error bars", type=POSITIVE_INT, metavar="N")
 
@@ -318,8 +326,8 @@ def _sampling_options(args: argparse.Namespace, device, encoding: str) -> Sampli
 def _evaluation_options(args: argparse.Namespace) -> EvaluationOptions:
     from tbg.evaluate import EvaluationOptions
 
-    return EvaluationOptions(clip_quantile=args.clip_quantile, bins=args.bins, n_bootstrap=args.bootstrap,
-                             seed=args.seed)
+    return EvaluationOptions(clip_quantiles=args.clip_quantile, energy_cutoffs=args.energy_cutoff, bins=args.bins,
+                             n_bootstrap=args.bootstrap, w2_points=args.w2_points, seed=args.seed)
 
 
 # ---------------------------------------------------------------------------------------------------
