@@ -239,7 +239,7 @@ def _refine_args(p: argparse.ArgumentParser) -> None:
          choices=["resample-move", "adaptive", "none"])
     _opt(g, "--particles", "refine the first N flow samples (default: all)", type=AT_LEAST_TWO, metavar="N")
     _opt(g, "--n-moves", "MALA moves per SMC stage", type=NONNEGATIVE_INT, metavar="K")
-    _opt(g, "--step-size", "initial MALA step size tau, in squared model units (nm x 30)^2; adapted toward "
+    _opt(g, "--step-size", f"initial MALA step size tau, in squared model units (nm x {SCALE:g})^2; adapted toward "
          "acceptance 0.57", type=POSITIVE_FLOAT, metavar="TAU")
     _opt(g, "--target-cess", "conditional ESS kept per adaptive SMC stage", type=OPEN_UNIT, metavar="F")
     _opt(g, "--resample-threshold", "resample when the ESS fraction falls below F", type=UNIT, metavar="F")

@@ -153,6 +153,32 @@ def test_refine_resumes_after_an_interruption(flow_samples, tmp_path: Path, caps
         assert s_cut["costs"][key] == s_whole["costs"][key] > 0  # the annealed stages integrate the flow back
 
 
+def test_refine_starts_over_from_an_unreadable_checkpoint(flow_samples, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    _, _, samples = flow_samples
+    argv = ["refine", "--samples", samples, *REFINE, "--particles", "12"]
+    code, _, err = run([*argv, "--out", tmp_path / "whole"], capsys)
+    assert code == 0, err
+    original = refine_runs._Checkpointer.__call__
+
+    def interrupt(self, checkpoint) -> None:  # noqa: ANN001
+        original(self, checkpoint)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(refine_runs._Checkpointer, "__call__", interrupt)
+    assert run([*argv, "--out", tmp_path / "cut"], capsys)[0] == 130
+    monkeypatch.undo()
+    state = tmp_path / "cut" / "state" / "smc.npz"
+    state.write_bytes(state.read_bytes()[:100])
+    code, _, err = run([*argv, "--out", tmp_path / "cut"], capsys)
+    assert code == 0, err
+    assert "unreadable checkpoint" in caplog.text and (state.parent / "smc.npz.corrupt").is_file()
+    np.testing.assert_allclose(_result(tmp_path / "cut")[0]["samples"], _result(tmp_path / "whole")[0]["samples"],
+                               rtol=0, atol=1e-6)
+
+
 def test_refine_refuses_other_inputs_and_a_held_folder(flow_samples, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     md, train, samples = flow_samples

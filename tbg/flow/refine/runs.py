@@ -459,7 +459,11 @@ def read_refinement(folder: Path) -> tuple[Path, list[RefinedSet]]:
     manifest = read_json(folder / MANIFEST_FILE, "run manifest")
     if manifest.get("kind") != REFINEMENT_RUN:
         raise InputError(f"{folder} holds a {manifest.get('kind')} run, not a refinement")
-    source = _read_source(Path(manifest.get("info", {}).get("samples", "")))
+    recorded = Path(manifest.get("info", {}).get("samples", ""))
+    if not (recorded / SAMPLES_FILE).is_file():
+        raise InputError(f"{folder} refined the samples in {recorded}, which are no longer there; the evaluation "
+                         f"needs them (move them back, or refine them again)")
+    source = _read_source(recorded)
     if source.sha256 != manifest["defines"]["source"]["samples_sha256"]:
         raise InputError(f"the samples in {source.folder} changed since {folder} refined them; refine them again")
     sets = []
