@@ -13,9 +13,10 @@ From one checkpoint of a molecule with MD data (default: the shipped alanine-dip
 The table gives per method the flow samples it needs (each one a likelihood integration), the energy and
 flow-likelihood evaluations, the wall time (sampling time per sample x samples + refinement), the ESS
 (Kish; SMC with its distinct ancestors; MCMC by autocorrelation), energy-W2 and dF - MD of each basin, and
-the cost per effective sample (wall seconds / ESS). ESS numbers are not comparable across kinds (Kish
-counts duplicated SMC particles); the distances to MD are. One run, one seed: differences within the error
-bars mean nothing.
+the cost per effective sample (wall seconds / ESS, counting at most one per distinct flow sample behind the
+SMC particles or visited by the chains). ESS numbers
+are not comparable across kinds (Kish counts duplicated SMC particles); the distances to MD are. One run,
+one seed: differences within the error bars mean nothing.
 
     python bench/bench_refine.py --checkpoint RUN [--n 500] [--moves 5] [--chains 10] [--adaptive]
         [--data DIR] [--out bench-refine] [--device cpu] [--md-frames 2000]
@@ -123,8 +124,11 @@ def main() -> None:
         wall = flow * per_sample_s + costs.get("wall_time_s", 0.0)
         ess = m["ess"]
         n_eff = None if ess is None else ess["effective_samples"]
-        ess_text = "-" if ess is None else f"{n_eff:.1f} ({ess['kind']}" + (
-            f", {m['unique_ancestors']} ancestors)" if m.get("unique_ancestors") is not None else ")")
+        distinct = m.get("unique_ancestors", m.get("n_unique"))  # SMC ancestors, MCMC proposals visited
+        if n_eff is not None and distinct is not None:  # copies of one flow sample add nothing
+            n_eff = min(n_eff, distinct)
+        ess_text = "-" if ess is None else f"{ess['effective_samples']:.1f} ({ess['kind']}" + (
+            f"; {distinct} distinct)" if distinct is not None else ")")
         dfs = [_pm((m["delta_f"].get(k) or {}).get("minus_md")) for k in basins]
         print(f"| {name} | {flow} | {costs.get('energy_evaluations', 0):.0f} | "
               f"{costs.get('likelihood_evaluations', 0):.0f} | {wall:.1f} | {ess_text} | {_num(m['energy']['w2'])} | "
