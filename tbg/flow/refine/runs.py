@@ -293,9 +293,6 @@ def refine_samples(samples: Path, out: Path, options: RefineOptions, *, checkpoi
     n = len(x_all) if options.particles is None else options.particles
     if n > len(x_all):
         raise InputError(f"{n} particles asked for, but {source.folder} holds {len(x_all)} samples")
-    if options.mcmc is not None and n // options.mcmc.n_chains <= options.mcmc.burn_in + 1:
-        raise InputError(f"{n} samples give {n // options.mcmc.n_chains} MCMC steps per chain for "
-                         f"{options.mcmc.n_chains} chains, not more than burn-in + 1 = {options.mcmc.burn_in + 1}")
     # log q of the flow's own samples from what the sampler stored; broken integrations are left out.
     latents = torch.from_numpy(source.arrays["latents"][:n]).to(torch.float64)
     x = torch.from_numpy(x_all[:n]).to(torch.float64)
@@ -305,6 +302,9 @@ def refine_samples(samples: Path, out: Path, options: RefineOptions, *, checkpoi
         raise InputError(f"{source.folder}: fewer than 2 of the first {n} samples have a finite likelihood")
     index = torch.nonzero(usable).flatten()  # the particles' rows in samples.npz
     x, log_q = x[usable], log_q[usable]
+    if options.mcmc is not None and len(x) // options.mcmc.n_chains <= options.mcmc.burn_in + 1:
+        raise InputError(f"{len(x)} usable samples give {len(x) // options.mcmc.n_chains} MCMC steps per chain for "
+                         f"{options.mcmc.n_chains} chains, not more than burn-in + 1 = {options.mcmc.burn_in + 1}")
     temperature = options.temperature or default_temperature(topology)
     defines = {"source": {"samples_sha256": source.sha256,
                           "checkpoint_sha256": source.manifest["defines"].get("checkpoint_sha256"),
@@ -315,7 +315,7 @@ def refine_samples(samples: Path, out: Path, options: RefineOptions, *, checkpoi
     # Refuse a bad checkpoint before the folder is touched.
     density = _flow_density(source, checkpoint, options, topology) if options.needs_density() else None
     info = {"samples": str(source.folder.resolve()),
-            "checkpoint": str(checkpoint or source.manifest.get("info", {}).get("checkpoint"))}
+            "checkpoint": str(checkpoint) if checkpoint else source.manifest.get("info", {}).get("checkpoint")}
     with ExitStack() as stack:
         stack.enter_context(claimed(out, REFINEMENT_RUN, defines, info=info,
                                     work=(STATE_DIR, *RESULT_FILES.values())))
