@@ -35,6 +35,7 @@ from tbg.runfolder import write_json
 if TYPE_CHECKING:
     from tbg.chem.trajectory import MDData
     from tbg.evaluate import EvaluationOptions
+    from tbg.flow.refine.runs import RefineOptions
     from tbg.flow.runs import SamplingOptions, TrainingOptions
 
 log = logging.getLogger("tbg")
@@ -80,6 +81,9 @@ POSITIVE_FLOAT = _checked(float, lambda v: math.isfinite(v) and v > 0, "a number
 OPEN_UNIT = _checked(float, lambda v: 0 < v < 1, "a number between 0 and 1 (exclusive)")
 HALF_OPEN_UNIT = _checked(float, lambda v: 0 <= v < 1, "a number >= 0 and < 1")
 QUANTILE = _checked(float, lambda v: 0 < v <= 1, "a number > 0 and <= 1")
+UNIT = _checked(float, lambda v: 0 <= v <= 1, "a number between 0 and 1")
+NONNEGATIVE_FLOAT = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+AT_LEAST_TWO = _checked(int, lambda v: v >= 2, "an integer >= 2")
 HYDROGEN_MASS = _checked(float, lambda v: 1 <= v <= 4, "a mass between 1 and 4 amu")
 
 
@@ -97,7 +101,14 @@ DEFAULTS: dict[str, Any] = {
     "n": 1000, "sample_batch_size": 500, "likelihood": "joint", "method": "dopri5", "atol": 1e-4, "rtol": 1e-4,
     "ode_steps": 20, "quadrature": 16, "dtype": "float32", "trajectory": ["pdb", "dcd"],
     # evaluation
-    "md_frames": 5000, "temperature": None, "clip_quantile": None, "bins": 60, "bootstrap": 200,
+    "md_frames": 5000, "temperature": None, "bins": 60, "bootstrap": 200,
+    # tail treatments, each reported beside plain importance sampling; point-set W2 size
+    "clip_quantile": [0.999], "energy_cutoff": [20.0], "w2_points": 1000,
+    # refinement (tbg.flow.refine): SMC on the flow's samples and/or independence MH; the demo's stage is off
+    # unless a preset or --refine turns it on
+    "scheme": "resample-move", "particles": None, "n_moves": 5, "step_size": 1e-3, "target_cess": 0.9,
+    "resample_threshold": 0.5, "mcmc_chains": 10, "mcmc_burn_in": 10, "mcmc_local_steps": 0,
+    "checkpoint_interval": 60.0, "refine": "off",
     # simulation (published: 0.5 fs Langevin, frames every 10000 steps)
     "frames": 1000, "frame_interval": 10000, "equilibration": 20000, "timestep_fs": 0.5,
 }
@@ -207,10 +218,40 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
          type=POSITIVE_INT, metavar="N")
     _opt(g, "--temperature", "temperature in K for the energies (default: 300 for capped peptides such as "
          "alanine dipeptide, 310 otherwise)", type=POSITIVE_FLOAT, metavar="K")
-    _opt(g, "--clip-quantile", "clip log weights above this quantile for the reweighted estimates, e.g. "
-         "0.999 (default: no clipping)", type=QUANTILE, metavar="Q")
+    _opt(g, "--clip-quantile", "tail treatment of the importance weights, reported beside plain importance "
+         "sampling (never instead of it): log weights clipped at quantile Q; one treatment per value, the flag "
+         "alone gives none", type=QUANTILE, nargs="*", metavar="Q")
+    _opt(g, "--energy-cutoff", "tail treatment reported beside plain importance sampling: weight 0 for samples "
+         "whose reduced energy lies more than KT above the MD frames' mean energy; one treatment per value, the "
+         "flag alone gives none", type=POSITIVE_FLOAT, nargs="*", metavar="KT")
+    _opt(g, "--w2-points", "equal-mass points per method of the point-set W2 metrics (torus-W2, TICA-W2; exact "
+         "optimal transport, O(M^3) time)", type=POSITIVE_INT, metavar="M")
     _opt(g, "--bins", "histogram bins of the free-energy profiles", type=POSITIVE_INT)
     _opt(g, "--bootstrap", "bootstrap resamples for the free-energy error bars", type=POSITIVE_INT, metavar="N")
+
+
+def _refine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("refinement (SMC and independence Metropolis-Hastings on the flow's samples, with "
+                             "OpenMM energies and forces)")
+    _opt(g, "--scheme", "SMC scheme: resample-move (weights, resampling, MALA moves at the target: needs no "
+         "flow evaluations), adaptive (annealing from the flow to the target with MALA moves at each stage, "
+         "steps by conditional ESS: one backward solve of the flow per particle and move), none (no SMC)",
+         choices=["resample-move", "adaptive", "none"])
+    _opt(g, "--particles", "refine the first N flow samples (default: all)", type=AT_LEAST_TWO, metavar="N")
+    _opt(g, "--n-moves", "MALA moves per SMC stage", type=NONNEGATIVE_INT, metavar="K")
+    _opt(g, "--step-size", f"initial MALA step size tau, in squared model units (nm x {SCALE:g})^2; adapted toward "
+         "acceptance 0.57", type=POSITIVE_FLOAT, metavar="TAU")
+    _opt(g, "--target-cess", "conditional ESS kept per adaptive SMC stage", type=OPEN_UNIT, metavar="F")
+    _opt(g, "--resample-threshold", "resample when the ESS fraction falls below F", type=UNIT, metavar="F")
+    g.add_argument("--mcmc", action="store_true", default=None,
+                   help="also run independence Metropolis-Hastings with the flow's samples as proposals")
+    _opt(g, "--mcmc-chains", "parallel chains of independence MH (the proposals are dealt round-robin)",
+         type=POSITIVE_INT, metavar="C")
+    _opt(g, "--mcmc-burn-in", "steps of each chain discarded at its start", type=NONNEGATIVE_INT, metavar="B")
+    _opt(g, "--mcmc-local-steps", "MALA steps after each independence step (needs the flow's density there: one "
+         "backward solve per chain and step)", type=NONNEGATIVE_INT, metavar="K")
+    _opt(g, "--checkpoint-interval", "seconds between checkpoints of a running method (a rerun continues from "
+         "the last one)", type=NONNEGATIVE_FLOAT, metavar="S")
 
 
 DATA_HELP = ("folders in the published layout (NAME-traj-arrays.npz + NAME-traj-state0.pdb), NAME-traj-arrays.npz "
@@ -315,11 +356,27 @@ def _sampling_options(args: argparse.Namespace, device, encoding: str) -> Sampli
                            temperature=args.temperature)
 
 
+def _refine_options(args: argparse.Namespace, device) -> RefineOptions:  # noqa: ANN001
+    from tbg.flow.refine import MCMCConfig, SMCConfig
+    from tbg.flow.refine.runs import RefineOptions
+
+    if args.scheme == "none" and not args.mcmc:
+        raise UsageError("--scheme none without --mcmc: nothing to refine")
+    smc = None if args.scheme == "none" else SMCConfig(
+        schedule=args.scheme.replace("-", "_"), n_moves=args.n_moves, step_size=args.step_size,
+        target_cess=args.target_cess, resample_threshold=args.resample_threshold, seed=args.seed)
+    mcmc = MCMCConfig(n_chains=args.mcmc_chains, burn_in=args.mcmc_burn_in, local_steps=args.mcmc_local_steps,
+                      step_size=args.step_size, seed=args.seed) if args.mcmc else None
+    return RefineOptions(smc, mcmc, particles=args.particles, temperature=args.temperature, device=str(device),
+                         backend=args.backend, trajectory_formats=args.trajectory,
+                         checkpoint_every_s=args.checkpoint_interval, progress=not args.no_progress)
+
+
 def _evaluation_options(args: argparse.Namespace) -> EvaluationOptions:
     from tbg.evaluate import EvaluationOptions
 
-    return EvaluationOptions(clip_quantile=args.clip_quantile, bins=args.bins, n_bootstrap=args.bootstrap,
-                             seed=args.seed)
+    return EvaluationOptions(clip_quantiles=args.clip_quantile, energy_cutoffs=args.energy_cutoff, bins=args.bins,
+                             n_bootstrap=args.bootstrap, w2_points=args.w2_points, seed=args.seed)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -448,7 +505,9 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 def _configure_evaluate(p: argparse.ArgumentParser) -> None:
     _common(p, "folder for report.json and the plots (required)", OPENMM_DEVICE_HELP)
-    p.add_argument("--samples", metavar="PATH", help="samples.npz of `tbg sample`, or its folder (required)")
+    p.add_argument("--samples", metavar="PATH", help="samples.npz of `tbg sample`, or its folder, or a `tbg refine` "
+                   "folder (then the refined samples are evaluated beside importance sampling of the samples they "
+                   "came from) (required)")
     p.add_argument("--data", metavar="PATH", help=f"MD data of the same molecule: {DATA_HELP} (default: the shipped "
                    f"alanine dipeptide data, {ALA2_DATA})")
     _topology_arg(p)
@@ -469,13 +528,56 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     if not args.samples:
         raise UsageError("--samples PATH is required (samples.npz written by `tbg sample`)")
     samples = Path(args.samples)
-    samples = samples / "samples.npz" if samples.is_dir() else samples
     md = _one_molecule(args, _md_data(args, [args.data or ALA2_DATA]))
     out = _out_dir(args)
     evaluate_samples_file(samples, md, out, _evaluation_options(args), md_frames=args.md_frames,
                           temperature=args.temperature, platform=_openmm_platform(args),
                           record=partial(write_resolved_config, args))  # logs the summary table
     print(f"report: {out / 'report.json'}")
+
+
+def _configure_refine(p: argparse.ArgumentParser) -> None:
+    _common(p, "folder for smc.npz / mcmc.npz (refined samples in the layout of samples.npz, with weights, "
+               "ancestors, per-stage log and costs), refine.json, trajectories (required; a rerun resumes)",
+            "torch device of the flow's density (cpu, cuda, cuda:1; default: cuda if available, else cpu); the "
+            "OpenMM energies run on the matching platform when OpenMM has one (else on the fastest, with a warning)")
+    p.add_argument("--samples", metavar="DIR", help="folder of `tbg sample` (samples.npz with the likelihood, its "
+                   "run.json names the checkpoint) (required)")
+    p.add_argument("--checkpoint", metavar="PATH", help="the checkpoint that made the samples, where it is no longer "
+                   "at the path the samples' run.json records (a `tbg train` folder or .pt; checked by SHA-256); "
+                   "only loaded when a method needs the flow's density (--scheme adaptive, --mcmc-local-steps)")
+    p.add_argument("--temperature", type=POSITIVE_FLOAT, metavar="K", help="temperature in K of the target "
+                   "(default: 300 for capped peptides such as alanine dipeptide, 310 otherwise)")
+    p.add_argument("--backend", choices=["auto", "fused", "reference"], default=None,
+                   help="EGNN implementation of the flow's density (default: auto)")
+    p.add_argument("--trajectory", nargs="*", choices=WRITE_FORMATS, default=None, metavar="FORMAT",
+                   help=f"also write the refined samples as smc.FORMAT / mcmc.FORMAT for viewers: "
+                        f"{', '.join(WRITE_FORMATS)} (nm, atoms of topology.pdb); --trajectory alone writes none "
+                        f"(default: {' '.join(DEFAULTS['trajectory'])})")
+    _refine_args(p)
+
+
+def _cmd_refine(args: argparse.Namespace) -> None:
+    from tbg.flow.refine.runs import refine_samples
+    from tbg.flow.runs import find_run_model
+
+    _resolve(args)
+    if not args.samples:
+        raise UsageError("--samples DIR is required (a `tbg sample` folder)")
+    checkpoint = None
+    if args.checkpoint:
+        try:
+            checkpoint, _ = find_run_model(Path(args.checkpoint))
+        except InputError as err:
+            raise UsageError(f"--checkpoint {err}") from err
+        if not checkpoint.is_file():
+            raise UsageError(f"checkpoint file not found: {checkpoint}")
+    platform = _openmm_platform(args, fallback=True)  # before _device names the default device
+    options = _refine_options(args, _device(args))
+    out = _out_dir(args)
+    path = refine_samples(Path(args.samples), out, options, checkpoint=checkpoint, platform=platform,
+                          record=partial(write_resolved_config, args))
+    print(f"refined: {path.parent}\nsummary: {path}")
 
 
 def _configure_demo(p: argparse.ArgumentParser) -> None:
@@ -496,6 +598,10 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
     _topology_arg(p)
     _model_args(p)
     _sample_args(p)
+    p.add_argument("--refine", choices=["on", "off"], default=None,
+                   help="refine the samples (SMC, and independence MH with --mcmc) before the evaluation, which then "
+                        "shows the refined numbers beside the reweighted ones (default: off)")
+    _refine_args(p)
     _eval_args(p)
 
 
@@ -514,9 +620,10 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     out = _out_dir(args)
     model = find_shipped_model(data[0], out) if args.model == "shipped" else None
     log.info("== tbg demo (%s) on %s -> %s", preset, data[0].name, out)
+    refinement = _refine_options(args, device) if args.refine == "on" else None
     summary = run_demo(data[0], out, _training_options(args), _sampling_options(args, device, "auto"),
                        _evaluation_options(args), device=device, md_frames=args.md_frames, platform=platform,
-                       model=model,
+                       model=model, refinement=refinement,
                        record=partial(write_resolved_config, args))
     print(summary)
 
@@ -593,6 +700,9 @@ COMMANDS: dict[str, Command] = {
     "sample": ("sample a trained or published model with exact likelihood into samples.npz and trajectory files "
                "for molecular viewers (resumable)",
                _configure_sample, _cmd_sample),
+    "refine": ("refine a model's samples toward the Boltzmann distribution with SMC and/or independence "
+               "Metropolis-Hastings (OpenMM energies and forces): weighted refined samples, per-stage log, costs "
+               "(resumable)", _configure_refine, _cmd_refine),
     "evaluate": ("check validity, reweight and compare samples with MD: report.json, plots, summary",
                  _configure_evaluate, _cmd_evaluate),
     "demo": ("the main job: train, sample, validate, reweight and evaluate on the shipped alanine dipeptide "

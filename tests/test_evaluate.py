@@ -269,10 +269,10 @@ def png_size(path: Path) -> tuple[int, int]:
 REPORT_KEYS = {
     "n_samples", "n_valid", "correct_configuration_rate", "n_mirrored", "invalid_reasons",
     "n_graphs_searched", "n_isomorphism_timeouts", "md_n_frames", "md_correct_configuration_rate",
-    "ess", "n_nonfinite", "energy", "torsions", "free_energy", "delta_f", "plots", "timings_s",
+    "ess", "n_nonfinite", "energy", "torsions", "free_energy", "delta_f", "methods", "metrics", "plots", "timings_s",
 }
 NESTED_KEYS = {
-    "ess": {"kish_fraction", "kish_n", "n_weighted", "clip_quantile", "kish_fraction_clipped"},
+    "ess": {"kish_fraction", "kish_n", "n_weighted"},
     "energy": {"md_mean", "model_mean", "reweighted_mean", "reweighted_stderr", "model_n_nonfinite",
                "wasserstein_model", "wasserstein_reweighted"},
     "n_nonfinite": {"dlogp", "prior_energy", "energy"},
@@ -292,7 +292,8 @@ def test_report(ala2, tmp_path):
     dlogp = rng.normal(0, 1, 80)
     report, table = evaluate(ModelSamples(samples, prior_energy=prior_energy, dlogp=dlogp),
                              Molecule(ala2.topology, ala2.reference_nm, ala2.reduced_energy), MDFrames(frames),
-                             tmp_path, EvaluationOptions(clip_quantile=0.99, n_bootstrap=20))
+                             tmp_path, EvaluationOptions(clip_quantiles=(0.99,), energy_cutoffs=(20.0,),
+                                                                n_bootstrap=20))
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk == report
     assert set(report) == REPORT_KEYS
@@ -357,7 +358,7 @@ def test_report(ala2, tmp_path):
         assert report["energy"][stat] > 0
         assert 0 <= report["torsions"]["phi"][stat] <= math.pi
     assert set(report["plots"]) == {"energy_histogram", "ramachandran", "free_energy_phi", "free_energy_psi",
-                                    "log_weights"}
+                                    "log_weights", "method_metrics"}
     for name, file in report["plots"].items():
         path = tmp_path / file
         assert path.stat().st_size > 1000

@@ -6,6 +6,7 @@ exact log q. Statistical tolerances are stated at each test; every run is seeded
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -20,7 +21,9 @@ from tbg.flow.refine import (
     AnnealingPath,
     AutogradPotential,
     FlowDensity,
+    MCMCCheckpoint,
     MCMCConfig,
+    SMCCheckpoint,
     SMCConfig,
     conditional_ess,
     independence_metropolis,
@@ -463,3 +466,65 @@ def test_energy_model_potential_units_and_moves() -> None:
               config=SMCConfig(schedule="resample_move", n_moves=6, step_size=1e-3, seed=3))
     assert res.stages[0].acceptance > 0.3 and torch.isfinite(res.u).all()
     assert res.x.reshape(len(x), 22, 3).sum(1).abs().max() < 1e-9
+
+
+# ---- stopping and resuming -------------------------------------------------------------------------------
+class Interrupt(Exception):
+    pass
+
+
+def _interrupted(run, kind, kwargs: dict, stop_after: int):
+    """Run ``run(**kwargs)`` until ``stop_after`` steps, keeping each checkpoint as its arrays (as a file
+    would), then resume from the last one; returns the resumed result and the checkpoints seen."""
+    saved, seen = [], 0
+
+    def keep(checkpoint) -> None:
+        nonlocal seen
+        arrays, meta = checkpoint.to_arrays()
+        saved.append(({k: v.copy() for k, v in arrays.items()}, json.loads(json.dumps(meta))))
+        seen += 1
+        if seen == stop_after:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(**kwargs, on_step=keep)
+    return run(**kwargs, resume=kind.from_arrays(*saved[-1])), saved
+
+
+@pytest.mark.parametrize("schedule,stop_after", [("adaptive", 1), ("adaptive", 7), ("resample_move", 3)])
+def test_smc_resumes_exactly(schedule: str, stop_after: int) -> None:
+    # Stopped after a stage's reweighting (1), in the middle of a later stage's moves (7) or of the only
+    # stage's moves (3), the resumed run equals the uninterrupted one bit for bit; costs add up.
+    q = GaussianProposal()
+    x = q.sample(600, 3)
+    kwargs = dict(potential=AutogradPotential(mixture_energy), samples=x, log_q=q.log_prob(x), density=q,
+                  config=SMCConfig(schedule=schedule, n_moves=4, step_size=0.1, seed=4))
+    whole = smc(**kwargs)
+    resumed, saved = _interrupted(smc, SMCCheckpoint, kwargs, stop_after)
+    assert torch.equal(whole.x, resumed.x) and torch.equal(whole.log_w, resumed.log_w)
+    assert torch.equal(whole.ancestors, resumed.ancestors) and whole.log_dict() == resumed.log_dict()
+    assert whole.log_normalizer == resumed.log_normalizer
+    for key in ("energy_evaluations", "gradient_evaluations", "likelihood_evaluations"):
+        assert getattr(whole.costs, key) == getattr(resumed.costs, key)
+    assert resumed.costs.wall_time_s >= saved[-1][1]["costs"]["wall_time_s"]
+    with pytest.raises(ValueError, match="another SMC config"):
+        smc(**{**kwargs, "config": SMCConfig(schedule=schedule, n_moves=5, step_size=0.1, seed=4)},
+            resume=SMCCheckpoint.from_arrays(*saved[-1]))
+
+
+@pytest.mark.parametrize("local_steps", [0, 2])
+def test_independence_mh_resumes_exactly(local_steps: int) -> None:
+    q = GaussianProposal()
+    x = q.sample(600, 5)
+    kwargs = dict(log_q=q.log_prob(x), reduced_energy=mixture_energy(x), samples=x,
+                  potential=AutogradPotential(mixture_energy), density=q,
+                  config=MCMCConfig(n_chains=6, burn_in=10, local_steps=local_steps, step_size=0.1, seed=2))
+    whole = independence_metropolis(**kwargs)
+    resumed, _ = _interrupted(independence_metropolis, MCMCCheckpoint, kwargs, 37)
+    assert torch.equal(whole.source, resumed.source) and torch.equal(whole.u, resumed.u)
+    assert (whole.states is None) == (resumed.states is None)
+    if local_steps:
+        assert torch.equal(whole.states, resumed.states)
+        assert whole.local_acceptance == resumed.local_acceptance
+    assert (whole.acceptance, whole.iat) == (resumed.acceptance, resumed.iat)
+    assert whole.costs.energy_evaluations == resumed.costs.energy_evaluations

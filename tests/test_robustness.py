@@ -203,6 +203,8 @@ ISSUE_CASES = {
                                     "holds a training run at step 4, past the 2 steps asked for"),
     "train other data": (["train", "--data", "{two_molecules}/a-traj-arrays.npz", "--out", "{run}", "--steps", "6",
                           *TINY_TRAIN], "molecules[0].name is \"ala2\" there but \"a\" now"),
+    "refine samples of a training run": (["refine", "--samples", "{run}", "--out", "{out}"],
+                                         "samples.npz not found: --samples names the folder of a `tbg sample` run"),
     # quietly ignored before
     "empty peptide": (["sample", "--published", "{t76}", "--peptide", "", "--out", "{out}"],
                       "--peptide '': sequence must be a non-empty string"),
@@ -300,8 +302,27 @@ OPTION_CASES = {
     ("evaluate", "--temperature"): (["evaluate", "--out", "{out}", "--temperature", "-1"], "argument --temperature"),
     ("evaluate", "--clip-quantile"): (["evaluate", "--out", "{out}", "--clip-quantile", "2"],
                                       "argument --clip-quantile: invalid value '2': expected a number > 0 and <= 1"),
+    ("evaluate", "--energy-cutoff"): (["evaluate", "--out", "{out}", "--energy-cutoff", "20", "-1"],
+                                      "argument --energy-cutoff: invalid value '-1': expected a number > 0"),
+    ("evaluate", "--w2-points"): (["evaluate", "--out", "{out}", "--w2-points", "0"], "argument --w2-points"),
     ("evaluate", "--bins"): (["evaluate", "--out", "{out}", "--bins", "0"], "argument --bins"),
     ("evaluate", "--bootstrap"): (["evaluate", "--out", "{out}", "--bootstrap", "0"], "argument --bootstrap"),
+    ("refine", "--out"): (["refine", "--samples", "{sample}"], "--out DIR is required"),
+    ("refine", "--device"): (["refine", "--samples", "{sample}", "--out", "{out}", "--device", "gpu"],
+                             "expected cpu, cuda or cuda:N"),
+    ("refine", "--seed"): (["refine", "--out", "{out}", "--seed", "-1"], "argument --seed"),
+    ("refine", "--config"): (["refine", "--config", "{out}/none.toml"], "config file not found"),
+    ("refine", "--samples"): (["refine", "--samples", "{run}", "--out", "{out}"], "samples.npz not found"),
+    ("refine", "--checkpoint"): (["refine", "--samples", "{sample}", "--checkpoint", "{out}/none.pt", "--out",
+                                  "{out}"], "checkpoint file not found"),
+    ("refine", "--temperature"): (["refine", "--out", "{out}", "--temperature", "0"], "argument --temperature"),
+    ("refine", "--backend"): (["refine", "--out", "{out}", "--backend", "x"], "argument --backend: invalid choice"),
+    ("refine", "--trajectory"): (["refine", "--out", "{out}", "--trajectory", "gro"],
+                                 "argument --trajectory: invalid choice"),
+    **{("refine", flag): (["refine", "--samples", "{sample}", "--out", "{out}", flag, value], f"argument {flag}: invalid")
+       for flag, value in [("--scheme", "smc"), ("--particles", "1"), ("--n-moves", "-1"), ("--step-size", "0"),
+                           ("--target-cess", "1"), ("--resample-threshold", "1.5"), ("--mcmc-chains", "0"),
+                           ("--mcmc-burn-in", "-1"), ("--mcmc-local-steps", "x"), ("--checkpoint-interval", "-1")]},
     ("demo", "--out"): (["demo", "--out", "{t76}", "--data", "{md}"], "exists and is not a folder"),
     ("demo", "--device"): (["demo", "--out", "{out}", "--device", "gpu"], "expected cpu, cuda or cuda:N"),
     ("demo", "--seed"): (["demo", "--out", "{out}", "--seed", "-1"], "argument --seed"),
@@ -318,14 +339,19 @@ OPTION_CASES = {
                            ("--backend", "x"), ("--n", "0"), ("--sample-batch-size", "0"), ("--likelihood", "x"),
                            ("--method", "x"), ("--atol", "-1"), ("--rtol", "0"), ("--ode-steps", "0"),
                            ("--quadrature", "0"), ("--dtype", "half"), ("--trajectory", "x"), ("--md-frames", "0"),
-                           ("--temperature", "0"), ("--clip-quantile", "0"), ("--bins", "0"), ("--bootstrap", "0")]},
+                           ("--temperature", "0"), ("--clip-quantile", "0"), ("--energy-cutoff", "x"),
+                           ("--w2-points", "0"), ("--bins", "0"), ("--bootstrap", "0"), ("--model", "x"),
+                           ("--refine", "maybe"),
+                           ("--scheme", "x"), ("--particles", "0"), ("--n-moves", "x"), ("--step-size", "-1"),
+                           ("--target-cess", "0"), ("--resample-threshold", "-1"), ("--mcmc-chains", "-1"),
+                           ("--mcmc-burn-in", "x"), ("--mcmc-local-steps", "-2"), ("--checkpoint-interval", "x")]},
     ("bench", "NAME"): (["bench", "no_such_benchmark"], "no benchmark 'no_such_benchmark'"),
     ("bench", "--args"): (["bench", "--args='unclosed"], "--args \"'unclosed\": No closing quotation"),
     ("bench", "--config"): (["bench", "--config", "{out}/none.toml"], "config file not found"),
     ("info", "--config"): (["info", "--config", "{out}/none.toml"], "config file not found"),
 }
 # Switches (a bad value is a config-file matter: "toml switch with a value") and help.
-SWITCHES = {"--no-progress", "--no-likelihood", "--quick", "--full", "--list", "--debug", "--help"}
+SWITCHES = {"--no-progress", "--no-likelihood", "--quick", "--full", "--list", "--debug", "--help", "--mcmc"}
 
 
 def _fill(argv: list[str], work: dict[str, Path], out: Path) -> list[str]:
@@ -366,7 +392,7 @@ def test_every_documented_option_is_walked(command: str, capsys: pytest.CaptureF
     """Every flag in `tbg COMMAND --help` has a bad-value case above (or is a switch)."""
     code, out, _ = run([command, "--help"], capsys)
     assert code == 0
-    flags = set(re.findall(r"^ {2}(?:-\w, )?(--[a-z][a-z-]*)", out, re.MULTILINE))
+    flags = set(re.findall(r"^ {2}(?:-\w, )?(--[a-z][a-z0-9-]*)", out, re.MULTILINE))
     covered = {flag for (cmd, flag) in OPTION_CASES if cmd == command}
     assert flags - SWITCHES - covered == set()
 

@@ -8,9 +8,13 @@ Two ways, chosen by the caller (the CLI's presets):
   stages 2-3 sample the shipped model with exact likelihoods and evaluate it;
 - without one: stage 1 trains the model that stages 2-3 sample (the published recipe, ``--full``).
 
+An optional refinement stage (``refinement``: SMC and/or independence MH on the samples, tbg.flow.refine.runs)
+runs after sampling; the evaluation then scores the refined samples beside importance sampling.
+
 Every stage resumes from what is on disk. The summary leads with the numbers that say whether the
 Boltzmann generator works: correct configurations, ESS with its number of effective samples, the energy
-distance to MD before and after reweighting, and the free-energy differences with their errors.
+distance to MD before and after reweighting, and the free-energy differences with their errors; then,
+with the refinement stage, the same numbers for each refined method.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from tbg.chem.trajectory import MDData
 from tbg.evaluate.report import EvaluationOptions
 from tbg.evaluate.runs import evaluate_samples_file
 from tbg.flow.ode import ADAPTIVE
+from tbg.flow.refine.runs import RefineOptions, method_name, refine_samples
 from tbg.flow.runs import (TOPOLOGY_FILE, SamplingOptions, TrainingOptions, find_run_model, read_train_log,
                            sample_checkpoint, train_on_md)
 from tbg.runfolder import exclusive, write_atomically
@@ -72,11 +77,12 @@ class TrainingRecord:
 def run_demo(md: MDData, out: Path, training: TrainingOptions, sampling: SamplingOptions,
              evaluation: EvaluationOptions, *, device: torch.device | str, md_frames: int,
              platform: openmm.Platform | str | None = None, model: Path | None = None,
-             record: Callable[[Path], None] | None = None) -> str:
+             refinement: RefineOptions | None = None, record: Callable[[Path], None] | None = None) -> str:
     """Train (a demonstration in out/train-demo when ``model`` is given, else the model in out/train), sample
     ``model`` or the trained one (out/sample) and evaluate against ``md_frames`` MD frames (out/evaluate,
-    energies at the sampling temperature on the OpenMM ``platform``); every stage resumes from what is on
-    disk, and ``out`` is held against other processes meanwhile. Writes out/summary.txt (the report's table
+    energies at the sampling temperature on the OpenMM ``platform``), with ``refinement`` refining the
+    samples first (out/refine) and evaluating the refined samples beside IS; every stage resumes from what
+    is on disk, and ``out`` is held against other processes meanwhile. Writes out/summary.txt (the report's table
     and ``demo_summary``) and returns the summary. ``record(folder)``, if given, is called for ``out`` and
     each stage's folder once that stage is known to go ahead."""
     t0 = time.perf_counter()
@@ -98,6 +104,13 @@ def run_demo(md: MDData, out: Path, training: TrainingOptions, sampling: Samplin
             trained = TrainingRecord(out / "train-demo", demonstration=True, shipped=model)
         log.info("== 2/3 sample %s with likelihood=%s", checkpoint, sampling.config.likelihood)
         samples = sample_checkpoint(checkpoint, topology, out / "sample", sampling, record=record)
+        if refinement is not None:
+            log.info("== refine the samples (%s)", ", ".join(
+                method_name(kind, config) for kind, config in (("smc", refinement.smc), ("mcmc", refinement.mcmc))
+                if config is not None))
+            refine_samples(out / "sample", out / "refine", refinement, checkpoint=checkpoint, platform=platform,
+                           record=record)
+            samples = out / "refine"
         log.info("== 3/3 validate, reweight, evaluate")
         report, table = evaluate_samples_file(samples, md, out / "evaluate", evaluation, md_frames=md_frames,
                                               temperature=sampling.temperature, platform=platform, record=record)
@@ -116,6 +129,32 @@ def _pm(e: dict | None, unit: str = "kT") -> str:
 
 def _number(value: float | None, fmt: str = ".2f", unit: str = " kT") -> str:
     return "-" if value is None else f"{value:{fmt}}{unit}"
+
+
+def _refined_lines(report: dict[str, Any]) -> list[str]:
+    """One block per refined method of the report (SMC, MCMC): what it cost, its ESS, the energy distance
+    to MD and every basin's Delta F against MD."""
+    lines = []
+    for name, m in (report.get("methods") or {}).items():
+        if m["kind"] not in ("SMC", "MCMC"):
+            continue
+        costs = m.get("costs") or {}
+        lines.append(f"  refined ({name}: {m.get('n_samples', m['n'])} samples, "
+                     f"{costs.get('energy_evaluations', 0):.0f} energy and {costs.get('likelihood_evaluations', 0):.0f} "
+                     f"likelihood evaluations, {costs.get('wall_time_s', 0.0) / 60:.1f} min):")
+        ess = m["ess"]
+        if ess is None:
+            ess_text = "-"
+        else:
+            ess_text = f"{ess['effective_samples']:.0f} effective samples ({ess['kind']}) of {m['n']}"
+            if m.get("unique_ancestors") is not None:
+                ess_text += f", {m['unique_ancestors']} distinct ancestors"
+        lines += [f"    ESS                   {ess_text}",
+                  f"    energy W1 to MD       {_number(m['energy']['w1'])}"]
+        for key, e in m["delta_f"].items():
+            label = report["delta_f"][key]["definition"]["label"]
+            lines.append(f"    dF {label}: refined {_pm(e)}, refined - MD {_pm(e['minus_md'])}")
+    return lines
 
 
 def demo_summary(report: dict[str, Any], wall_s: float, *, model: Path | None = None,
@@ -151,6 +190,7 @@ def demo_summary(report: dict[str, Any], wall_s: float, *, model: Path | None = 
         for name in ("model", "reweighted"):
             e = d[name]
             lines.append(f"      {name:<11} {_pm(e)}   {name + ' - MD':<15} {_pm(e and e['minus_md'])}")
+    lines += _refined_lines(report)
     if model is not None:
         lines.append(f"  sampled model           {model}")
     if sampling is not None:

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 __all__ = ["FIGURE_PIXELS", "effective_counts", "plot_energy_histograms", "plot_ramachandran", "plot_free_energy",
-           "plot_log_weights"]
+           "plot_log_weights", "plot_method_metrics"]
 
 DPI = 100
 FIGURE_PIXELS: dict[str, tuple[int, int]] = {
@@ -24,6 +24,7 @@ FIGURE_PIXELS: dict[str, tuple[int, int]] = {
     "ramachandran": (1600, 500),
     "free_energy": (700, 450),
     "log_weights": (700, 450),
+    "method_metrics": (1600, 500),
 }
 _COLORS = {"MD": "tab:gray", "model": "tab:blue", "reweighted": "tab:orange"}
 _OUTLINE_COLOURS = ("tab:red", "black", "tab:pink", "tab:cyan")
@@ -170,4 +171,51 @@ def plot_log_weights(path: Path, log_w: np.ndarray, *, bins: int = 80) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("log w - max log w")
     ax.set_ylabel("count")
+    return _save(fig, path)
+
+
+_KIND_COLOURS = {"flow": "tab:blue", "IS": "tab:orange", "IS + tail treatment": "tab:olive", "SMC": "tab:green",
+                 "MCMC": "tab:purple"}
+
+
+def plot_method_metrics(path: Path, methods: Mapping[str, Mapping[str, Any]], w2_points: int) -> Path:
+    """One panel per metric of every method against MD (report.json "methods"), one horizontal bar per
+    method in the same order and colour (by kind) in every panel: energy-W2 [kT], torus-W2 [rad], TICA-W2,
+    Ramachandran JSD [bits], and per basin Delta F - MD [kT] with +- one standard error (the zero line is MD).
+    Each panel's axis starts at 0 (distances) or is centred on 0 (Delta F - MD); missing values say n/a."""
+    names = list(methods)
+    basins = list(dict.fromkeys(k for m in methods.values() for k in m["delta_f"]))
+    panels: list[tuple[str, list[float | None], list[float | None] | None]] = [
+        ("energy-W2 to MD [kT]", [m["energy"]["w2"] for m in methods.values()], None),
+        (f"torus-W2 to MD [rad]\n({w2_points} points per set)", [m["torus_w2"] for m in methods.values()], None),
+        (f"TICA-W2 to MD [TICA units]\n({w2_points} points per set)", [m["tica_w2"] for m in methods.values()], None),
+        ("Ramachandran JSD to MD [bits]\n(0: same histogram, 1: disjoint)",
+         [m["ramachandran_jsd"] for m in methods.values()], None)]
+    for key in basins:
+        diffs = [(m["delta_f"].get(key) or {}).get("minus_md") or {} for m in methods.values()]
+        panels.append((f"dF {key} - MD [kT]\n(+- 1 standard error)", [d.get("value") for d in diffs],
+                       [d.get("stderr") for d in diffs]))
+    fig = _figure("method_metrics")
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    y = np.arange(len(names))
+    colours = [_KIND_COLOURS.get(m["kind"], "tab:gray") for m in methods.values()]
+    for ax, (label, values, errors) in zip(axes, panels):
+        v = np.array([np.nan if x is None else x for x in values], dtype=np.float64)
+        err = None if errors is None else np.array([0.0 if e is None else e for e in errors], dtype=np.float64)
+        ax.barh(y, np.nan_to_num(v), xerr=err if err is not None and np.isfinite(v).any() else None,
+                color=colours, capsize=3)
+        known = np.isfinite(v)
+        reach = np.abs(v[known]) + (err[known] if err is not None else 0.0)
+        span = 1.15 * reach.max() if known.any() and reach.max() > 0 else 1.0
+        if errors is None:
+            ax.set_xlim(0, 1.0 if "JSD" in label else span)
+        else:
+            ax.set_xlim(-span, span)
+            ax.axvline(0.0, color="tab:gray", lw=1.0)
+        for k in np.flatnonzero(~np.isfinite(v)):
+            ax.text(0.02, y[k], "n/a", transform=ax.get_yaxis_transform(), va="center", fontsize=8)
+        ax.set_xlabel(label, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, names, fontsize=9)
+    axes[0].invert_yaxis()  # first method on top, as in the summary table
     return _save(fig, path)

@@ -3,8 +3,11 @@
 ``evaluate`` runs named steps, each usable alone: ``check_validity`` (bond graphs, chirality; invalid
 samples are dropped, mirrored ones fixed), ``compute_energies`` (MD frames and valid samples),
 ``reweight`` (importance weights and ESS), ``energy_metrics``, ``free_energies`` (torsion profiles,
-Wasserstein distances, basin Delta F), ``write_plots`` and ``write_report``. Model quantities are over
-the valid samples only.
+Wasserstein distances, basin Delta F), ``compare`` (every method side by side with the field's metrics:
+the flow's samples, plain importance sampling, IS with each tail treatment, refined samples;
+tbg.evaluate.methods), ``write_plots`` and ``write_report``. Model quantities are over the valid samples
+only. "reweighted" is plain importance sampling throughout: tail treatments (clipped weights, an energy
+cutoff) appear only beside it, in the methods.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +26,16 @@ import numpy as np
 import scipy.special
 
 from tbg.evaluate import metrics, plots
+from tbg.evaluate.methods import MDReference, MethodSamples, compare_methods, methods_table
 from tbg.evaluate.validity import ValidityChecker, ValidityResult
-from tbg.flow.reweight import clip_log_weights, kish_ess, log_importance_weights, weighted_mean
+from tbg.flow.reweight import kish_ess, log_importance_weights, tail_treatments, weighted_mean
 from tbg.runfolder import write_atomically
 
 logger = logging.getLogger("tbg")
 
-__all__ = ["REPORT_FILE", "Energies", "EvaluationOptions", "FreeEnergies", "MDFrames", "ModelSamples", "Molecule",
-           "Reweighting", "Validity", "check_validity", "compute_energies", "energy_metrics", "evaluate",
-           "free_energies", "reweight", "summary_table", "write_plots", "write_report"]
+__all__ = ["REPORT_FILE", "Energies", "EvaluationOptions", "FreeEnergies", "MDFrames", "MethodSamples", "ModelSamples",
+           "Molecule", "Reweighting", "Validity", "check_validity", "compare", "compute_energies", "energy_metrics",
+           "evaluate", "free_energies", "reweight", "summary_table", "write_plots", "write_report"]
 
 REPORT_FILE = "report.json"
 _LABELS = ("MD", "model", "reweighted")
@@ -122,17 +126,34 @@ class MDFrames:
 
 @dataclass
 class EvaluationOptions:
-    """``clip_quantile`` clips the largest log weights (tbg.flow.reweight.clip_log_weights) before the
-    reweighted estimates (the unclipped ESS is reported either way); ``basins`` names the states whose
+    """Tail treatments of the importance weights, each reported as a method beside plain IS (never instead
+    of it): ``clip_quantiles``, clip the largest log weights at each quantile
+    (tbg.flow.reweight.clip_log_weights); ``energy_cutoffs``, weight 0 for samples whose reduced energy lies
+    more than each value (kT) above the MD frames' mean energy (relative to MD, so that one value serves
+    molecules of any size and energy offset; needs the energies). ``basins`` names the states whose
     free-energy difference is reported; ``bins`` of the free-energy profiles; ``n_bootstrap`` resamples
-    for their error bars; ``timeout_s`` per isomorphism search of the validity check."""
+    for their error bars; ``timeout_s`` per isomorphism search of the validity check; ``w2_points``
+    equal-mass points per set of the point-set W2 metrics (torus, TICA; the assignment costs O(m^3));
+    ``tica_lag`` the TICA lag in frames of the MD frames given (in time order)."""
 
-    clip_quantile: float | None = None
+    clip_quantiles: Sequence[float] = ()
+    energy_cutoffs: Sequence[float] = ()
     basins: Mapping[str, metrics.BasinDefinition] = field(default_factory=lambda: metrics.RAMACHANDRAN_BASINS)
     bins: int = 60
     n_bootstrap: int = 200
     timeout_s: float = 5.0
+    w2_points: int = 1000
+    tica_lag: int = 1
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.clip_quantiles, self.energy_cutoffs = tuple(self.clip_quantiles), tuple(self.energy_cutoffs)
+        if not all(0 < q <= 1 for q in self.clip_quantiles):
+            raise ValueError(f"clip quantiles must be in (0, 1], got {self.clip_quantiles}")
+        if not all(math.isfinite(c) for c in self.energy_cutoffs):
+            raise ValueError(f"energy cutoffs must be finite, got {self.energy_cutoffs}")
+        if self.w2_points < 1 or self.tica_lag < 1:
+            raise ValueError(f"need w2_points >= 1 and tica_lag >= 1, got {self.w2_points}, {self.tica_lag}")
 
 
 @dataclass
@@ -157,20 +178,19 @@ class Energies:
 
 @dataclass
 class Reweighting:
-    """Log importance weights of the valid samples (``log_w``, None without weights), the ones used for the
-    reweighted estimates (``log_w_used``, clipped if asked), the ESS entry of the report and the counts of
-    samples whose weight is 0 because a number in it is not finite (``n_nonfinite``: dlogp and prior_energy
-    among all samples, energy among the valid ones; None where the quantity is absent)."""
+    """Log importance weights of the valid samples (``log_w``, None without weights), the ESS entry of the
+    report and the counts of samples whose weight is 0 because a number in it is not finite
+    (``n_nonfinite``: dlogp and prior_energy among all samples, energy among the valid ones; None where the
+    quantity is absent)."""
 
     log_w: np.ndarray | None
-    log_w_used: np.ndarray | None
     ess: dict[str, Any]
     n_nonfinite: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def weights(self) -> np.ndarray | None:
         """Normalised weights of the reweighted estimates."""
-        return None if self.log_w_used is None else metrics.weights_from_log(self.log_w_used, len(self.log_w_used))
+        return None if self.log_w is None else metrics.weights_from_log(self.log_w, len(self.log_w))
 
 
 @dataclass
@@ -187,7 +207,8 @@ class FreeEnergies:
 
 
 def evaluate(samples: ModelSamples, molecule: Molecule, md_frames: MDFrames, out_dir: str | Path,
-             options: EvaluationOptions | None = None) -> tuple[dict[str, Any], str]:
+             options: EvaluationOptions | None = None, *,
+             refined: Sequence[MethodSamples] = ()) -> tuple[dict[str, Any], str]:
     """Evaluate model samples of one molecule against its MD frames; write report.json and plots.
 
     Model energies are evaluated on the valid samples after reordering and mirroring (the raw order can
@@ -195,7 +216,9 @@ def evaluate(samples: ModelSamples, molecule: Molecule, md_frames: MDFrames, out
     samples (ess.kish_fraction = Kish ESS / number of valid samples). Free energies are in kT; torsion
     Wasserstein distances are circular W1 in radians (see tbg.evaluate.metrics). By default the basins
     are alpha_R vs beta/PII along psi, which the shipped MD samples, and the published alpha_L
-    (0 < phi < 2) vs rest. Returns (report dict, as written to out_dir/report.json; summary table string).
+    (0 < phi < 2) vs rest. ``refined`` are samples of refinement methods (SMC, MCMC) of the same molecule,
+    positions [n, N, 3] in nm as sampled (checked for validity here, energies computed here), scored beside
+    IS (``compare``). Returns (report dict, as written to out_dir/report.json; summary table string).
     """
     options = options or EvaluationOptions()
     t_start = time.perf_counter()
@@ -207,11 +230,12 @@ def evaluate(samples: ModelSamples, molecule: Molecule, md_frames: MDFrames, out
 
     validity = check_validity(samples, molecule, md_frames, options.timeout_s)
     energies = compute_energies(molecule, md_frames, validity.positions_nm)
-    weights = reweight(samples, validity, energies, options.clip_quantile)
+    weights = reweight(samples, validity, energies)
     energy, energy_series = energy_metrics(energies, weights)
     free = free_energies(md_frames, validity, molecule.topology, weights, options)
-    written = write_plots(out, energy_series, free, weights)
-    report = write_report(out, validity, weights, energy, free, written, time.perf_counter() - t_start)
+    comparison = compare(molecule, md_frames, validity, energies, weights, free, options, refined)
+    written = write_plots(out, energy_series, free, weights, comparison)
+    report = write_report(out, validity, weights, energy, free, comparison, written, time.perf_counter() - t_start)
     table = summary_table(report)
     logger.info("evaluation written to %s\n%s", out, table)
     return report, table
@@ -246,9 +270,8 @@ def compute_energies(molecule: Molecule, md_frames: MDFrames, valid_positions_nm
     return Energies(e_md, e_model)
 
 
-def reweight(samples: ModelSamples, validity: Validity, energies: Energies,
-             clip_quantile: float | None) -> Reweighting:
-    """Log importance weights of the valid samples, their Kish ESS, and the clipped weights if asked."""
+def reweight(samples: ModelSamples, validity: Validity, energies: Energies) -> Reweighting:
+    """Log importance weights of the valid samples and their Kish ESS."""
     valid_idx, n_valid = validity.valid_idx, len(validity.valid_idx)
     log_w = None
     if samples.log_weights is not None:
@@ -268,17 +291,11 @@ def reweight(samples: ModelSamples, validity: Validity, energies: Energies,
         logger.warning("no valid sample has a finite log weight: reweighted metrics are null")
         log_w = None
     ess = {"kish_fraction": None, "kish_n": None,
-           "n_weighted": int(np.isfinite(log_w).sum()) if log_w is not None else 0,
-           "clip_quantile": clip_quantile, "kish_fraction_clipped": None}
-    log_w_used = None
+           "n_weighted": int(np.isfinite(log_w).sum()) if log_w is not None else 0}
     if log_w is not None:
         ess["kish_fraction"] = kish_ess(log_w)
         ess["kish_n"] = ess["kish_fraction"] * n_valid
-        log_w_used = log_w
-        if clip_quantile is not None:
-            log_w_used = clip_log_weights(log_w, clip_quantile).numpy()
-            ess["kish_fraction_clipped"] = kish_ess(log_w_used)
-    return Reweighting(log_w, log_w_used, ess, n_nonfinite)
+    return Reweighting(log_w, ess, n_nonfinite)
 
 
 def energy_metrics(energies: Energies, weights: Reweighting
@@ -288,7 +305,7 @@ def energy_metrics(energies: Energies, weights: Reweighting
         ["md_mean", "model_mean", "reweighted_mean", "reweighted_stderr", "model_n_nonfinite",
          "wasserstein_model", "wasserstein_reweighted"])
     series: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    e_md, e_model, log_w = energies.md, energies.model, weights.log_w_used
+    e_md, e_model, log_w = energies.md, energies.model, weights.log_w
     if e_md is not None:
         if not np.isfinite(e_md).all():
             raise ValueError("MD energies contain NaN/inf")
@@ -319,7 +336,7 @@ def free_energies(md_frames: MDFrames, validity: Validity, topology: md.Topology
     """Backbone torsions of MD and valid samples: free-energy profiles, circular W1 to MD, basin Delta F."""
     tors_md = metrics.backbone_torsions(md_frames.positions_nm, topology)
     tors_model = metrics.backbone_torsions(validity.positions_nm, topology) if len(validity.valid_idx) else {}
-    log_w = weights.log_w_used
+    log_w = weights.log_w
     torsions: dict[str, Any] = {}
     free_energy: dict[str, Any] = {"bins": None}
     all_profiles: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
@@ -342,10 +359,58 @@ def free_energies(md_frames: MDFrames, validity: Validity, topology: md.Topology
     return FreeEnergies(torsions, free_energy, delta_f, all_profiles, tors_md, tors_model)
 
 
+def _treatment_names(clip_quantiles: Sequence[float], energy_cutoffs: Sequence[float]) -> list[str]:
+    """Method names of plain IS and each tail treatment, in the order of tbg.flow.reweight.tail_treatments."""
+    return (["IS"] + [f"IS clip q={q:g}" for q in clip_quantiles]
+            + [f"IS u<=MD+{c:g}kT" for c in energy_cutoffs])
+
+
+def compare(molecule: Molecule, md_frames: MDFrames, validity: Validity, energies: Energies, weights: Reweighting,
+            free: FreeEnergies, options: EvaluationOptions, refined: Sequence[MethodSamples] = ()) -> dict[str, Any]:
+    """Every method side by side against MD (tbg.evaluate.methods): the flow's valid samples ("model"),
+    plain IS and IS with each tail treatment of ``options``, and the ``refined`` samples (validity checked
+    and energies computed here, as for the model's). Returns the report's "methods" and "metrics" entries."""
+    sets = [MethodSamples("model", "flow", validity.positions_nm, energies.model)]
+    if weights.log_w is not None:
+        cutoffs = options.energy_cutoffs
+        if cutoffs and (energies.md is None or energies.model is None):
+            logger.warning("no energy-cutoff treatment without energies")
+            cutoffs = ()
+        absolute = [float(energies.md.mean()) + c for c in cutoffs]
+        treated = tail_treatments(weights.log_w, reduced_energy=energies.model if cutoffs else None,
+                                  clip_quantiles=options.clip_quantiles, energy_cutoffs=absolute)
+        described = [{}] + [{"treatment": f"log weights clipped at their {q:g} quantile"}
+                            for q in options.clip_quantiles] + \
+            [{"treatment": f"weight 0 above u = {a:.2f} kT (MD mean + {c:g} kT)", "energy_cutoff_u": a}
+             for c, a in zip(cutoffs, absolute)]
+        for name, treatment, info in zip(_treatment_names(options.clip_quantiles, cutoffs), treated.values(),
+                                         described):
+            sets.append(MethodSamples(name, "IS" if not info else "IS + tail treatment", validity.positions_nm,
+                                      energies.model, treatment.log_w.numpy(), info=info))
+    checker = ValidityChecker(molecule.topology, molecule.reference_positions_nm) if refined else None
+    for r in refined:
+        result = checker.check(np.asarray(r.positions_nm), timeout_s=options.timeout_s)
+        valid = np.flatnonzero(result.valid)
+        positions = result.samples_nm[valid]
+        e = _energies(molecule.energy_fn, positions, f"valid {r.name} samples") \
+            if molecule.energy_fn is not None and len(valid) else None
+        log_w = None if r.log_w is None else np.asarray(r.log_w, dtype=np.float64)[valid]
+        if log_w is not None and e is not None:  # broken configurations carry no weight
+            log_w = np.where(np.isfinite(e), log_w, -np.inf)
+        sets.append(replace(r, positions_nm=positions, energies=e, log_w=log_w,
+                            info={**r.info, "n_samples": len(result.valid), "correct_configuration_rate": result.rate}))
+    md_reference = MDReference(md_frames.positions_nm, energies.md,
+                               {name: a for name, (_, a) in free.md_angles.items()},
+                               {key: entry["MD"] for key, entry in free.delta_f.items()})
+    return compare_methods(md_reference, sets, molecule.topology, basins=options.basins,
+                           n_bootstrap=options.n_bootstrap, seed=options.seed, w2_points=options.w2_points,
+                           tica_lag=options.tica_lag)
+
+
 def write_plots(out: Path, energy_series: dict[str, tuple[np.ndarray, np.ndarray | None]], free: FreeEnergies,
-                weights: Reweighting) -> dict[str, Path]:
-    """Energy histograms, Ramachandran panels, free-energy profiles and the log-weight histogram (those
-    the data allow); returns name -> file."""
+                weights: Reweighting, comparison: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """Energy histograms, Ramachandran panels, free-energy profiles, the log-weight histogram and the
+    methods' metrics (those the data allow); returns name -> file."""
     written: dict[str, Path] = {}
     if energy_series:
         written["energy_histogram"] = plots.plot_energy_histograms(out / "energy_histogram.png", energy_series)
@@ -354,18 +419,21 @@ def write_plots(out: Path, energy_series: dict[str, tuple[np.ndarray, np.ndarray
         panels = {"MD": (tors_md["phi"][1], tors_md["psi"][1], None)}
         if "phi" in tors_model:
             panels["model"] = (tors_model["phi"][1], tors_model["psi"][1], None)
-            if weights.log_w_used is not None:
+            if weights.log_w is not None:
                 panels["reweighted"] = (tors_model["phi"][1], tors_model["psi"][1], weights.weights)
         written["ramachandran"] = plots.plot_ramachandran(out / "ramachandran.png", panels)
     for name, profiles in free.profiles.items():
         written[f"free_energy_{name}"] = plots.plot_free_energy(out / f"free_energy_{name}.png", name, profiles)
     if weights.log_w is not None:
         written["log_weights"] = plots.plot_log_weights(out / "log_weights.png", weights.log_w)
+    if comparison is not None and comparison["methods"]:
+        written["method_metrics"] = plots.plot_method_metrics(out / "method_metrics.png", comparison["methods"],
+                                                              comparison["metrics"]["w2_points"])
     return written
 
 
 def write_report(out: Path, validity: Validity, weights: Reweighting, energy: dict[str, Any], free: FreeEnergies,
-                 written: dict[str, Path], seconds: float) -> dict[str, Any]:
+                 comparison: Mapping[str, Any], written: dict[str, Path], seconds: float) -> dict[str, Any]:
     """Assemble the report (JSON-safe: non-finite values become null) and write out/report.json."""
     result = validity.result
     report = {
@@ -384,6 +452,8 @@ def write_report(out: Path, validity: Validity, weights: Reweighting, energy: di
         "torsions": free.torsions,
         "free_energy": free.free_energy,
         "delta_f": free.delta_f,
+        "methods": comparison["methods"],
+        "metrics": comparison["metrics"],
         "plots": {k: Path(v).name for k, v in written.items()},
         "timings_s": {**{f"validity_{k}": v for k, v in result.timings.items()}, "total": seconds},
     }
@@ -471,4 +541,7 @@ def summary_table(report: dict[str, Any]) -> str:
     header = ("metric", *_LABELS)
     widths = [max(len(str(r[k])) for r in [header, *rows]) for k in range(4)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    return "\n".join(lines)
+    table = "\n".join(lines)
+    if report.get("methods"):
+        table += "\n\n" + methods_table(report, {key: entry["MD"] for key, entry in d.items()})
+    return table

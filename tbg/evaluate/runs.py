@@ -1,7 +1,8 @@
 """Evaluation of a samples file against MD data on disk (what `tbg evaluate` runs).
 
 The samples are a ``samples.npz`` of ``tbg.flow.sample`` (``samples`` [n, 3N] in model units = nm x SCALE,
-with ``prior_energy`` and ``dlogp`` when sampled with likelihood); the MD data is a ``tbg.chem.trajectory.
+with ``prior_energy`` and ``dlogp`` when sampled with likelihood), its folder, or a refinement folder of
+``tbg.flow.refine.runs`` (the samples it refined are evaluated, with its refined sets beside IS); the MD data is a ``tbg.chem.trajectory.
 MDData`` (positions in nm), whose topology file also gives the reference structure and the force field's
 molecule. Energies are reduced by kT at the molecule's default temperature unless one is given.
 """
@@ -23,7 +24,8 @@ from tbg.chem.forcefield import default_temperature
 from tbg.chem.trajectory import MDData
 from tbg.chem.units import SCALE
 from tbg.errors import InputError
-from tbg.evaluate.report import EvaluationOptions, MDFrames, ModelSamples, Molecule, evaluate
+from tbg.evaluate.report import EvaluationOptions, MDFrames, MethodSamples, ModelSamples, Molecule, evaluate
+from tbg.flow.refine.runs import is_refinement, read_refinement
 from tbg.runfolder import exclusive
 
 log = logging.getLogger("tbg")
@@ -61,11 +63,12 @@ def thin_evenly(frames: np.ndarray, n: int) -> np.ndarray:
     return frames[np.unique(np.linspace(0, len(frames) - 1, min(n, len(frames))).astype(int))]
 
 
-def evaluate_samples_file(samples_npz: Path, md: MDData, out: Path, options: EvaluationOptions, *,
+def evaluate_samples_file(samples: Path, md: MDData, out: Path, options: EvaluationOptions, *,
                           md_frames: int = 5000, temperature: float | None = None,
                           platform: openmm.Platform | str | None = None,
                           record: Callable[[Path], None] | None = None) -> tuple[dict[str, Any], str]:
-    """Validity, energies, reweighting and free energies of the samples in ``samples_npz`` against
+    """Validity, energies, reweighting and free energies of the samples in ``samples`` (a samples.npz, its
+    folder, or a refinement folder: its source samples, with the refined sets beside them) against
     ``md_frames`` evenly thinned frames of ``md``; writes report.json and plots to ``out``
     (``tbg.evaluate.evaluate``), holding the folder against other processes. Energies run on the OpenMM
     ``platform`` (default: the fastest). ``record(out)``, if given, is called once the inputs are read and
@@ -74,6 +77,10 @@ def evaluate_samples_file(samples_npz: Path, md: MDData, out: Path, options: Eva
         raise InputError(f"md_frames must be >= 1, got {md_frames}")
     if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
         raise InputError(f"the temperature must be a positive number of K, got {temperature}")
+    refined = []
+    samples_npz = samples / "samples.npz" if samples.is_dir() else samples
+    if samples.is_dir() and is_refinement(samples):
+        samples_npz, refined = read_refinement(samples)
     arrays = load_samples(samples_npz)
     topology_omm, reference_nm = md.structure()
     topology = mdtraj.Topology.from_openmm(topology_omm)
@@ -92,5 +99,7 @@ def evaluate_samples_file(samples_npz: Path, md: MDData, out: Path, options: Eva
         if record is not None:
             record(out)
         molecule = Molecule(topology, reference_nm, lambda pos: energy.reduced_energy(pos, unit="nm"))
+        methods = [MethodSamples(r.name, r.kind, r.positions_nm(n_atoms), log_w=r.log_weights, ess=r.ess,
+                                 bootstrap_block=r.bootstrap_block, info=r.info) for r in refined]
         return evaluate(ModelSamples(x.reshape(len(x), n_atoms, 3) / SCALE, **weights), molecule, MDFrames(md_x),
-                        out, options)
+                        out, options, refined=methods)

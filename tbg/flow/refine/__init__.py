@@ -23,13 +23,17 @@ From a sampling run (``tbg.flow.sample``: samples.npz in model units) to weighte
     result.log_w, result.stages, result.costs  # weights at beta = 1, per-stage log, what it cost
 
 The same call with ``SMCConfig(schedule="resample_move")`` runs the cheap scheme, and
-``independence_metropolis(log_q, u, ...)`` the exact MCMC; compare them at equal ``costs``.
+``independence_metropolis(log_q, u, ...)`` the exact MCMC; compare them at equal ``costs``. Both stop and
+resume exactly: ``on_step`` receives an ``SMCCheckpoint``/``MCMCCheckpoint`` after every step (``to_arrays``
+for a file), ``resume=`` continues from one. ``tbg.flow.refine.runs`` (imported on demand: it loads the
+chemistry) refines the samples of a `tbg sample` folder into a run folder, as `tbg refine` does.
 """
 
 from tbg.flow.refine.mala import adapt_step_size, mala_log_acceptance, mala_step
-from tbg.flow.refine.mcmc import MCMCConfig, MCMCResult, independence_metropolis, integrated_autocorrelation_time
+from tbg.flow.refine.mcmc import (MCMCCheckpoint, MCMCConfig, MCMCResult, independence_metropolis,
+                                  integrated_autocorrelation_time)
 from tbg.flow.refine.resampling import conditional_ess, next_beta, systematic_resample
-from tbg.flow.refine.smc import SMCConfig, SMCResult, SMCStage, smc
+from tbg.flow.refine.smc import SMCCheckpoint, SMCConfig, SMCResult, SMCStage, smc
 from tbg.flow.refine.targets import (
     AnnealingPath,
     AutogradPotential,
@@ -48,10 +52,12 @@ __all__ = [
     "Costs",
     "Density",
     "FlowDensity",
+    "MCMCCheckpoint",
     "MCMCConfig",
     "MCMCResult",
     "ParticleState",
     "Potential",
+    "SMCCheckpoint",
     "SMCConfig",
     "SMCResult",
     "SMCStage",

@@ -23,8 +23,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,11 +33,11 @@ from torch import Tensor
 
 from tbg.flow.refine.mala import adapt_step_size, mala_step
 from tbg.flow.refine.resampling import seeded_generator
-from tbg.flow.refine.targets import AnnealingPath, Costs, Density, Potential
+from tbg.flow.refine.targets import AnnealingPath, Costs, Density, ParticleState, Potential
 
 log = logging.getLogger("tbg")
 
-__all__ = ["MCMCConfig", "MCMCResult", "independence_metropolis", "integrated_autocorrelation_time"]
+__all__ = ["MCMCCheckpoint", "MCMCConfig", "MCMCResult", "independence_metropolis", "integrated_autocorrelation_time"]
 
 
 @dataclass
@@ -112,10 +113,58 @@ def integrated_autocorrelation_time(trace: np.ndarray | Tensor, window_factor: f
     return float(max(tau, 1.0))
 
 
+@dataclass
+class MCMCCheckpoint:
+    """Where ``independence_metropolis`` stands after step ``t - 1`` of every chain: enough to continue
+    exactly (``resume=``), the random generator's state included. ``current`` [C] are the chains' proposal
+    indices, ``cur_log_w`` [C] their log weights, ``particles`` their states (with local moves), the
+    recorded arrays are filled up to step t, ``counts`` holds the acceptance counters."""
+
+    config: MCMCConfig
+    t: int
+    current: Tensor
+    cur_log_w: Tensor
+    particles: ParticleState | None
+    step_size: float
+    source: Tensor
+    u_trace: Tensor
+    states: Tensor | None
+    counts: dict[str, int]
+    costs: Costs
+    generator_state: Tensor
+
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(arrays, JSON-ready values) that ``from_arrays`` turns back into this checkpoint."""
+        arrays = {"current": self.current.numpy(), "cur_log_w": self.cur_log_w.numpy(), "source": self.source.numpy(),
+                  "u_trace": self.u_trace.numpy(), "generator_state": self.generator_state.numpy()}
+        if self.states is not None:
+            arrays["states"] = self.states.numpy()
+        if self.particles is not None:
+            arrays |= {"x": self.particles.x.numpy(), "u": self.particles.u.numpy(),
+                       "grad_u": self.particles.grad_u.numpy()}
+        meta = {"config": asdict(self.config), "t": self.t, "step_size": self.step_size, "counts": self.counts,
+                "costs": self.costs.as_dict()}
+        return arrays, meta
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> MCMCCheckpoint:
+        def tensor(name: str) -> Tensor | None:
+            return torch.from_numpy(np.array(arrays[name])) if name in arrays else None
+
+        particles = ParticleState(tensor("x"), tensor("u"), tensor("grad_u")) if "x" in arrays else None
+        return cls(config=MCMCConfig(**meta["config"]), t=meta["t"], current=tensor("current"),
+                   cur_log_w=tensor("cur_log_w"), particles=particles, step_size=meta["step_size"],
+                   source=tensor("source"), u_trace=tensor("u_trace"), states=tensor("states"),
+                   counts=dict(meta["counts"]), costs=Costs(**meta["costs"]),
+                   generator_state=tensor("generator_state"))
+
+
 def independence_metropolis(log_q: Tensor, reduced_energy: Tensor, *, samples: Tensor | None = None,
                             potential: Potential | None = None, density: Density | None = None,
                             config: MCMCConfig | None = None,
-                            project: Callable[[Tensor], Tensor] | None = None) -> MCMCResult:
+                            project: Callable[[Tensor], Tensor] | None = None,
+                            resume: MCMCCheckpoint | None = None,
+                            on_step: Callable[[MCMCCheckpoint], None] | None = None) -> MCMCResult:
     """Independence Metropolis-Hastings over the flow's samples (see the module docstring).
 
     log_q [n] and reduced_energy [n] of the proposals, in the order they were drawn (u = +inf for broken
@@ -123,6 +172,10 @@ def independence_metropolis(log_q: Tensor, reduced_energy: Tensor, *, samples: T
     first acceptable proposal). Without local moves nothing else is needed. With ``config.local_steps > 0``
     also the proposals ``samples`` [n, D], the ``potential``, the flow's ``density`` (log q after local
     moves, in the normalisation of ``log_q``) and, for molecules, ``project`` (``mean_free_projection``).
+
+    Stopping and resuming: ``on_step(checkpoint)`` is called after every step of the chains (the checkpoint
+    is live: copy what you keep); ``resume=checkpoint`` continues such a run with the same inputs and gives
+    the result of the uninterrupted run (costs and wall time add up over the sessions).
     """
     cfg = config or MCMCConfig()
     lq = torch.as_tensor(log_q, dtype=torch.float64).reshape(-1)
@@ -144,56 +197,72 @@ def independence_metropolis(log_q: Tensor, reduced_energy: Tensor, *, samples: T
     log_w_all = -u_all - lq  # -inf for broken proposals
 
     start = time.perf_counter()
-    costs = Costs(n_proposals=chains * length)
-    path = AnnealingPath(potential, density, project=project, costs=costs) if local else None
     generator = seeded_generator(cfg.seed, "mcmc")
     order = torch.arange(chains * length).reshape(length, chains)  # order[t, c]: chain c's proposal t
-    current = order[0].clone()
-    cur_log_w = log_w_all[current].clone()
     x_all = samples.detach().to(torch.float64) if local else None
-    state = path.evaluate(x_all[current], 1.0) if local else None
-    step_size = cfg.step_size
     recorded = length - cfg.burn_in
-    source = torch.empty(chains, recorded, dtype=torch.long)
-    u_trace = torch.empty(chains, recorded, dtype=torch.float64)
-    states = torch.empty(chains, recorded, x_all.shape[1], dtype=torch.float64) if local else None
-    n_accepted = n_local_accepted = n_local = 0
+    if resume is not None:
+        if asdict(resume.config) != asdict(cfg) or tuple(resume.source.shape) != (chains, recorded):
+            raise ValueError(f"the checkpoint is of another MCMC run ({resume.config}, {tuple(resume.source.shape)} "
+                             f"recorded states; now {cfg}, {(chains, recorded)})")
+        run, costs = resume, resume.costs
+        start -= costs.wall_time_s
+        generator.set_state(resume.generator_state)
+    else:
+        costs = Costs(n_proposals=chains * length)
+        current = order[0].clone()
+        run = MCMCCheckpoint(
+            config=cfg, t=0, current=current, cur_log_w=log_w_all[current].clone(), particles=None,
+            step_size=cfg.step_size, source=torch.empty(chains, recorded, dtype=torch.long),
+            u_trace=torch.empty(chains, recorded, dtype=torch.float64),
+            states=torch.empty(chains, recorded, x_all.shape[1], dtype=torch.float64) if local else None,
+            counts={"accepted": 0, "local_accepted": 0, "local": 0}, costs=costs, generator_state=generator.get_state())
+    path = AnnealingPath(potential, density, project=project, costs=costs) if local else None
+    if local and run.particles is None:
+        run.particles = path.evaluate(x_all[run.current], 1.0)
 
-    for t in range(length):
+    while run.t < length:
+        t = run.t
         if t > 0:
             proposal = order[t]
-            log_a = log_w_all[proposal] - cur_log_w
+            log_a = log_w_all[proposal] - run.cur_log_w
             # A chain on a broken state (weight 0) takes any proposal; broken proposals are never taken.
-            log_a = torch.where(torch.isneginf(cur_log_w), torch.zeros_like(log_a), log_a)
+            log_a = torch.where(torch.isneginf(run.cur_log_w), torch.zeros_like(log_a), log_a)
             log_a = torch.where(torch.isneginf(log_w_all[proposal]), torch.full_like(log_a, -math.inf), log_a)
             accept = torch.log(torch.rand(chains, generator=generator, dtype=torch.float64)) < log_a
-            current = torch.where(accept, proposal, current)
-            cur_log_w = torch.where(accept, log_w_all[proposal], cur_log_w)
+            run.current = torch.where(accept, proposal, run.current)
+            run.cur_log_w = torch.where(accept, log_w_all[proposal], run.cur_log_w)
             if t >= cfg.burn_in:
-                n_accepted += int(accept.sum())
+                run.counts["accepted"] += int(accept.sum())
             if local and accept.any():  # the gradient at the newly taken proposals
-                state = state.replace(accept, path.evaluate(x_all[proposal[accept]], 1.0))
+                run.particles = run.particles.replace(accept, path.evaluate(x_all[proposal[accept]], 1.0))
         if local:
             moved = torch.zeros(chains, dtype=torch.bool)
             for _ in range(cfg.local_steps):
-                state, acc = mala_step(path, state, 1.0, step_size, generator)
+                run.particles, acc = mala_step(path, run.particles, 1.0, run.step_size, generator)
                 moved |= acc
                 if t < cfg.burn_in and cfg.adapt_step_size:
-                    step_size = adapt_step_size(step_size, float(acc.to(torch.float64).mean()),
-                                                cfg.target_acceptance, cfg.adaptation_gain)
+                    run.step_size = adapt_step_size(run.step_size, float(acc.to(torch.float64).mean()),
+                                                    cfg.target_acceptance, cfg.adaptation_gain)
                 elif t >= cfg.burn_in:
-                    n_local_accepted += int(acc.sum())
-                    n_local += chains
+                    run.counts["local_accepted"] += int(acc.sum())
+                    run.counts["local"] += chains
             if moved.any():
-                cur_log_w = cur_log_w.clone()
-                cur_log_w[moved] = -state.u[moved] - path.log_q(state.x[moved])
+                run.cur_log_w = run.cur_log_w.clone()
+                run.cur_log_w[moved] = -run.particles.u[moved] - path.log_q(run.particles.x[moved])
         if t >= cfg.burn_in:
             k = t - cfg.burn_in
-            source[:, k] = current
-            u_trace[:, k] = state.u if local else u_all[current]
+            run.source[:, k] = run.current
+            run.u_trace[:, k] = run.particles.u if local else u_all[run.current]
             if local:
-                states[:, k] = state.x
+                run.states[:, k] = run.particles.x
+        run.t = t + 1
+        if on_step is not None:
+            costs.wall_time_s = time.perf_counter() - start
+            run.generator_state = generator.get_state()
+            on_step(run)
 
+    u_trace = run.u_trace
     finite_trace = torch.isfinite(u_trace).all()
     iat = integrated_autocorrelation_time(u_trace) if recorded > 1 and finite_trace else math.nan
     if not finite_trace:
@@ -201,11 +270,12 @@ def independence_metropolis(log_q: Tensor, reduced_energy: Tensor, *, samples: T
     costs.wall_time_s = time.perf_counter() - start
     total = chains * recorded
     steps = chains * (recorded - 1 if cfg.burn_in == 0 else recorded)  # independence steps taken after burn-in
+    n_local = run.counts["local"]
     result = MCMCResult(
-        source=source, u=u_trace, states=states,
-        acceptance=n_accepted / steps if steps else math.nan,
-        local_acceptance=n_local_accepted / n_local if n_local else math.nan,
-        n_unique=int(source.unique().numel()), iat=iat, ess=total / iat if math.isfinite(iat) else math.nan,
+        source=run.source, u=u_trace, states=run.states,
+        acceptance=run.counts["accepted"] / steps if steps else math.nan,
+        local_acceptance=run.counts["local_accepted"] / n_local if n_local else math.nan,
+        n_unique=int(run.source.unique().numel()), iat=iat, ess=total / iat if math.isfinite(iat) else math.nan,
         costs=costs)
     log.info("independence MH: %d chains x %d steps, acceptance %.3f, local acceptance %.3f, %d distinct "
              "proposals, IAT %.3g, ESS %.1f", chains, recorded, result.acceptance, result.local_acceptance,

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -43,7 +44,7 @@ from tbg.flow.reweight import kish_ess
 
 log = logging.getLogger("tbg")
 
-__all__ = ["SMCConfig", "SMCStage", "SMCResult", "smc"]
+__all__ = ["SMCCheckpoint", "SMCConfig", "SMCStage", "SMCResult", "smc"]
 
 Schedule = Literal["adaptive", "resample_move"] | Sequence[float]
 
@@ -151,6 +152,68 @@ class SMCResult:
         return [asdict(s) for s in self.stages]
 
 
+
+@dataclass
+class SMCCheckpoint:
+    """Where an SMC run stands after one of its steps (a stage's reweighting and resampling, or one MALA
+    move): everything ``smc(..., resume=)`` needs to continue it exactly as if it had not stopped, the
+    random generator's state included.
+
+    ``beta`` is the current stage's; ``moves_left`` its MALA moves still to do (0: the stage is complete);
+    ``current`` its ESS, CESS and whether it resampled; ``accepted`` the acceptance of its moves so far;
+    ``step_size`` the tau of the next move and ``last_step_size`` the one the last move used."""
+
+    config: SMCConfig
+    particles: ParticleState
+    log_w: Tensor
+    ancestors: Tensor
+    beta: float
+    step_size: float
+    last_step_size: float
+    log_normalizer: float
+    moves_left: int
+    current: dict[str, Any]
+    accepted: list[float]
+    stages: list[SMCStage]
+    costs: Costs
+    generator_state: Tensor
+
+    @property
+    def finished(self) -> bool:
+        return self.beta >= 1.0 and self.moves_left == 0
+
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(arrays, JSON-ready values) that ``from_arrays`` turns back into this checkpoint (e.g. an .npz
+        and a JSON text)."""
+        arrays = {name: getattr(self.particles, name).cpu().numpy() for name in _PARTICLE_FIELDS
+                  if getattr(self.particles, name) is not None}
+        arrays |= {"log_w": self.log_w.cpu().numpy(), "ancestors": self.ancestors.cpu().numpy(),
+                   "generator_state": self.generator_state.numpy()}
+        meta = {"config": asdict(self.config), "beta": self.beta, "step_size": self.step_size,
+                "last_step_size": self.last_step_size, "log_normalizer": self.log_normalizer,
+                "moves_left": self.moves_left, "current": self.current, "accepted": self.accepted,
+                "stages": [asdict(s) for s in self.stages], "costs": self.costs.as_dict()}
+        return arrays, meta
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> SMCCheckpoint:
+        config = dict(meta["config"])
+        if not isinstance(config["schedule"], str):
+            config["schedule"] = tuple(config["schedule"])
+        particles = ParticleState(*(torch.from_numpy(np.array(arrays[name])) if name in arrays else None
+                                    for name in _PARTICLE_FIELDS))
+        return cls(config=SMCConfig(**config), particles=particles, log_w=torch.from_numpy(np.array(arrays["log_w"])),
+                   ancestors=torch.from_numpy(np.array(arrays["ancestors"])), beta=meta["beta"],
+                   step_size=meta["step_size"], last_step_size=meta["last_step_size"],
+                   log_normalizer=meta["log_normalizer"], moves_left=meta["moves_left"],
+                   current=dict(meta["current"]), accepted=list(meta["accepted"]),
+                   stages=[SMCStage(**s) for s in meta["stages"]], costs=Costs(**meta["costs"]),
+                   generator_state=torch.from_numpy(np.array(arrays["generator_state"])))
+
+
+_PARTICLE_FIELDS = ("x", "u", "grad_u", "log_q", "grad_log_q")
+
+
 def _betas(config: SMCConfig) -> Callable[[int, float, Tensor, Tensor], float]:
     """The rule giving stage k's beta from the current beta, log weights and increments."""
     if config.schedule == "adaptive":
@@ -164,33 +227,10 @@ def _betas(config: SMCConfig) -> Callable[[int, float, Tensor, Tensor], float]:
     return lambda k, beta, log_w, increment: fixed[k]
 
 
-def smc(potential: Potential, samples: Tensor, *, log_q: Tensor | None = None, density: Density | None = None,
-        config: SMCConfig | None = None, project: Callable[[Tensor], Tensor] | None = None) -> SMCResult:
-    """Run SMC from the flow's samples [n, D] to p ~ exp(-u) (see the module docstring).
-
-    ``log_q`` [n]: the flow's normalised log-density at the samples (``FlowDensity.log_prob_from_sampling``
-    of what the sampler stored); without it ``density.log_prob`` computes it (counted in the costs).
-    ``density`` is needed for schedules with intermediate beta (or drift="exact"); ``project`` restricts
-    moves to the particles' subspace (``mean_free_projection(n_atoms)`` for molecules). Costs count what
-    this call evaluates (not the given log_q); ``n_proposals`` is n.
-    """
-    cfg = config or SMCConfig()
-    if samples.dim() != 2 or samples.shape[0] < 1:
-        raise ValueError(f"samples must be [n >= 1, D], got {tuple(samples.shape)}")
-    if not torch.isfinite(samples).all():
-        raise ValueError("samples contain NaN/inf")
-    n = samples.shape[0]
-    if log_q is None and density is None:
-        raise ValueError("give log_q of the samples or the flow's density")
-    path = AnnealingPath(potential, density, drift=cfg.drift, project=project, costs=Costs(n_proposals=n))
-    generator = seeded_generator(cfg.seed, "smc")
-    x = samples.detach().to(torch.float64)
-    if log_q is None:
-        log_q = path.log_q(x)
-    log_q = torch.as_tensor(log_q, dtype=torch.float64, device=x.device).reshape(-1)
-    if log_q.shape != (n,) or not torch.isfinite(log_q).all():
-        raise ValueError(f"log_q must be finite with shape ({n},), got {tuple(log_q.shape)}")
-
+def _start(path: AnnealingPath, x: Tensor, log_q: Tensor, cfg: SMCConfig, generator: torch.Generator) -> SMCCheckpoint:
+    """The run before its first stage: u and its gradient at the samples, broken ones (and those above the
+    energy cutoff) at weight 0."""
+    n = x.shape[0]
     state = path.evaluate(x, 1.0)  # u and its gradient; the density terms follow per stage
     state = ParticleState(state.x, state.u, state.grad_u, log_q)
     alive = torch.isfinite(state.u)
@@ -201,44 +241,116 @@ def smc(potential: Potential, samples: Tensor, *, log_q: Tensor | None = None, d
     # Broken samples (u = +inf) have weight 0 under every pi_beta with beta > 0: drop them up front
     # so that they do not stall the adaptive schedule; they are part of the normaliser estimate.
     log_w = torch.where(alive, 0.0, -math.inf).to(torch.float64)
-    log_normalizer = math.log(float(alive.sum()) / n)
-    ancestors = torch.arange(n)
+    return SMCCheckpoint(config=cfg, particles=state, log_w=log_w, ancestors=torch.arange(n), beta=0.0,
+                         step_size=cfg.step_size, last_step_size=cfg.step_size,
+                         log_normalizer=math.log(float(alive.sum()) / n), moves_left=0, current={}, accepted=[],
+                         stages=[], costs=path.costs, generator_state=generator.get_state())
+
+
+def _begin_stage(run: SMCCheckpoint, path: AnnealingPath, beta_rule: Callable[[int, float, Tensor, Tensor], float],
+                 generator: torch.Generator) -> None:
+    """Steps 1-3 of a stage (see the module docstring): the next beta, reweighting, resampling."""
+    cfg, state, log_w = run.config, run.particles, run.log_w
+    increment = -state.u - state.log_q
+    beta_new = beta_rule(len(run.stages), run.beta, log_w, increment)
+    d = beta_new - run.beta
+    cess = conditional_ess(log_w, increment, d)
+    scaled = torch.where(torch.isfinite(increment), d * increment, increment)
+    run.log_normalizer += float(torch.logsumexp(log_w - torch.logsumexp(log_w, 0) + scaled, 0))
+    log_w = log_w + scaled
+    if not torch.isfinite(log_w).any():
+        raise FloatingPointError(f"all SMC weights vanished at beta={beta_new:.4g}")
+    ess = kish_ess(log_w)
+    resampled = ess < cfg.resample_threshold
+    if resampled:
+        index = systematic_resample(log_w, generator=generator)
+        state, run.ancestors = state.take(index), run.ancestors[index.cpu()]
+        log_w = torch.zeros_like(log_w)
+    run.particles, run.log_w = path.prepare(state, beta_new), log_w
+    run.beta, run.moves_left, run.accepted = beta_new, cfg.n_moves, []
+    run.current = {"ess": ess, "cess": cess, "resampled": bool(resampled)}
+
+
+def _move(run: SMCCheckpoint, path: AnnealingPath, generator: torch.Generator) -> None:
+    """Step 4 of a stage: one MALA move of every particle, then the step-size adaptation."""
+    cfg = run.config
+    run.last_step_size = run.step_size
+    run.particles, accepted = mala_step(path, run.particles, run.beta, run.step_size, generator)
+    run.accepted.append(float(accepted.to(torch.float64).mean()))
+    run.moves_left -= 1
+    if cfg.adapt_step_size:
+        run.step_size = adapt_step_size(run.step_size, run.accepted[-1], cfg.target_acceptance, cfg.adaptation_gain)
+
+
+def _finish_stage(run: SMCCheckpoint, path: AnnealingPath) -> None:
+    accepted = run.accepted
+    stage = SMCStage(beta=run.beta, ess=run.current["ess"], cess=run.current["cess"],
+                     resampled=run.current["resampled"],
+                     acceptance=sum(accepted) / len(accepted) if accepted else math.nan,
+                     step_size=run.last_step_size if accepted else run.step_size,
+                     log_normalizer=run.log_normalizer, unique_ancestors=int(run.ancestors.unique().numel()),
+                     energy_evaluations=path.costs.energy_evaluations,
+                     likelihood_evaluations=path.costs.likelihood_evaluations)
+    run.stages.append(stage)
+    log.info("SMC stage %d: beta %.4g, ESS %.3f (CESS %.3f)%s, acceptance %.2f, step %.3g, log Z %.4g",
+             len(run.stages), stage.beta, stage.ess, stage.cess, ", resampled" if stage.resampled else "",
+             stage.acceptance, stage.step_size, stage.log_normalizer)
+
+
+def smc(potential: Potential, samples: Tensor, *, log_q: Tensor | None = None, density: Density | None = None,
+        config: SMCConfig | None = None, project: Callable[[Tensor], Tensor] | None = None,
+        resume: SMCCheckpoint | None = None,
+        on_step: Callable[[SMCCheckpoint], None] | None = None) -> SMCResult:
+    """Run SMC from the flow's samples [n, D] to p ~ exp(-u) (see the module docstring).
+
+    ``log_q`` [n]: the flow's normalised log-density at the samples (``FlowDensity.log_prob_from_sampling``
+    of what the sampler stored); without it ``density.log_prob`` computes it (counted in the costs).
+    ``density`` is needed for schedules with intermediate beta (or drift="exact"); ``project`` restricts
+    moves to the particles' subspace (``mean_free_projection(n_atoms)`` for molecules). Costs count what
+    this call evaluates (not the given log_q); ``n_proposals`` is n.
+
+    Stopping and resuming: ``on_step(checkpoint)`` is called after every step (a stage's reweighting and
+    resampling, and each MALA move; the checkpoint is live, copy what you keep); ``resume=checkpoint``
+    continues such a run with the same samples, potential, density and config, and gives the result the
+    uninterrupted run would have given (costs and wall time add up over the sessions).
+    """
+    cfg = config or SMCConfig()
+    if samples.dim() != 2 or samples.shape[0] < 1:
+        raise ValueError(f"samples must be [n >= 1, D], got {tuple(samples.shape)}")
+    if not torch.isfinite(samples).all():
+        raise ValueError("samples contain NaN/inf")
+    n = samples.shape[0]
+    if log_q is None and density is None and resume is None:
+        raise ValueError("give log_q of the samples or the flow's density")
+    generator = seeded_generator(cfg.seed, "smc")
+    if resume is not None:
+        if asdict(resume.config) != asdict(cfg):
+            raise ValueError(f"the checkpoint is of another SMC config ({resume.config}, now {cfg})")
+        if tuple(resume.particles.x.shape) != tuple(samples.shape):
+            raise ValueError(f"the checkpoint holds particles {tuple(resume.particles.x.shape)}, the samples are "
+                             f"{tuple(samples.shape)}")
+        path = AnnealingPath(potential, density, drift=cfg.drift, project=project, costs=resume.costs)
+        generator.set_state(resume.generator_state)
+        run = resume
+    else:
+        path = AnnealingPath(potential, density, drift=cfg.drift, project=project, costs=Costs(n_proposals=n))
+        x = samples.detach().to(torch.float64)
+        if log_q is None:
+            log_q = path.log_q(x)
+        log_q = torch.as_tensor(log_q, dtype=torch.float64, device=x.device).reshape(-1)
+        if log_q.shape != (n,) or not torch.isfinite(log_q).all():
+            raise ValueError(f"log_q must be finite with shape ({n},), got {tuple(log_q.shape)}")
+        run = _start(path, x, log_q, cfg, generator)
     beta_rule = _betas(cfg)
-    beta, step_size, stages = 0.0, cfg.step_size, []
-    while beta < 1.0:
-        increment = -state.u - state.log_q
-        beta_new = beta_rule(len(stages), beta, log_w, increment)
-        d = beta_new - beta
-        cess = conditional_ess(log_w, increment, d)
-        scaled = torch.where(torch.isfinite(increment), d * increment, increment)
-        log_normalizer += float(torch.logsumexp(log_w - torch.logsumexp(log_w, 0) + scaled, 0))
-        log_w = log_w + scaled
-        if not torch.isfinite(log_w).any():
-            raise FloatingPointError(f"all SMC weights vanished at beta={beta_new:.4g}")
-        ess = kish_ess(log_w)
-        resampled = ess < cfg.resample_threshold
-        if resampled:
-            index = systematic_resample(log_w, generator=generator)
-            state, ancestors = state.take(index), ancestors[index.cpu()]
-            log_w = torch.zeros(n, dtype=torch.float64, device=x.device)
-        state = path.prepare(state, beta_new)
-        accepted = []
-        for _ in range(cfg.n_moves):
-            used = step_size
-            state, acc = mala_step(path, state, beta_new, used, generator)
-            accepted.append(float(acc.to(torch.float64).mean()))
-            if cfg.adapt_step_size:
-                step_size = adapt_step_size(step_size, accepted[-1], cfg.target_acceptance, cfg.adaptation_gain)
-        beta = beta_new
-        stage = SMCStage(beta=beta, ess=ess, cess=cess, resampled=resampled,
-                         acceptance=sum(accepted) / len(accepted) if accepted else math.nan,
-                         step_size=used if accepted else step_size, log_normalizer=log_normalizer,
-                         unique_ancestors=int(ancestors.unique().numel()),
-                         energy_evaluations=path.costs.energy_evaluations,
-                         likelihood_evaluations=path.costs.likelihood_evaluations)
-        stages.append(stage)
-        log.info("SMC stage %d: beta %.4g, ESS %.3f (CESS %.3f)%s, acceptance %.2f, step %.3g, log Z %.4g",
-                 len(stages), beta, ess, cess, ", resampled" if resampled else "", stage.acceptance,
-                 stage.step_size, log_normalizer)
-    return SMCResult(x=state.x, log_w=log_w, u=state.u, ancestors=ancestors, log_normalizer=log_normalizer,
-                     stages=stages, costs=path.stop_clock(), config=cfg)
+    while not run.finished:
+        if run.moves_left == 0:
+            _begin_stage(run, path, beta_rule, generator)
+        else:
+            _move(run, path, generator)
+        if run.moves_left == 0:
+            _finish_stage(run, path)
+        if on_step is not None:
+            run.costs, run.generator_state = path.stop_clock(), generator.get_state()
+            on_step(run)
+    return SMCResult(x=run.particles.x, log_w=run.log_w, u=run.particles.u, ancestors=run.ancestors,
+                     log_normalizer=run.log_normalizer, stages=run.stages, costs=path.stop_clock(), config=cfg)

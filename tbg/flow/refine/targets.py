@@ -227,11 +227,11 @@ class AnnealingPath:
             raise TypeError("drift='exact' needs a density with log_prob_and_gradient")
         self.potential, self.density, self.drift_kind, self.project = potential, density, drift, project
         self.costs = costs if costs is not None else Costs()
-        self.costs.wall_time_s = 0.0
-        self._t0 = time.perf_counter()
+        # The clock continues from the wall time ``costs`` already holds (a resumed run adds its sessions).
+        self._t0 = time.perf_counter() - self.costs.wall_time_s
 
     def stop_clock(self) -> Costs:
-        """Costs with the wall time since this path was made."""
+        """Costs with the wall time since this path was made (plus what the given costs held then)."""
         self.costs.wall_time_s = time.perf_counter() - self._t0
         return self.costs
 
