@@ -11,8 +11,8 @@ from tbg.chem import ALANINE_DIPEPTIDE_DIR, load_trajectory
 from tbg.evaluate import (RAMACHANDRAN_BASINS, BasinDefinition, backbone_torsions, basin_free_energy_difference,
                           circular_wasserstein, free_energy_profile, in_arc, state_free_energy_difference,
                           wasserstein_1d)
-from tbg.evaluate.metrics import (TICA, block_length, energy_w2, fit_tica, point_set_w2, ramachandran_jsd,
-                                   tica_features, tica_w2, torus_w2)
+from tbg.evaluate.metrics import (TICA, block_length, energy_w2, fit_tica, free_energy_profile_stderr, point_set_w2,
+                                   ramachandran_jsd, tica_features, tica_w2, torus_w2)
 from tbg.flow.reweight import kish_ess
 
 
@@ -86,6 +86,28 @@ def test_free_energy_profile_wraps_periodic_input(rng):
     _, f1 = free_energy_profile(a)
     _, f2 = free_energy_profile(a + 2 * math.pi)
     np.testing.assert_allclose(f1, f2, atol=1e-9)
+
+
+def test_free_energy_profile_stderr_matches_binomial_error(rng):
+    # n independent samples: a bin's count is binomial, so se(-log p) = sqrt((1 - p) / (n p)).
+    n, bins = 4000, 12
+    a = rng.vonmises(0.0, 1.0, n)
+    se = free_energy_profile_stderr(a, bins=bins, n_bootstrap=400, seed=1)
+    edges = np.linspace(-math.pi, math.pi, bins + 1)
+    p = np.histogram(a, bins=edges)[0] / n
+    np.testing.assert_allclose(se, np.sqrt((1 - p) / (n * p)), rtol=0.2)
+
+
+def test_free_energy_profile_stderr_blocks_and_empty_bins(rng):
+    # A slowly switching series: blocks spanning the stays give a larger (honest) error than independent draws.
+    stays = np.repeat(rng.choice([-2.0, 2.0], 40), 100) + rng.normal(0, 0.3, 4000)
+    independent = free_energy_profile_stderr(stays, bins=8, seed=0)
+    blocked = free_energy_profile_stderr(stays, bins=8, seed=0, block=300)
+    populated = np.histogram(stays, bins=np.linspace(-math.pi, math.pi, 9))[0] > 0.05 * len(stays)
+    assert populated.sum() >= 2 and np.all(blocked[populated] > 2 * independent[populated])
+    # Bins no resample reaches have no error; fewer than MIN_BLOCKS blocks give none at all.
+    assert np.isnan(free_energy_profile_stderr(rng.uniform(0, 1, 500), bins=8)[0])
+    assert np.isnan(free_energy_profile_stderr(stays, bins=8, block=1000)).all()
 
 
 def test_circular_wasserstein_known_values(rng):

@@ -54,11 +54,13 @@ from tbg.flow.reweight import normalized_weights
 __all__ = [
     "backbone_torsions",
     "free_energy_profile",
+    "free_energy_profile_stderr",
     "Arc",
     "BasinDefinition",
     "RAMACHANDRAN_BASINS",
     "in_arc",
     "block_length",
+    "bootstrap_indices",
     "state_free_energy_difference",
     "basin_free_energy_difference",
     "wasserstein_1d",
@@ -127,12 +129,41 @@ def free_energy_profile(
     a = _check_values(angles, "angles")
     w = weights_from_log(log_w, len(a))
     edges = np.linspace(-math.pi, math.pi, bins + 1)
-    wrapped = (a + math.pi) % TWO_PI - math.pi
-    hist, _ = np.histogram(wrapped, bins=edges, weights=w)
-    with np.errstate(divide="ignore"):
-        f = -np.log(hist)
+    f = _minus_log_histogram(a, w, edges)
     f -= f[np.isfinite(f)].min()
     return 0.5 * (edges[1:] + edges[:-1]), f
+
+
+def _minus_log_histogram(angles: np.ndarray, w: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """-log of the weighted histogram of angles (wrapped into [-pi, pi)); +inf for empty bins."""
+    hist, _ = np.histogram((angles + math.pi) % TWO_PI - math.pi, bins=edges, weights=w)
+    with np.errstate(divide="ignore"):
+        return -np.log(hist)
+
+
+def free_energy_profile_stderr(
+    angles: np.ndarray, log_w: np.ndarray | torch.Tensor | None = None, *, bins: int = 60,
+    n_bootstrap: int = 200, seed: int = 0, block: int = 1,
+) -> np.ndarray:
+    """Bootstrap standard error [kT] of each bin of free_energy_profile (same bins), NaN where fewer than
+    two resamples put weight in the bin or fewer than MIN_BLOCKS blocks fit.
+
+    It is the standard deviation of -log p(bin) over resamples (weights resampled with their samples;
+    ``block`` as in state_free_energy_difference, > 1 for a time series such as MD frames); the profile's
+    shift to minimum 0 is left out, so the band shows how well each bin's probability is known.
+    """
+    a = _check_values(angles, "angles")
+    w = weights_from_log(log_w, len(a))
+    edges = np.linspace(-math.pi, math.pi, bins + 1)
+    se = np.full(bins, math.nan)
+    indices = bootstrap_indices(len(a), n_bootstrap=n_bootstrap, seed=seed, block=block)
+    if indices is None:
+        return se
+    boot = np.stack([_minus_log_histogram(a[idx], w[idx], edges) for idx in indices])
+    boot = np.where(np.isfinite(boot), boot, np.nan)
+    enough = np.count_nonzero(np.isfinite(boot), axis=0) >= 2
+    se[enough] = np.nanstd(boot[:, enough], axis=0, ddof=1)
+    return se
 
 
 Arc = tuple[str, float, float]
@@ -242,6 +273,21 @@ def block_length(states: np.ndarray) -> int:
     return max(1, min(len(s), round(3 * mean_run)))
 
 
+def bootstrap_indices(n: int, *, n_bootstrap: int, seed: int, block: int = 1) -> list[np.ndarray] | None:
+    """``n_bootstrap`` resamples of range(n) with replacement: circular blocks of ``block`` consecutive
+    indices (block = 1: independent draws). None when fewer than MIN_BLOCKS blocks fit."""
+    if n_bootstrap < 2:
+        raise ValueError(f"n_bootstrap must be >= 2, got {n_bootstrap}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    n_blocks = -(-n // block)
+    if n_blocks < MIN_BLOCKS:
+        return None
+    rng = np.random.default_rng(seed)
+    return [((rng.integers(0, n, n_blocks)[:, None] + np.arange(block)) % n).reshape(-1)[:n]
+            for _ in range(n_bootstrap)]
+
+
 def state_free_energy_difference(
     in_a: np.ndarray,
     in_b: np.ndarray,
@@ -266,21 +312,13 @@ def state_free_energy_difference(
         raise ValueError(f"state masks must be 1-D of equal length, got {a.shape} and {b.shape}")
     if (a & b).any():
         raise ValueError("the two states overlap: a sample lies in both")
-    if n_bootstrap < 2:
-        raise ValueError(f"n_bootstrap must be >= 2, got {n_bootstrap}")
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
     n = len(a)
     w = weights_from_log(log_w, n)
     value = _delta_f(a, b, w)
-    n_blocks = -(-n // block)
-    if not math.isfinite(value) or n_blocks < MIN_BLOCKS:
+    indices = bootstrap_indices(n, n_bootstrap=n_bootstrap, seed=seed, block=block)
+    if not math.isfinite(value) or indices is None:
         return value, math.nan
-    rng = np.random.default_rng(seed)
-    boot = np.empty(n_bootstrap)
-    for k in range(n_bootstrap):
-        idx = ((rng.integers(0, n, n_blocks)[:, None] + np.arange(block)) % n).reshape(-1)[:n]
-        boot[k] = _delta_f(a[idx], b[idx], w[idx])
+    boot = np.array([_delta_f(a[idx], b[idx], w[idx]) for idx in indices])
     boot = boot[np.isfinite(boot)]
     return value, float(boot.std(ddof=1)) if len(boot) > 1 else math.nan
 

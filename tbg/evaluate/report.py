@@ -201,7 +201,7 @@ class FreeEnergies:
     torsions: dict[str, Any]
     free_energy: dict[str, Any]
     delta_f: dict[str, Any]
-    profiles: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+    profiles: dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]  # (centres, F, stderr of F)
     md_angles: dict[str, tuple[Any, np.ndarray]]
     model_angles: dict[str, tuple[Any, np.ndarray]]
 
@@ -234,7 +234,7 @@ def evaluate(samples: ModelSamples, molecule: Molecule, md_frames: MDFrames, out
     energy, energy_series = energy_metrics(energies, weights)
     free = free_energies(md_frames, validity, molecule.topology, weights, options)
     comparison = compare(molecule, md_frames, validity, energies, weights, free, options, refined)
-    written = write_plots(out, energy_series, free, weights, comparison)
+    written = write_plots(out, energy_series, free, weights, comparison, options.basins)
     report = write_report(out, validity, weights, energy, free, comparison, written, time.perf_counter() - t_start)
     table = summary_table(report)
     logger.info("evaluation written to %s\n%s", out, table)
@@ -339,17 +339,25 @@ def free_energies(md_frames: MDFrames, validity: Validity, topology: md.Topology
     log_w = weights.log_w
     torsions: dict[str, Any] = {}
     free_energy: dict[str, Any] = {"bins": None}
-    all_profiles: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    all_profiles: dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    md_block = _md_block_frames(tors_md, options.basins)
+
+    def profile(angles: np.ndarray, lw: np.ndarray | None, block: int) -> tuple[np.ndarray, ...]:
+        """(bin centres, F, bootstrap standard error of F) of one set of angles."""
+        se = metrics.free_energy_profile_stderr(angles, lw, bins=options.bins, n_bootstrap=options.n_bootstrap,
+                                                seed=options.seed, block=block)
+        return (*metrics.free_energy_profile(angles, lw, bins=options.bins), se)
+
     for name, (atoms, a_md) in tors_md.items():
         entry = {"atoms": atoms, "wasserstein_model": None, "wasserstein_reweighted": None}
-        profiles = {"MD": metrics.free_energy_profile(a_md, bins=options.bins)}
+        profiles = {"MD": profile(a_md, None, md_block)}
         if name in tors_model:
             a_model = tors_model[name][1]
             entry["wasserstein_model"] = metrics.circular_wasserstein(a_md, a_model)
-            profiles["model"] = metrics.free_energy_profile(a_model, bins=options.bins)
+            profiles["model"] = profile(a_model, None, 1)
             if log_w is not None:
                 entry["wasserstein_reweighted"] = metrics.circular_wasserstein(a_md, a_model, None, log_w)
-                profiles["reweighted"] = metrics.free_energy_profile(a_model, log_w, bins=options.bins)
+                profiles["reweighted"] = profile(a_model, log_w, 1)
         torsions[name] = entry
         free_energy["bins"] = profiles["MD"][0]
         free_energy[name] = {label: profiles[label][1] if label in profiles else None for label in _LABELS}
@@ -357,6 +365,17 @@ def free_energies(md_frames: MDFrames, validity: Validity, topology: md.Topology
     delta_f = {key: _delta_f_entry(definition, tors_md, tors_model, log_w, options.n_bootstrap, options.seed)
                for key, definition in options.basins.items()}
     return FreeEnergies(torsions, free_energy, delta_f, all_profiles, tors_md, tors_model)
+
+
+def _md_block_frames(tors_md: dict, basins: Mapping[str, metrics.BasinDefinition]) -> int:
+    """Bootstrap block length of the MD frames for the free-energy profiles: that of the first basin
+    definition's states (the slow transitions set the frames' correlation), 1 without one."""
+    angles = {name: a for name, (_, a) in tors_md.items()}
+    for definition in basins.values():
+        if definition.torsions <= set(angles):
+            in_basin, in_reference = definition.masks(angles)
+            return metrics.block_length(in_basin + 2 * in_reference)
+    return 1
 
 
 def _treatment_names(clip_quantiles: Sequence[float], energy_cutoffs: Sequence[float]) -> list[str]:
@@ -408,9 +427,10 @@ def compare(molecule: Molecule, md_frames: MDFrames, validity: Validity, energie
 
 
 def write_plots(out: Path, energy_series: dict[str, tuple[np.ndarray, np.ndarray | None]], free: FreeEnergies,
-                weights: Reweighting, comparison: Mapping[str, Any] | None = None) -> dict[str, Path]:
-    """Energy histograms, Ramachandran panels, free-energy profiles, the log-weight histogram and the
-    methods' metrics (those the data allow); returns name -> file."""
+                weights: Reweighting, comparison: Mapping[str, Any] | None = None,
+                basins: Mapping[str, metrics.BasinDefinition] | None = None) -> dict[str, Path]:
+    """Energy histograms, Ramachandran panels (``basins`` outlined), free-energy profiles with error bands,
+    the log-weight histogram and the methods' metrics (those the data allow); returns name -> file."""
     written: dict[str, Path] = {}
     if energy_series:
         written["energy_histogram"] = plots.plot_energy_histograms(out / "energy_histogram.png", energy_series)
@@ -421,7 +441,7 @@ def write_plots(out: Path, energy_series: dict[str, tuple[np.ndarray, np.ndarray
             panels["model"] = (tors_model["phi"][1], tors_model["psi"][1], None)
             if weights.log_w is not None:
                 panels["reweighted"] = (tors_model["phi"][1], tors_model["psi"][1], weights.weights)
-        written["ramachandran"] = plots.plot_ramachandran(out / "ramachandran.png", panels)
+        written["ramachandran"] = plots.plot_ramachandran(out / "ramachandran.png", panels, basins=basins)
     for name, profiles in free.profiles.items():
         written[f"free_energy_{name}"] = plots.plot_free_energy(out / f"free_energy_{name}.png", name, profiles)
     if weights.log_w is not None:
