@@ -71,13 +71,15 @@ def test_sample_profile_stages_nfe_memory_and_trace(likelihood: str, tmp_path: P
     if likelihood == "decoupled":
         assert dist["min"] == dist["max"] == 3  # one divergence per quadrature node
 
-    # Throughput over the chunks without the trace (the second chunk is traced).
+    # Throughput over the chunks without the trace (the last full chunk after the first is traced).
     sampling = profile["sampling"]
     assert profile["trace"] == {"path": "trace.json", "chunk": 1}
     assert sampling["chunks"] == 2 and sampling["samples"] == 6
     assert math.isclose(sampling["samples_per_second"], 6 / sampling["seconds"])
     assert sampling["evaluations"]["divergence"] == 4 * nfe[0, 1] + 2 * nfe[2, 1]
-    assert profile["memory"]["peak_bytes"] >= 0 and profile["memory"]["source"]
+    memory = profile["memory"]
+    assert memory["source"] and memory["chunk_peak_bytes"] == max(profile["chunks"][i]["peak_memory_bytes"]
+                                                                  for i in (0, 2))
     assert "samples/s" in format_profile(profile)
 
     # The trace is valid JSON naming our stages and ops (the fused ones when built, else the reference's).
@@ -194,7 +196,7 @@ SLACK = 4
 
 
 @pytest.mark.parametrize("likelihood,backend,budget_mib", [
-    ("none", "auto", 24), ("decoupled", "auto", 24), ("joint", "auto", 12), ("joint", "reference", 64)])
+    ("none", "auto", 24), ("decoupled", "auto", 24), ("joint", "auto", 16), ("joint", "reference", 64)])
 def test_auto_batch_size_fits_the_budget_in_a_measured_run(likelihood: str, backend: str, budget_mib: int) -> None:
     dyn = _dynamics(n_atoms=16, hidden=16, layers=2, backend=backend)
     cfg = SampleConfig(n_samples=10**6, batch_size="auto", likelihood=likelihood, n_quadrature=2, solver=FAST,
@@ -204,7 +206,7 @@ def test_auto_batch_size_fits_the_budget_in_a_measured_run(likelihood: str, back
     sample_chunk(dyn, 16, 0, 2, run, torch.device("cpu"))  # warm-up: first-use allocations are not the batch's
     with SamplingProfiler("cpu") as prof, prof.chunk(batch):
         sample_chunk(dyn, 16, 0, batch, run, torch.device("cpu"))
-    measured = prof.memory.overall
+    measured = prof.chunks[0].peak_memory_bytes
     assert measured <= budget_mib * MiB, (batch, measured / MiB)
     assert measured >= budget_mib * MiB / SLACK, (batch, measured / MiB)
 

@@ -15,7 +15,10 @@ CUDA, so Perfetto / chrome://tracing and Nsight Systems show them):
   ``divergence`` (evaluations of v together with div v); the report's ``solver`` is the rest of the
   solve (the Runge-Kutta combinations, error control, dense output, quadrature sums);
 * ``io``: writing chunks, merging them, trajectories and weights for viewers;
-* ``energies``: force-field energies of the samples (the weights written by ``tbg sample``).
+* ``energies``: force-field energies of the samples (the weights written by ``tbg sample``);
+* ``profiler``: the tracer's overhead in the traced chunk (its time outside the stages) and writing
+  trace.json; the traced chunk's stages run slower too, so the throughput leaves that chunk out when
+  there are others.
 
 Timing on a GPU: kernels run asynchronously, so while profiling every stage boundary calls
 ``torch.cuda.synchronize()``; that makes the split exact at the cost of a little overlap between
@@ -102,9 +105,9 @@ def _release_free_heap() -> None:
 class PeakMemory:
     """Peak memory of a stretch of work above the memory held when ``start`` was called.
 
-    ``start()`` sets the baseline; ``segment()`` returns the peak above it since the previous
-    ``segment`` (or ``start``) and begins a new segment; ``overall`` is the largest segment peak.
-    ``source`` says what is measured (see the module docstring).
+    ``start()`` sets the baseline; ``segment()`` returns the peak since the previous ``segment`` (or
+    ``start``), above the baseline and in all, and begins a new segment. ``source`` says what is
+    measured (see the module docstring).
     """
 
     def __init__(self, device: torch.device | str) -> None:
@@ -118,8 +121,6 @@ class PeakMemory:
             self.source = "process-lifetime peak resident set (resource.getrusage ru_maxrss)"
         self._resettable = self.cuda or "VmHWM" in self.source
         self.baseline = 0
-        self.overall = 0
-        self.overall_total = 0
 
     def _current(self) -> int:
         if self.cuda:
@@ -148,18 +149,14 @@ class PeakMemory:
             _release_free_heap()
         self._reset_peak()
         self.baseline = self._current()
-        self.overall = self.overall_total = 0
 
-    def segment(self) -> int:
-        """Peak bytes above the baseline since the last segment; starts the next one."""
+    def segment(self) -> tuple[int, int]:
+        """(peak bytes above the baseline, peak bytes in all) since the last segment; starts the next one."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
         total = self._peak_total()
         self._reset_peak()
-        peak = max(0, total - self.baseline)
-        self.overall = max(self.overall, peak)
-        self.overall_total = max(self.overall_total, total)
-        return peak
+        return max(0, total - self.baseline), total
 
 
 # ---- stages and chunks -----------------------------------------------------------------------------
@@ -191,6 +188,8 @@ class SamplingProfiler:
         self.calls: Counter[str] = Counter()
         self.chunks: list[ChunkRecord] = []
         self.memory = PeakMemory(self.device)
+        # Peaks over everything but the traced chunk (the profiler's own buffers would count there).
+        self.peak_bytes = self.peak_total_bytes = self.traced_peak_bytes = 0
         self.wall = 0.0
         self._start = 0.0
         self._token: Any = None
@@ -200,14 +199,23 @@ class SamplingProfiler:
             raise RuntimeError("a SamplingProfiler is already active in this context")
         self._token = _ACTIVE.set(self)
         self.memory.start()
+        self.peak_bytes = self.peak_total_bytes = self.traced_peak_bytes = 0
         self._start = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._sync()
         self.wall += time.perf_counter() - self._start
-        self.memory.segment()
+        self._record_peak(traced=False)
         _ACTIVE.reset(self._token)
+
+    def _record_peak(self, traced: bool) -> int:
+        peak, total = self.memory.segment()
+        if traced:
+            self.traced_peak_bytes = max(self.traced_peak_bytes, peak)
+        else:
+            self.peak_bytes, self.peak_total_bytes = max(self.peak_bytes, peak), max(self.peak_total_bytes, total)
+        return peak
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -230,33 +238,37 @@ class SamplingProfiler:
         record = ChunkRecord(size)
         seconds, calls = self.seconds.copy(), self.calls.copy()
         record.traced = trace and self.trace_path is not None and self.traced_chunk is None
-        self.memory.segment()  # what came before the chunk is not the chunk's
+        self._record_peak(traced=False)  # what came before the chunk is not the chunk's
         self._sync()
         start = time.perf_counter()
-        with self._tracing(record.traced), torch.profiler.record_function(f"tbg.chunk[{size}]"):
+        tracer = self._tracer() if record.traced else contextlib.nullcontext()
+        with tracer, torch.profiler.record_function(f"tbg.chunk[{size}]"):
             yield record
             self._sync()
         record.seconds = time.perf_counter() - start
         record.stages = {k: v - seconds[k] for k, v in self.seconds.items() if v - seconds[k] > 0}
         record.nfe = {k: v - calls[k] for k, v in self.calls.items() if v > calls[k]}
-        record.peak_memory_bytes = self.memory.segment()
+        record.peak_memory_bytes = self._record_peak(record.traced)
         if record.traced:
             self.traced_chunk = len(self.chunks)
+            # The tracer's overhead: the traced chunk's time outside its stages.
+            self.seconds["profiler"] += record.seconds - sum(record.stages.get(k, 0.0) for k in TOP_STAGES)
+            self._export_trace(tracer)
         self.chunks.append(record)
 
-    @contextlib.contextmanager
-    def _tracing(self, on: bool) -> Iterator[None]:
-        if not on:
-            yield
-            return
+    def _tracer(self) -> torch.profiler.profile:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
-            yield
+        return torch.profiler.profile(activities=activities)
+
+    def _export_trace(self, tracer: torch.profiler.profile) -> None:
+        """Write the trace; the time it takes is the stage "profiler" (not the chunk's)."""
+        start = time.perf_counter()
         assert self.trace_path is not None
         self.trace_path.parent.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(self.trace_path))
+        tracer.export_chrome_trace(str(self.trace_path))
+        self.seconds["profiler"] += time.perf_counter() - start
 
     # ---- the report ------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -289,9 +301,15 @@ class SamplingProfiler:
                 "stages": stage_breakdown(chunk_stages, chunk_seconds),
             },
             "nfe_per_sample": nfe_distribution(self.chunks),
-            "memory": {"source": self.memory.source, "peak_bytes": self.memory.overall,
-                       "peak_total_bytes": self.memory.overall_total, "baseline_bytes": self.memory.baseline,
-                       "note": "peak_bytes: above the memory held when profiling started (model, libraries)"},
+            "memory": {
+                "source": self.memory.source, "baseline_bytes": self.memory.baseline,
+                "chunk_peak_bytes": max((c.peak_memory_bytes for c in timed), default=0),
+                "run_peak_bytes": self.peak_bytes, "run_peak_total_bytes": self.peak_total_bytes,
+                "traced_chunk_peak_bytes": self.traced_peak_bytes,
+                "note": ("above the memory held when profiling started (model, libraries): chunk_peak_bytes over the "
+                         "chunks of the throughput (what a batch needs), run_peak_bytes over the whole run but the "
+                         "traced chunk (with merging, the export, and libraries loaded on the way); "
+                         "run_peak_total_bytes includes the start")},
             "trace": ({"path": self.trace_path.name, "chunk": self.traced_chunk}
                       if self.traced_chunk is not None and self.trace_path is not None else None),
             "chunks": [{"size": c.size, "seconds": c.seconds, "stages": c.stages, "nfe": c.nfe,
@@ -309,12 +327,12 @@ def sample_evaluations(chunks: list[ChunkRecord]) -> dict[str, int]:
 
 def stage_breakdown(seconds: Counter[str] | dict[str, float], wall: float) -> dict[str, dict[str, float]]:
     """Seconds and share of ``wall`` per reported stage: field, divergence, solver (the rest of solve),
-    prior, io, energies, other (wall minus all of them). Stages nest only as field, divergence inside
+    prior, io, energies, profiler (the tracer's overhead), other (wall minus all of them). Stages nest only as field, divergence inside
     solve, so every entry is >= 0 and they add up to ``wall``."""
     get = lambda name: float(seconds.get(name, 0.0))  # noqa: E731
     parts = {"field": get("field"), "divergence": get("divergence"),
              "solver": get("solve") - get("field") - get("divergence"), "prior": get("prior"), "io": get("io"),
-             "energies": get("energies")}
+             "energies": get("energies"), "profiler": get("profiler")}
     parts["other"] = wall - sum(parts.values())
     return {k: {"seconds": v, "share": v / wall if wall > 0 else 0.0} for k, v in parts.items()}
 
@@ -384,8 +402,8 @@ def format_profile(profile: dict[str, Any]) -> str:
             d = nfe[kind]
             lines.append(f"{kind} evaluations per sample (its chunk's): min {d['min']}, median {d['median']:g}, "
                          f"max {d['max']}")
-    lines.append(f"peak memory: {_mib(mem['peak_bytes'])} above the start ({_mib(mem['peak_total_bytes'])} in "
-                 f"all; {mem['source']})")
+    lines.append(f"peak memory of a chunk: {_mib(mem['chunk_peak_bytes'])} above the start; of the whole run "
+                 f"{_mib(mem['run_peak_bytes'])} ({_mib(mem['run_peak_total_bytes'])} in all); {mem['source']}")
     if profile["trace"]:
         lines.append(f"trace of chunk {profile['trace']['chunk']}: {profile['trace']['path']} "
                      "(Perfetto, chrome://tracing)")

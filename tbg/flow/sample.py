@@ -249,7 +249,10 @@ def _sample_chunks(dyn: Dynamics, n_atoms: int, out: Path, cfg: SampleConfig, ba
                  f"budget {cfg.memory_budget_gb:g} GiB" if cfg.memory_budget_gb else "default budget")
     n_chunks = math.ceil(cfg.n_samples / batch)
     mine = [c for c in range(rank, n_chunks, world) if not _chunk_path(out, c).exists()]
-    traced = min(1, len(mine) - 1)  # the second chunk: the first one pays for warm-up
+    # Traced: the last full chunk after the first (which pays for warm-up); last, so that the tracer's
+    # leftovers touch no other chunk's measurement.
+    full = [i for i, c in enumerate(mine) if i > 0 and (c + 1) * batch <= cfg.n_samples]
+    traced = full[-1] if full else len(mine) - 1
     with profile_run(out, device, cfg.profile):
         for i, c in enumerate(tqdm(mine, disable=not cfg.progress or rank != 0, desc=f"sample (rank {rank}/{world})")):
             size = min(batch, cfg.n_samples - c * batch)

@@ -142,7 +142,7 @@ def _point(dyn: Dynamics, n_atoms: int, likelihood: Likelihood, batch_size: int,
         evaluations_per_second=sampling["evaluations_per_second"],
         nfe_field=float(np.median([n.get("field", 0) for n in nfe])),
         nfe_divergence=float(np.median([n.get("divergence", 0) for n in nfe])),
-        peak_memory_bytes=summary["memory"]["peak_bytes"],
+        peak_memory_bytes=summary["memory"]["chunk_peak_bytes"],
         model_peak_bytes=None if model is None else model.peak_bytes(batch_size),
         stages={k: v["seconds"] for k, v in sampling["stages"].items()})
 
