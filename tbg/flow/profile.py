@@ -37,6 +37,7 @@ import ctypes.util
 import gc
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -184,6 +185,7 @@ class SamplingProfiler:
         self.device = torch.device(device)
         self.trace_path = trace_path
         self.traced_chunk: int | None = None
+        self.trace_events: tuple[int, int] | None = None  # (kept, dropped) by drop_internal_ops
         self.seconds: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
         self.chunks: list[ChunkRecord] = []
@@ -260,14 +262,22 @@ class SamplingProfiler:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        return torch.profiler.profile(activities=activities)
+        try:  # torch >= 2.11: skip building Python event objects (GBs for a large chunk); only the export is used
+            config = torch._C._profiler._ExperimentalConfig(trace_only=True)
+        except (AttributeError, TypeError):
+            config = None
+        return torch.profiler.profile(activities=activities, experimental_config=config)
 
     def _export_trace(self, tracer: torch.profiler.profile) -> None:
-        """Write the trace; the time it takes is the stage "profiler" (not the chunk's)."""
+        """Write the trace without the internal ATen calls of our fused ops; the time it takes is the
+        stage "profiler" (not the chunk's)."""
         start = time.perf_counter()
         assert self.trace_path is not None
         self.trace_path.parent.mkdir(parents=True, exist_ok=True)
-        tracer.export_chrome_trace(str(self.trace_path))
+        raw = self.trace_path.with_name(f".{self.trace_path.name}.raw")
+        tracer.export_chrome_trace(str(raw))
+        self.trace_events = drop_internal_ops(raw, self.trace_path)
+        raw.unlink()
         self.seconds["profiler"] += time.perf_counter() - start
 
     # ---- the report ------------------------------------------------------------------------------
@@ -310,8 +320,9 @@ class SamplingProfiler:
                          "chunks of the throughput (what a batch needs), run_peak_bytes over the whole run but the "
                          "traced chunk (with merging, the export, and libraries loaded on the way); "
                          "run_peak_total_bytes includes the start")},
-            "trace": ({"path": self.trace_path.name, "chunk": self.traced_chunk}
-                      if self.traced_chunk is not None and self.trace_path is not None else None),
+            "trace": ({"path": self.trace_path.name, "chunk": self.traced_chunk, "events": self.trace_events[0],
+                       "internal_op_events_dropped": self.trace_events[1]}
+                      if self.traced_chunk is not None and self.trace_path and self.trace_events else None),
             "chunks": [{"size": c.size, "seconds": c.seconds, "stages": c.stages, "nfe": c.nfe,
                         "peak_memory_bytes": c.peak_memory_bytes, "traced": c.traced} for c in self.chunks],
         }
@@ -357,6 +368,66 @@ def nfe_distribution(chunks: list[ChunkRecord], bins: int = 10) -> dict[str, Any
                      "max": int(per_sample.max()), "mean": float(per_sample.mean()),
                      "histogram": {"counts": counts.tolist(), "edges": edges.tolist()}}
     return out
+
+
+# ---- trace filtering -------------------------------------------------------------------------------
+def _trace_items(path: Path, block: int = 1 << 22) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """Stream a Chrome trace: ("text before the events", None), then (event JSON, event) for each entry of
+    traceEvents, then ("text after them", None), without holding the file in memory."""
+    decoder = json.JSONDecoder()
+    with path.open() as fh:
+        buf = fh.read(block)
+        pos = buf.index("[", buf.index('"traceEvents"')) + 1
+        yield buf[:pos], None
+        while True:
+            while True:  # skip separators, reading on as needed
+                while pos < len(buf) and buf[pos] in " \t\r\n,":
+                    pos += 1
+                if pos < len(buf):
+                    break
+                more = fh.read(block)
+                if not more:
+                    raise ValueError(f"{path}: the trace ends inside traceEvents")
+                buf, pos = more, 0
+            if buf[pos] == "]":
+                yield buf[pos:] + fh.read(), None
+                return
+            while True:
+                try:
+                    event, end = decoder.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError:
+                    more = fh.read(block)
+                    if not more:
+                        raise
+                    buf, pos = buf[pos:] + more, 0
+            yield buf[pos:end], event
+            pos = end
+
+
+def drop_internal_ops(raw: Path, out: Path) -> tuple[int, int]:
+    """Copy the Chrome trace ``raw`` to ``out`` without the CPU op events that run inside one of our ops
+    (``tbg::*``), on any thread: the ATen calls the C++ kernels make internally (the CPU divergence kernel
+    makes ~2000 per molecule and evaluation, which would make a trace of a real chunk hundreds of MB).
+    Our ops, the stage ranges, everything outside our ops and all GPU events stay. Kineto writes events
+    in order of start time, so one pass suffices. Returns (events kept, events dropped)."""
+    kept = dropped = 0
+    span_end = -math.inf
+    with out.open("w") as fh:
+        for text, event in _trace_items(raw):
+            if event is None:  # the text before the events, then the text after them
+                fh.write(text if fh.tell() == 0 else "\n" + text)
+                continue
+            name, ts = str(event.get("name", "")), event.get("ts")
+            if event.get("ph") == "X" and ts is not None:
+                if name.startswith("tbg::"):
+                    span_end = max(span_end, float(ts) + float(event.get("dur", 0)))
+                elif event.get("cat") == "cpu_op" and float(ts) + float(event.get("dur", 0)) <= span_end:
+                    dropped += 1
+                    continue
+            fh.write(("\n" if kept == 0 else ",\n") + text)
+            kept += 1
+    return kept, dropped
 
 
 def machine_description(device: torch.device | str) -> dict[str, Any]:
