@@ -168,8 +168,9 @@ def sweep_batch_sizes(dyn: Dynamics, n_atoms: int, config: SweepConfig, device: 
             point = _point(dyn, n_atoms, likelihood, batch_size, config, device, model)
             points.append(point)
             bar.update()
-            log.debug("profile %s B=%d: %.4g samples/s, peak %.1f MiB", likelihood, batch_size,
-                      point.samples_per_second, point.peak_memory_bytes / 2**20)
+            log.info("%s likelihood, batch %d: %.4g samples/s, peak %.1f MiB (%d samples in %.1f s)", likelihood,
+                     batch_size, point.samples_per_second, point.peak_memory_bytes / 2**20, point.samples,
+                     point.seconds)
         fits = [p for p in points if p.likelihood == likelihood
                 and (budget is None or p.peak_memory_bytes <= budget)]
         best[likelihood] = max(fits, key=lambda p: p.samples_per_second).batch_size if fits else None
