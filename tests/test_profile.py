@@ -234,9 +234,9 @@ def test_cli_sample_profile_and_profile_command(tmp_path: Path, capsys: pytest.C
     stages = profile["run"]["stages"]
     assert stages["energies"]["seconds"] > 0 and stages["io"]["seconds"] > 0
     assert sum(v["seconds"] for k, v in stages.items() if k != "other") <= profile["run"]["wall_seconds"]
-    assert json.loads((smp / "sampling.json").read_text())["batch_size"] == 2
+    assert json.loads((smp / "run.json").read_text())["defines"]["batch_size"] == 2
     assert "tbg.energies" not in _trace_names(smp / "trace.json")  # the trace holds one chunk only
-    assert main(["profile", "--peptide", "ala2", "--hidden", "8", "--layers", "2", "--batch-sizes", "1,2",
+    assert main(["profile", "--peptide", "ala2", "--hidden", "8", "--layers", "2", "--batch-sizes", "1", "2",
                  "--likelihoods", "joint", "--method", "rk4", "--ode-steps", "2", "--memory-budget", "1",
                  "--out", str(tmp_path / "prof"), "--no-progress"]) == 0
     out = capsys.readouterr().out
