@@ -510,7 +510,7 @@ def _molecule(args: argparse.Namespace, default: Path | None):  # -> Path | tbg.
         except InputError as err:
             raise UsageError(f"--peptide {args.peptide!r}: {err}") from err
     if default is None:
-        raise UsageError("name the molecule to sample with --peptide SEQ or --pdb FILE")
+        raise UsageError("name the molecule with --peptide SEQ or --pdb FILE")
     return default
 
 
@@ -581,7 +581,8 @@ def _cmd_profile(args: argparse.Namespace) -> None:
                          n_quadrature=args.quadrature, min_samples=args.min_samples, min_seconds=args.min_seconds,
                          memory_budget_gb=args.memory_budget, dtype=args.dtype, seed=args.seed,
                          progress=not args.no_progress)
-    result, paths = profile_sampling(dyn, dyn.n_atoms, config, device, out)
+    result, paths = profile_sampling(dyn, dyn.n_atoms, config, device, out,
+                                     record=partial(write_resolved_config, args))
     print(f"{format_sweep(result)}\n" + "\n".join(f"{kind}: {path}" for kind, path in paths.items()))
 
 
