@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from tbg.flow import distributed as D
+from tbg.runfolder import temporary_path, write_atomically
 
 log = logging.getLogger("tbg")
 
@@ -274,10 +275,14 @@ class SamplingProfiler:
         start = time.perf_counter()
         assert self.trace_path is not None
         self.trace_path.parent.mkdir(parents=True, exist_ok=True)
-        raw = self.trace_path.with_name(f".{self.trace_path.name}.raw")
-        tracer.export_chrome_trace(str(raw))
-        self.trace_events = drop_internal_ops(raw, self.trace_path)
-        raw.unlink()
+        raw = temporary_path(self.trace_path.with_suffix(".raw.json"))
+        counts: list[tuple[int, int]] = []
+        try:
+            tracer.export_chrome_trace(str(raw))
+            write_atomically(self.trace_path, lambda tmp: counts.append(drop_internal_ops(raw, tmp)))
+        finally:
+            raw.unlink(missing_ok=True)
+        self.trace_events = counts[0]
         self.seconds["profiler"] += time.perf_counter() - start
 
     # ---- the report ------------------------------------------------------------------------------
@@ -524,9 +529,7 @@ def profile_run(out_dir: Path, device: torch.device | str, enabled: bool = True)
     summary = profiler.summary()
     stem, ext = PROFILE_FILE.rsplit(".", 1)
     path = out_dir / f"{stem}{suffix}.{ext}"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n"))
     log.info("%s\nprofile: %s", format_profile(summary), path)
 
 

@@ -18,7 +18,7 @@ import csv
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from tbg.flow.memory import MemoryModel
 from tbg.flow.ode import Dynamics, SolverConfig
 from tbg.flow.profile import PeakMemory, SamplingProfiler, machine_description
 from tbg.flow.sample import Likelihood, SampleConfig, sample_chunk
+from tbg.runfolder import exclusive, write_atomically
 
 log = logging.getLogger("tbg")
 
@@ -243,12 +244,20 @@ def plot_sweep(result: SweepResult, path: Path) -> Path:
 
 
 def write_sweep(result: SweepResult, out_dir: Path) -> dict[str, Path]:
-    """sweep.json (everything), sweep.csv (one row per point) and sweep.png in ``out_dir``."""
+    """sweep.json (everything), sweep.csv (one row per point) and sweep.png in ``out_dir`` (each written
+    atomically)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {k: out_dir / name for k, name in SWEEP_FILES.items()}
-    paths["json"].write_text(json.dumps(result.to_json(), indent=1, allow_nan=False) + "\n")
+    write_atomically(paths["json"],
+                     lambda tmp: tmp.write_text(json.dumps(result.to_json(), indent=1, allow_nan=False) + "\n"))
+    write_atomically(paths["csv"], lambda tmp: _write_csv(result, tmp))
+    write_atomically(paths["plot"], lambda tmp: plot_sweep(result, tmp))
+    return paths
+
+
+def _write_csv(result: SweepResult, path: Path) -> None:
     stage_names = sorted({k for p in result.points for k in p.stages})
-    with paths["csv"].open("w", newline="") as fh:
+    with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["likelihood", "batch_size", "samples", "chunks", "seconds", "samples_per_second",
                          "evaluations_per_second", "nfe_field", "nfe_divergence", "peak_memory_mib",
@@ -259,14 +268,18 @@ def write_sweep(result: SweepResult, out_dir: Path) -> dict[str, Path]:
                              p.nfe_divergence, f"{p.peak_memory_bytes / 2**20:.3f}",
                              "" if p.model_peak_bytes is None else f"{p.model_peak_bytes / 2**20:.3f}"]
                             + [f"{p.stages.get(s, 0.0):.6g}" for s in stage_names])
-    plot_sweep(result, paths["plot"])
-    return paths
 
 
 def profile_sampling(dyn: Dynamics, n_atoms: int, config: SweepConfig, device: torch.device | str,
-                     out_dir: Path) -> tuple[SweepResult, dict[str, Path]]:
-    """``sweep_batch_sizes``, then ``write_sweep`` into ``out_dir``; logs where the files are."""
-    result = sweep_batch_sizes(dyn, n_atoms, config, device)
-    paths = write_sweep(result, out_dir)
+                     out_dir: Path, *, record: Callable[[Path], None] | None = None
+                     ) -> tuple[SweepResult, dict[str, Path]]:
+    """``sweep_batch_sizes``, then ``write_sweep`` into ``out_dir``, holding the folder's lock
+    (``tbg.runfolder.exclusive``) throughout; ``record(out_dir)``, if given, is called once the lock is
+    held (the CLI writes its resolved options there). Logs where the files are."""
+    with exclusive(out_dir):
+        if record is not None:
+            record(out_dir)
+        result = sweep_batch_sizes(dyn, n_atoms, config, device)
+        paths = write_sweep(result, out_dir)
     log.info("sweep written to %s", ", ".join(str(p) for p in paths.values()))
     return result, paths
