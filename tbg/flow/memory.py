@@ -10,8 +10,9 @@ resident set (``tbg.flow.profile.PeakMemory`` measures exactly this). Per chunk
 because the solver keeps its state for the whole solve while the right-hand-side evaluations run one at
 a time and free their activations when they return. Every constant below is an upper envelope of
 measurements on the CPU (peak resident set in float32, torch 2.14, torchdiffeq; bench/RESULTS.md,
-"Sampling profile"), i.e. it includes the allocator's fragmentation; on a GPU the allocator counts only
-live tensors, so the same constants are conservative there. Symbols: N atoms, F features, H hidden, L
+"Profiling large-batch sampling (CPU)" sets model and measurement side by side), i.e. it includes the
+allocator's fragmentation; on a GPU the allocator counts only live tensors, so the same constants are
+conservative there. Symbols: N atoms, F features, H hidden, L
 layers, E = N (N - 1) edges per molecule, s bytes per element.
 
 * fixed: ``FIXED_BYTES`` for what does not scale with anything above: up to 2 MiB measured in a warm
@@ -26,7 +27,7 @@ layers, E = N (N - 1) edges per molecule, s bytes per element.
 * divergence, CPU kernel (``tbg::egnn_divergence``): work items (molecule, chunk of T tangents) run one
   per thread, each holding the molecule's edge cache and its tangents, about
   40 E H + 12 T N H + T E + 2^16 elements (measured 1.0-1.8 x less); T is at most
-  min(3N, 2^23 / (E H)), tbg.nn's default tangent chunk on the CPU (it no longer caps T at 32; a chunk
+  min(3N, 2^23 / (E H)), tbg.nn's default tangent chunk on the CPU (``spec.CPU_TANGENT_BUDGET``; a chunk
   is smaller when that keeps more threads busy, which the model ignores: it charges every thread a full
   item). So this part does not grow with B: the threads, not the batch, set it. On top, per sample, the
   embedding (H + 2F + 11 per atom).
@@ -52,7 +53,7 @@ from typing import Literal
 import torch
 
 from tbg import has_kernel
-from tbg.nn import EGNN
+from tbg.nn import EGNN, spec
 
 log = logging.getLogger("tbg")
 
@@ -67,8 +68,8 @@ REFERENCE_EDGE_TENSORS = 14  # measured 9-13 [B E, H] tensors (L = 2-5)
 REFERENCE_TANGENT_EDGE_TENSORS = 16  # measured 8-14 [T, B E, H] tensors
 CPU_ITEM_EDGE = 40  # x E H per CPU divergence work item (edge cache and primal temporaries)
 CPU_ITEM_TANGENT = 12  # x T N H per CPU divergence work item (tangents of h and their products)
-CPU_CHUNK_BUDGET = 1 << 23  # T E H bound of the CPU kernel's tangent chunk (tbg.nn)
-BATCHED_BUDGET = 1 << 26  # T E_group H bound of a group in the batched implementation (tbg.nn)
+CPU_CHUNK_BUDGET = spec.CPU_TANGENT_BUDGET  # T E H bound of the CPU kernel's tangent chunk
+BATCHED_BUDGET = spec.TORCH_TANGENT_BUDGET  # T E_group H bound of a group in the batched implementation
 BATCHED_ALIVE = 8
 
 

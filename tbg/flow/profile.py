@@ -343,8 +343,8 @@ def sample_evaluations(chunks: list[ChunkRecord]) -> dict[str, int]:
 
 def stage_breakdown(seconds: Counter[str] | dict[str, float], wall: float) -> dict[str, dict[str, float]]:
     """Seconds and share of ``wall`` per reported stage: field, divergence, solver (the rest of solve),
-    prior, io, energies, profiler (the tracer's overhead), other (wall minus all of them). Stages nest only as field, divergence inside
-    solve, so every entry is >= 0 and they add up to ``wall``."""
+    prior, io, energies, profiler (the tracer's overhead), other (wall minus all of them). Stages nest only
+    as field and divergence inside solve, so every entry is >= 0 and they add up to ``wall``."""
     get = lambda name: float(seconds.get(name, 0.0))  # noqa: E731
     parts = {"field": get("field"), "divergence": get("divergence"),
              "solver": get("solve") - get("field") - get("divergence"), "prior": get("prior"), "io": get("io"),

@@ -117,9 +117,9 @@ def resolve_batch_size(dyn: Dynamics, n_atoms: int, config: SampleConfig, device
     ``tbg.flow.memory.default_memory_budget``), at most n_samples // (world x AUTO_MIN_CHUNKS).
 
     "auto" uses the model, not a measurement: throughput does not fall with the batch size on our devices
-    (bench/RESULTS.md, "Sampling profile"), so the largest batch that fits is the choice, and the model gives
-    the same answer on every rerun, which keeps the chunks of a resumed run the same (a quick timing sweep
-    would not). ``tbg profile`` measures the real curve.
+    (bench/RESULTS.md, "Profiling large-batch sampling (CPU)"), so the largest batch that fits is the
+    choice, and the model gives the same answer on every rerun, which keeps the chunks of a resumed run the
+    same (a quick timing sweep would not). ``tbg profile`` measures the real curve.
     """
     budget = None if config.memory_budget_gb is None else config.memory_budget_gb * 2**30
     if config.batch_size != "auto":
