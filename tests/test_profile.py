@@ -15,7 +15,7 @@ import torch
 import tbg
 from tbg.flow import SampleConfig, SolverConfig, sample
 from tbg.flow.memory import MemoryModel
-from tbg.flow.profile import SamplingProfiler, format_profile, stage
+from tbg.flow.profile import TRACE_DETAILED_EVALUATIONS, SamplingProfiler, format_profile, stage
 from tbg.flow.sample import batch_size_for_budget, resolve_batch_size, sample_chunk
 from tbg.flow.sweep import SweepConfig, profile_sampling
 
@@ -97,6 +97,14 @@ def test_sample_profile_stages_nfe_memory_and_trace(likelihood: str, tmp_path: P
         assert ("tbg::egnn_forward" in names) == (likelihood == "decoupled")
     else:
         assert "aten::linear" in names
+    # Every evaluation of the traced chunk shows as its stage range; only the first ones of each kind show
+    # what ran inside (the trace does not grow with the NFE).
+    events = [e for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"] if e.get("ph") == "X"]
+    count = lambda name: sum(e["name"] == name for e in events)  # noqa: E731
+    assert (count("tbg.field"), count("tbg.divergence")) == tuple(nfe[1])
+    if FUSED:
+        assert count("tbg::egnn_divergence") == min(TRACE_DETAILED_EVALUATIONS, nfe[1, 1])
+        assert count("tbg::egnn_forward") == min(TRACE_DETAILED_EVALUATIONS, nfe[1, 0])
 
 
 def test_profiling_changes_nothing_and_resumes(tmp_path: Path) -> None:

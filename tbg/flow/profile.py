@@ -20,6 +20,12 @@ CUDA, so Perfetto / chrome://tracing and Nsight Systems show them):
   trace.json; the traced chunk's stages run slower too, so the throughput leaves that chunk out when
   there are others.
 
+The trace (trace.json) covers one chunk: every stage as a range, and inside the first
+``TRACE_DETAILED_EVALUATIONS`` evaluations of each kind the ops (ours, ``tbg::*``, without the CPU ops
+they call internally, which ``drop_internal_ops`` removes; GPU kernels on CUDA); later evaluations show
+as their stage range only (collection paused inside), so the trace's size and the tracer's memory and
+time grow with the batch size but not with the number of evaluations.
+
 Timing on a GPU: kernels run asynchronously, so while profiling every stage boundary calls
 ``torch.cuda.synchronize()``; that makes the split exact at the cost of a little overlap between
 host and device (normal runs never synchronise). Peak memory (``PeakMemory``): on a GPU the CUDA
@@ -65,6 +71,8 @@ PROFILE_FILE = "profile.json"
 TRACE_FILE = "trace.json"
 # Stages whose times add up to (at most) the wall time; field and divergence lie inside solve.
 TOP_STAGES = ("prior", "solve", "io", "energies")
+# Evaluations of each kind traced in full in the traced chunk; later ones appear as their stage range only.
+TRACE_DETAILED_EVALUATIONS = 2
 EVALUATION_STAGES = ("field", "divergence")
 
 
@@ -196,6 +204,10 @@ class SamplingProfiler:
         self.wall = 0.0
         self._start = 0.0
         self._token: Any = None
+        self._activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self._active_tracer: torch.profiler.profile | None = None  # during the traced chunk
+        self._traced_calls: Counter[str] = Counter()
 
     def __enter__(self) -> SamplingProfiler:
         if _ACTIVE.get() is not None:
@@ -230,11 +242,33 @@ class SamplingProfiler:
         self._sync()
         start = time.perf_counter()
         with torch.profiler.record_function(label), _nvtx(label, self.device):
-            yield
-            self._sync()
+            detailed = self._trace_inside(name)
+            try:
+                yield
+                self._sync()
+            finally:
+                if not detailed:
+                    self._collect(True)
         self.seconds[name] += time.perf_counter() - start
         if name in EVALUATION_STAGES:
             self.calls[name] += 1
+
+    def _trace_inside(self, name: str) -> bool:
+        """Whether the tracer records what runs inside this stage: everything but the evaluations of a kind
+        after its first ``TRACE_DETAILED_EVALUATIONS`` in the traced chunk; those keep only their stage range
+        (collection paused inside), so the trace's size and the tracer's cost do not grow with the NFE."""
+        if self._active_tracer is None or name not in EVALUATION_STAGES:
+            return True
+        self._traced_calls[name] += 1
+        if self._traced_calls[name] <= TRACE_DETAILED_EVALUATIONS:
+            return True
+        self._collect(False)
+        return False
+
+    def _collect(self, enabled: bool) -> None:
+        assert self._active_tracer is not None
+        with _native_stderr_silenced():  # torch logs a (here irrelevant) GPU-track warning on every toggle
+            self._active_tracer.toggle_collection_dynamic(enabled, self._activities)
 
     @contextlib.contextmanager
     def chunk(self, size: int, trace: bool = False) -> Iterator[ChunkRecord]:
@@ -244,10 +278,20 @@ class SamplingProfiler:
         self._record_peak(traced=False)  # what came before the chunk is not the chunk's
         self._sync()
         start = time.perf_counter()
-        tracer = self._tracer() if record.traced else contextlib.nullcontext()
-        with tracer, torch.profiler.record_function(f"tbg.chunk[{size}]"):
-            yield record
-            self._sync()
+        tracer = self._new_tracer() if record.traced else None
+        if tracer is not None:
+            with self._kineto_notes_silenced():
+                tracer.start()
+            self._active_tracer, self._traced_calls = tracer, Counter()
+        try:
+            with torch.profiler.record_function(f"tbg.chunk[{size}]"):
+                yield record
+                self._sync()
+        finally:
+            if tracer is not None:
+                self._active_tracer = None
+                with self._kineto_notes_silenced():
+                    tracer.stop()
         record.seconds = time.perf_counter() - start
         record.stages = {k: v - seconds[k] for k, v in self.seconds.items() if v - seconds[k] > 0}
         record.nfe = {k: v - calls[k] for k, v in self.calls.items() if v > calls[k]}
@@ -259,10 +303,13 @@ class SamplingProfiler:
             self._export_trace(tracer)
         self.chunks.append(record)
 
-    def _tracer(self) -> torch.profiler.profile:
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if self.device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
+    def _kineto_notes_silenced(self) -> contextlib.AbstractContextManager[None]:
+        """On the CPU, the tracer's start and stop print notes from its GPU side to stderr (USDT lines, a
+        failed GPU count); silence them there. On a GPU they may matter and are kept."""
+        return _native_stderr_silenced() if self.device.type == "cpu" else contextlib.nullcontext()
+
+    def _new_tracer(self) -> torch.profiler.profile:
+        activities = self._activities
         try:  # torch >= 2.11: skip building Python event objects (GBs for a large chunk); only the export is used
             config = torch._C._profiler._ExperimentalConfig(trace_only=True)
         except (AttributeError, TypeError):
@@ -531,6 +578,20 @@ def profile_run(out_dir: Path, device: torch.device | str, enabled: bool = True)
     path = out_dir / f"{stem}{suffix}.{ext}"
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n"))
     log.info("%s\nprofile: %s", format_profile(summary), path)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Discard what native code writes to the process's stderr (file descriptor 2) in the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 @contextlib.contextmanager
