@@ -78,6 +78,7 @@ def _checked(convert: Callable[[str], Any], valid: Callable[[Any], bool], expect
 POSITIVE_INT = _checked(int, lambda v: v >= 1, "an integer >= 1")
 NONNEGATIVE_INT = _checked(int, lambda v: v >= 0, "an integer >= 0")
 POSITIVE_FLOAT = _checked(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
+NONNEGATIVE_FLOAT = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 OPEN_UNIT = _checked(float, lambda v: 0 < v < 1, "a number between 0 and 1 (exclusive)")
 HALF_OPEN_UNIT = _checked(float, lambda v: 0 <= v < 1, "a number >= 0 and < 1")
 QUANTILE = _checked(float, lambda v: 0 < v <= 1, "a number > 0 and <= 1")
@@ -99,7 +100,10 @@ DEFAULTS: dict[str, Any] = {
     "backend": "auto",
     # sampling (published: dopri5, atol = rtol = 1e-4, batches of 500)
     "n": 1000, "sample_batch_size": 500, "likelihood": "joint", "method": "dopri5", "atol": 1e-4, "rtol": 1e-4,
-    "ode_steps": 20, "quadrature": 16, "dtype": "float32", "trajectory": ["pdb", "dcd"],
+    "ode_steps": 20, "quadrature": 16, "dtype": "float32", "trajectory": ["pdb", "dcd"], "memory_budget": None,
+    "profile": False,
+    # `tbg profile`: the batch-size sweep
+    "batch_sizes": [16, 64, 256], "likelihoods": ["joint", "decoupled"], "min_samples": 0, "min_seconds": 0.0,
     # evaluation
     "md_frames": 5000, "temperature": None, "bins": 60, "bootstrap": 200,
     # tail treatments, each reported beside plain importance sampling; point-set W2 size
@@ -188,22 +192,40 @@ def _model_args(p: argparse.ArgumentParser) -> None:
          choices=["auto", "fused", "reference"])
 
 
-def _sample_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
-    _opt(g, "--n", "number of samples", type=POSITIVE_INT, metavar="N")
-    _opt(g, "--sample-batch-size", "samples integrated together (one resumable chunk each)", type=POSITIVE_INT,
-         metavar="B")
-    _opt(g, "--likelihood", "joint: exact dlogp on the augmented ODE (published); decoupled: x path, then "
-         "Gauss-Legendre quadrature of the exact divergence (cheaper); none: samples only",
-         choices=["joint", "decoupled", "none"])
-    g.add_argument("--no-likelihood", action="store_true", default=None,
-                   help="samples only, no dlogp (same as --likelihood none)")
+POSITIVE_INT_OR_AUTO = _checked(lambda t: t if t == "auto" else int(t), lambda v: v == "auto" or v >= 1,
+                                "an integer >= 1 or 'auto'")
+MEMORY_BUDGET_HELP = ("memory budget in GiB for the working memory of sampling (above what the process holds "
+                      "before: model, libraries, CUDA context)")
+
+
+def _solver_args(g: argparse._ArgumentGroup) -> None:
     _opt(g, "--method", "ODE solver: dopri5 (adaptive) or a fixed-step rk4/midpoint/euler", choices=[*ADAPTIVE, *FIXED])
     _opt(g, "--atol", "absolute tolerance of adaptive solvers", type=POSITIVE_FLOAT)
     _opt(g, "--rtol", "relative tolerance of adaptive solvers", type=POSITIVE_FLOAT)
     _opt(g, "--ode-steps", "steps of fixed-step solvers", type=POSITIVE_INT, metavar="N")
     _opt(g, "--quadrature", "quadrature nodes of --likelihood decoupled", type=POSITIVE_INT, metavar="K")
     _opt(g, "--dtype", "floating-point type of the integration", choices=["float32", "float64"])
+
+
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    _opt(g, "--n", "number of samples", type=POSITIVE_INT, metavar="N")
+    _opt(g, "--sample-batch-size", "samples integrated together (one resumable chunk each); 'auto': the largest "
+         "batch the memory model fits into --memory-budget, leaving at least 4 chunks per process (measure the "
+         "real curve with `tbg profile`)", type=POSITIVE_INT_OR_AUTO, metavar="B")
+    _opt(g, "--memory-budget", f"{MEMORY_BUDGET_HELP}; caps the batch size (default: no cap; with "
+         "--sample-batch-size auto 80%% of the GPU's memory or half the RAM)", type=POSITIVE_FLOAT, metavar="GB")
+    _opt(g, "--likelihood", "joint: exact dlogp on the augmented ODE (published); decoupled: x path, then "
+         "Gauss-Legendre quadrature of the exact divergence (cheaper); none: samples only",
+         choices=["joint", "decoupled", "none"])
+    g.add_argument("--no-likelihood", action="store_true", default=None,
+                   help="samples only, no dlogp (same as --likelihood none)")
+    _solver_args(g)
+    g.add_argument("--profile", action="store_true", default=None,
+                   help="time the sampling by stages (field, divergence, solver, I/O, energies), count evaluations "
+                        "per sample, measure peak memory: OUT/profile.json, a table at the end, and OUT/trace.json "
+                        "(torch.profiler trace of one chunk for Perfetto / chrome://tracing; NVTX ranges on CUDA); "
+                        "synchronises the GPU at stage boundaries, so the run is a little slower")
     g.add_argument("--trajectory", nargs="*", choices=WRITE_FORMATS, default=None, metavar="FORMAT",
                    help="also write the samples as samples.FORMAT beside samples.npz, for VMD, PyMOL, MDAnalysis: "
                         f"{', '.join(WRITE_FORMATS)}; positions in nm (samples / {SCALE:g}, not re-centred), atoms in "
@@ -350,8 +372,9 @@ def _sampling_options(args: argparse.Namespace, device, encoding: str) -> Sampli
 
     solver = SolverConfig(method=args.method, atol=args.atol, rtol=args.rtol, n_steps=args.ode_steps)
     config = SampleConfig(n_samples=args.n, batch_size=args.sample_batch_size, likelihood=args.likelihood,
-                          solver=solver, n_quadrature=args.quadrature, seed=args.seed, dtype=args.dtype,
-                          device=str(device), progress=not args.no_progress)
+                          solver=solver, n_quadrature=args.quadrature, memory_budget_gb=args.memory_budget,
+                          seed=args.seed, dtype=args.dtype, device=str(device), progress=not args.no_progress,
+                          profile=bool(args.profile))
     return SamplingOptions(config, encoding=encoding, backend=args.backend, trajectory_formats=args.trajectory,
                            temperature=args.temperature)
 
@@ -487,7 +510,7 @@ def _molecule(args: argparse.Namespace, default: Path | None):  # -> Path | tbg.
         except InputError as err:
             raise UsageError(f"--peptide {args.peptide!r}: {err}") from err
     if default is None:
-        raise UsageError("name the molecule to sample with --peptide SEQ or --pdb FILE")
+        raise UsageError("name the molecule with --peptide SEQ or --pdb FILE")
     return default
 
 
@@ -501,6 +524,66 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     path = sample_checkpoint(checkpoint, _molecule(args, default_topology), out, options,
                              record=partial(write_resolved_config, args))
     print(f"samples: {path}\ntopology: {out / 'topology.pdb'}")
+
+
+def _configure_profile(p: argparse.ArgumentParser) -> None:
+    _common(p, "folder for sweep.json, sweep.csv and sweep.png (required)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", metavar="PATH", help="a `tbg train` run folder or one of its .pt files "
+                     "(default: a randomly initialised model of --hidden, --layers)")
+    src.add_argument("--published", metavar="CKPT", help="a checkpoint trained with the published TBG code")
+    mol = p.add_mutually_exclusive_group()
+    mol.add_argument("--peptide", metavar="SEQ", help="molecule: 'ala2' or a zwitterionic sequence such as AY "
+                     "(built with tbg.chem)")
+    mol.add_argument("--pdb", metavar="FILE", help="molecule, as a PDB file")
+    g = p.add_argument_group("model (random initialisation, when no checkpoint is given)")
+    _opt(g, "--hidden", "hidden size H", type=POSITIVE_INT, metavar="H")
+    _opt(g, "--layers", "number of EGNN layers L", type=POSITIVE_INT, metavar="L")
+    g.add_argument("--encoding", choices=["auto", "atoms", "transfer"], default=None,
+                   help="atom features: of a checkpoint by its input width (auto); of a random model 'atoms' "
+                        "(auto) or 'transfer' (76 wide) (default: auto)")
+    g.add_argument("--backend", choices=["auto", "fused", "reference"], default=None,
+                   help="EGNN implementation (default: auto)")
+    g = p.add_argument_group("sweep")
+    _opt(g, "--batch-sizes", "batch sizes to measure, e.g. 16 64 256 1024", type=POSITIVE_INT, nargs="+",
+         metavar="B")
+    _opt(g, "--likelihoods", "likelihood modes to measure", nargs="+", choices=["joint", "decoupled", "none"],
+         metavar="MODE")
+    _opt(g, "--min-samples", "samples per point at least (whole chunks; at least one chunk)", type=NONNEGATIVE_INT,
+         metavar="N")
+    _opt(g, "--min-seconds", "seconds per point at least (whole chunks)", type=NONNEGATIVE_FLOAT, metavar="S")
+    _opt(g, "--memory-budget", f"{MEMORY_BUDGET_HELP}: the best batch is the fastest whose measured peak fits it "
+         "(default: no limit)", type=POSITIVE_FLOAT, metavar="GB")
+    _solver_args(p.add_argument_group("solver"))
+
+
+def _cmd_profile(args: argparse.Namespace) -> None:
+    import torch
+
+    from tbg.flow import SolverConfig
+    from tbg.flow.runs import checkpoint_dynamics, random_dynamics
+    from tbg.flow.sweep import SweepConfig, format_sweep, profile_sampling
+
+    _resolve(args)
+    out = _out_dir(args)
+    device = _device(args)
+    dtype = getattr(torch, args.dtype)
+    if args.checkpoint or args.published:
+        checkpoint, default_topology = _checkpoint_source(args)
+        dyn = checkpoint_dynamics(checkpoint, _molecule(args, default_topology), encoding=args.encoding or "auto",
+                                  backend=args.backend or "auto", device=device, dtype=dtype)
+    else:
+        dyn = random_dynamics(_molecule(args, None), hidden=args.hidden, layers=args.layers,
+                              encoding=args.encoding or "auto", backend=args.backend or "auto", device=device,
+                              dtype=dtype, seed=args.seed)
+    solver = SolverConfig(method=args.method, atol=args.atol, rtol=args.rtol, n_steps=args.ode_steps)
+    config = SweepConfig(batch_sizes=args.batch_sizes, likelihoods=args.likelihoods, solver=solver,
+                         n_quadrature=args.quadrature, min_samples=args.min_samples, min_seconds=args.min_seconds,
+                         memory_budget_gb=args.memory_budget, dtype=args.dtype, seed=args.seed,
+                         progress=not args.no_progress)
+    result, paths = profile_sampling(dyn, dyn.n_atoms, config, device, out,
+                                     record=partial(write_resolved_config, args))
+    print(f"{format_sweep(result)}\n" + "\n".join(f"{kind}: {path}" for kind, path in paths.items()))
 
 
 def _configure_evaluate(p: argparse.ArgumentParser) -> None:
@@ -703,6 +786,9 @@ COMMANDS: dict[str, Command] = {
     "refine": ("refine a model's samples toward the Boltzmann distribution with SMC and/or independence "
                "Metropolis-Hastings (OpenMM energies and forces): weighted refined samples, per-stage log, costs "
                "(resumable)", _configure_refine, _cmd_refine),
+    "profile": ("measure sampling throughput and peak memory against the batch size on this device (joint and "
+                "decoupled likelihood): the best batch within a memory budget, sweep.json/.csv/.png",
+                _configure_profile, _cmd_profile),
     "evaluate": ("check validity, reweight and compare samples with MD: report.json, plots, summary",
                  _configure_evaluate, _cmd_evaluate),
     "demo": ("the main job: train, sample, validate, reweight and evaluate on the shipped alanine dipeptide "

@@ -172,6 +172,14 @@ ISSUE_CASES = {
     "encoding does not fit the checkpoint": (["sample", "--checkpoint", "{run}", "--encoding", "transfer", "--out",
                                               "{out}"], "the transfer encoding gives 76 atom features, but"),
     "training data twice": (["train", "--data", "{md}", "{md}", "--out", "{out}"], "peptide 'ala2' given twice"),
+    "sample batch size word": (["sample", "--published", "{t76}", "--peptide", "AS", "--out", "{out}",
+                                "--sample-batch-size", "automatic"],
+                               "argument --sample-batch-size: invalid value 'automatic': expected an integer >= 1 or "
+                               "'auto'"),
+    "profile without a molecule": (["profile", "--out", "{out}", "--hidden", "8"],
+                                   "name the molecule with --peptide SEQ or --pdb FILE"),
+    "profile batch sizes list": (["profile", "--peptide", "ala2", "--out", "{out}", "--batch-sizes", "16,64"],
+                                 "argument --batch-sizes: invalid value '16,64': expected an integer >= 1"),
     "pdb garbage": (["sample", "--published", "{t76}", "--pdb", "{bad}/garbage.pdb", "--out", "{out}"],
                     "garbage.pdb: "),
     # config files: values parsed like flags
@@ -276,6 +284,8 @@ OPTION_CASES = {
     ("sample", "--n"): (["sample", "--out", "{out}", "--n", "0"], "argument --n: invalid value '0'"),
     ("sample", "--sample-batch-size"): (["sample", "--out", "{out}", "--sample-batch-size", "-4"],
                                         "argument --sample-batch-size"),
+    ("sample", "--memory-budget"): (["sample", "--out", "{out}", "--memory-budget", "0"],
+                                    "argument --memory-budget: invalid value '0': expected a number > 0"),
     ("sample", "--likelihood"): (["sample", "--out", "{out}", "--likelihood", "exact"],
                                  "argument --likelihood: invalid choice"),
     ("sample", "--method"): (["sample", "--out", "{out}", "--method", "rk45"], "argument --method: invalid choice"),
@@ -336,7 +346,8 @@ OPTION_CASES = {
                            ("--batch-size", "0"), ("--lr", "-1"), ("--lr-milestones", "x"), ("--ema", "0"),
                            ("--coupling", "x"), ("--keep-checkpoints", "-1"), ("--model", "mine"),
                            ("--val-fraction", "-0.1"), ("--checkpoint-every", "0"), ("--encoding", "x"),
-                           ("--backend", "x"), ("--n", "0"), ("--sample-batch-size", "0"), ("--likelihood", "x"),
+                           ("--backend", "x"), ("--n", "0"), ("--sample-batch-size", "0"), ("--memory-budget", "-1"),
+                           ("--likelihood", "x"),
                            ("--method", "x"), ("--atol", "-1"), ("--rtol", "0"), ("--ode-steps", "0"),
                            ("--quadrature", "0"), ("--dtype", "half"), ("--trajectory", "x"), ("--md-frames", "0"),
                            ("--temperature", "0"), ("--clip-quantile", "0"), ("--energy-cutoff", "x"),
@@ -345,13 +356,31 @@ OPTION_CASES = {
                            ("--scheme", "x"), ("--particles", "0"), ("--n-moves", "x"), ("--step-size", "-1"),
                            ("--target-cess", "0"), ("--resample-threshold", "-1"), ("--mcmc-chains", "-1"),
                            ("--mcmc-burn-in", "x"), ("--mcmc-local-steps", "-2"), ("--checkpoint-interval", "x")]},
+    ("profile", "--out"): (["profile", "--peptide", "ala2"], "--out DIR is required"),
+    ("profile", "--device"): (["profile", "--peptide", "ala2", "--out", "{out}", "--device", "tpu"],
+                              "--device 'tpu' is not a torch device"),
+    ("profile", "--seed"): (["profile", "--out", "{out}", "--seed", "-1"], "argument --seed"),
+    ("profile", "--config"): (["profile", "--config", "{out}/none.toml"], "config file not found"),
+    ("profile", "--checkpoint"): (["profile", "--checkpoint", "{out}/none", "--peptide", "AS", "--out", "{out}"],
+                                  "not found"),
+    ("profile", "--published"): (["profile", "--published", "{bad}/text.pt", "--peptide", "AS", "--out", "{out}"],
+                                 "text.pt: not a readable PyTorch checkpoint"),
+    ("profile", "--peptide"): (["profile", "--peptide", "AX", "--out", "{out}"],
+                               "--peptide 'AX': unknown residue letter(s) 'X'"),
+    ("profile", "--pdb"): (["profile", "--pdb", "{bad}/garbage.pdb", "--out", "{out}"], "garbage.pdb: "),
+    **{("profile", flag): (["profile", "--out", "{out}", flag, value], f"argument {flag}: invalid")
+       for flag, value in [("--hidden", "0"), ("--layers", "x"), ("--encoding", "x"), ("--backend", "x"),
+                           ("--batch-sizes", "0"), ("--likelihoods", "exact"), ("--min-samples", "-1"),
+                           ("--min-seconds", "nan"), ("--memory-budget", "0"), ("--method", "x"), ("--atol", "0"),
+                           ("--rtol", "-1"), ("--ode-steps", "0"), ("--quadrature", "0"), ("--dtype", "half")]},
     ("bench", "NAME"): (["bench", "no_such_benchmark"], "no benchmark 'no_such_benchmark'"),
     ("bench", "--args"): (["bench", "--args='unclosed"], "--args \"'unclosed\": No closing quotation"),
     ("bench", "--config"): (["bench", "--config", "{out}/none.toml"], "config file not found"),
     ("info", "--config"): (["info", "--config", "{out}/none.toml"], "config file not found"),
 }
 # Switches (a bad value is a config-file matter: "toml switch with a value") and help.
-SWITCHES = {"--no-progress", "--no-likelihood", "--quick", "--full", "--list", "--debug", "--help", "--mcmc"}
+SWITCHES = {"--no-progress", "--no-likelihood", "--profile", "--quick", "--full", "--list", "--debug", "--help",
+            "--mcmc"}
 
 
 def _fill(argv: list[str], work: dict[str, Path], out: Path) -> list[str]:

@@ -7,7 +7,10 @@
   protocol ``dyn(t, x) -> v``, ``dyn.divergence(t, x) -> (v, div)``.
 - training: ``train`` (conditional flow matching, ragged batches, resumable, DDP under torchrun) with
   ``TrainConfig``, ``RaggedLoader``, ``flow_matching_loss``.
-- sampling: ``sample`` (chunked, resumable, sharded over ranks) with ``SampleConfig``.
+- sampling: ``sample`` (chunked, resumable, sharded over ranks) with ``SampleConfig``; profiling it
+  (``SampleConfig(profile=True)``: stage times, evaluations per sample, peak memory, a trace) lives in
+  ``tbg.flow.profile``, the memory model behind ``batch_size="auto"`` in ``tbg.flow.memory`` and the
+  batch-size sweep of ``tbg profile`` in ``tbg.flow.sweep``.
 - training by energy: ``train_by_energy`` (reverse KL or importance-weighted) with ``EnergyTrainConfig``.
 - reweighting: ``log_importance_weights``, ``kish_ess``, ``normalized_weights``, ``weighted_mean``,
   tail treatments ``clip_log_weights`` and ``energy_cutoff_log_weights``, compared with plain importance

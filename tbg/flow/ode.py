@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
+from tbg.flow.profile import stage
 from tbg.nn.reference import divergence_bruteforce
 
 __all__ = [
@@ -127,19 +128,25 @@ class FlowResult:
 
 
 class _Counted:
-    """The ODE right-hand sides, counting evaluations."""
+    """The ODE right-hand sides, counting evaluations (and timing them as the stages "field" and
+    "divergence" when a ``tbg.flow.profile`` profiler is active)."""
 
     def __init__(self, dyn: Dynamics) -> None:
         self.dyn, self.nfe_velocity, self.nfe_divergence = dyn, 0, 0
 
     def velocity(self, t: Tensor, x: Tensor) -> Tensor:
         self.nfe_velocity += 1
-        return self.dyn(t, x)
+        with stage("field"):
+            return self.dyn(t, x)
 
     def augmented(self, t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        self.nfe_divergence += 1
-        v, div = self.dyn.divergence(t, state[0])
+        v, div = self.divergence(t, state[0])
         return v, div.to(state[1].dtype)
+
+    def divergence(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        self.nfe_divergence += 1
+        with stage("divergence"):
+            return self.dyn.divergence(t, x)
 
 
 def _check_state(x: Tensor) -> None:
@@ -192,7 +199,6 @@ def decoupled_likelihood(dyn: Dynamics | object, x0: Tensor, *, n_nodes: int = 1
         path = odeint(rhs.velocity, x0, ts, **solver.odeint_kwargs(t0, t1))
         dlogp = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
         for k, i in enumerate(order):
-            rhs.nfe_divergence += 1
-            _, div = rhs.dyn.divergence(ts[k + 1], path[k + 1])
+            _, div = rhs.divergence(ts[k + 1], path[k + 1])
             dlogp = dlogp + float(weights[i]) * div.to(dlogp.dtype)
     return FlowResult(path[-1], dlogp, rhs.nfe_velocity, rhs.nfe_divergence)

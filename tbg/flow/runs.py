@@ -46,6 +46,7 @@ from tbg.errors import InputError
 from tbg.flow import distributed as D
 from tbg.flow.checkpointing import CHECKPOINT_DIR, latest_checkpoint
 from tbg.flow.coupling import Coupling
+from tbg.flow.profile import profile_run, stage
 from tbg.flow.reweight import log_importance_weights, normalized_weights
 from tbg.flow.sample import SampleConfig, sample, sampling_folder, sampling_manifest
 from tbg.flow.train import RaggedLoader, TrainConfig, train
@@ -54,11 +55,14 @@ from tbg.runfolder import arrays_sha256, claimed, file_sha256, write_atomically
 if TYPE_CHECKING:
     import openmm.app as app
 
+    from tbg.nn import BoundDynamics
+
 log = logging.getLogger("tbg")
 
 __all__ = ["SHIPPED_MODELS", "TOPOLOGY_FILE", "TRAINING_RUN", "TRAIN_LOG", "WEIGHTS_FILE", "SamplingOptions",
-           "TrainingOptions", "export_samples", "find_run_model", "find_shipped_model", "molecule_record",
-           "read_train_log", "same_molecule", "sample_checkpoint", "split_frames", "train_on_md"]
+           "TrainingOptions", "checkpoint_dynamics", "export_samples", "find_run_model", "find_shipped_model",
+           "molecule_record", "molecule_topology", "random_dynamics", "read_train_log", "same_molecule",
+           "sample_checkpoint", "split_frames", "train_on_md"]
 
 TRAINING_RUN = "training"  # the kind of run in run.json
 TOPOLOGY_FILE = "topology.pdb"
@@ -256,6 +260,13 @@ class SamplingOptions:
     temperature: float | None = None
 
 
+def molecule_topology(molecule: Path | Peptide) -> app.Topology:
+    """The OpenMM topology of a ``Peptide`` or of a PDB file (checked: readable, with atoms)."""
+    if isinstance(molecule, Peptide):
+        return molecule.topology
+    return _read_pdb(Path(molecule))
+
+
 def _read_pdb(path: Path) -> app.Topology:
     import openmm.app as app
 
@@ -270,33 +281,60 @@ def _read_pdb(path: Path) -> app.Topology:
     return topology
 
 
+def checkpoint_dynamics(checkpoint: Path, molecule: Path | Peptide, *, encoding: str = "auto",
+                        backend: str = "auto", device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> BoundDynamics:
+    """The flow of a checkpoint (published layout: ours or the published code's) bound to ``molecule`` (a PDB
+    file or a ``Peptide``); the atom features follow the checkpoint's input width
+    (``tbg.chem.encoding.features_for_width``), and an ``encoding`` of another width is refused."""
+    from tbg.chem.encoding import features_for_width
+    from tbg.nn import load_published
+    from tbg.nn.checkpoint import egnn_state, infer_config, read_checkpoint
+
+    topology = molecule_topology(molecule)
+    state = read_checkpoint(checkpoint)
+    n_features = infer_config(egnn_state(state))["n_features"]
+    features = features_for_width(topology, n_features, encoding)
+    if features.shape[1] != n_features:
+        raise InputError(f"the {encoding} encoding gives {features.shape[1]} atom features, but {checkpoint} "
+                         f"expects {n_features}; use the encoding the model was trained with (auto picks it by width)")
+    return load_published(state, features.to(device=device, dtype=dtype), backend=backend)
+
+
+def random_dynamics(molecule: Path | Peptide, *, hidden: int, layers: int, encoding: str = "auto",
+                    backend: str = "auto", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    seed: int = 0) -> BoundDynamics:
+    """A randomly initialised flow (the published initialisation, seeded) of ``hidden`` x ``layers`` bound to
+    ``molecule``, with the per-atom encoding ("atoms", also for "auto") or the 76-wide "transfer" encoding:
+    for measuring speed and memory before a model is trained (``tbg profile``)."""
+    from tbg.chem.encoding import TRANSFER_WIDTH, features_for_width
+    from tbg.nn import EGNN, BoundDynamics
+
+    topology = molecule_topology(molecule)
+    kind = "transfer" if encoding == "transfer" else "atoms"
+    features = features_for_width(topology, TRANSFER_WIDTH if kind == "transfer" else topology.getNumAtoms(), kind)
+    torch.manual_seed(seed)
+    egnn = EGNN(features.shape[1], hidden=hidden, n_layers=layers).to(device=device, dtype=dtype)
+    return BoundDynamics(egnn, features.to(device=device, dtype=dtype), backend=backend)
+
+
 def sample_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, options: SamplingOptions, *,
                       record: Callable[[Path], None] | None = None) -> Path:
     """Sample a checkpoint (published layout: ours or the published code's) for ``molecule`` (a PDB file or
     a ``Peptide``) into ``out`` (resuming the chunks of the same run there, see the module docstring);
     returns samples.npz.
 
-    The atom features follow the checkpoint's input width (``tbg.chem.encoding.features_for_width``);
-    topology.pdb in ``out`` is the molecule in the atom order of the samples, which are also written out
-    for viewers (``export_samples``). ``record(out)``, if given, is called once the folder is known to hold
-    this run (the CLI writes its resolved options there).
+    The atom features follow the checkpoint's input width (``checkpoint_dynamics``); topology.pdb in ``out``
+    is the molecule in the atom order of the samples, which are also written out for viewers
+    (``export_samples``). ``record(out)``, if given, is called once the folder is known to hold this run (the
+    CLI writes its resolved options there). With ``options.config.profile`` the profile (profile.json) covers
+    the export too (trajectories as I/O, the weights' energies as the stage "energies").
     """
-    from tbg.chem.encoding import features_for_width
-    from tbg.nn import load_published
-    from tbg.nn.checkpoint import egnn_state, infer_config, read_checkpoint
-
-    topology = molecule.topology if isinstance(molecule, Peptide) else _read_pdb(Path(molecule))
-    state = read_checkpoint(checkpoint)
-    n_features = infer_config(egnn_state(state))["n_features"]
-    features = features_for_width(topology, n_features, options.encoding)
-    if features.shape[1] != n_features:
-        raise InputError(f"the {options.encoding} encoding gives {features.shape[1]} atom features, but {checkpoint} "
-                         f"expects {n_features}; use the encoding the model was trained with (auto picks it by width)")
     config = options.config
     device = torch.device(config.device or "cpu")
-    dyn = load_published(state, features.to(device=device, dtype=getattr(torch, config.dtype)),
-                         backend=options.backend)
-    identity = {"molecule": molecule_record(mdtraj.Topology.from_openmm(topology), features),
+    dyn = checkpoint_dynamics(checkpoint, molecule, encoding=options.encoding, backend=options.backend,
+                              device=device, dtype=getattr(torch, config.dtype))
+    identity = {"molecule": molecule_record(mdtraj.Topology.from_openmm(molecule_topology(molecule)), dyn.features),
                 "checkpoint_sha256": file_sha256(checkpoint)}
     name = molecule.name if isinstance(molecule, Peptide) else Path(molecule).name
     with ExitStack() as stack:
@@ -310,6 +348,7 @@ def sample_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, opt
                 record(out)
         log.info("sampling %d configurations of %s (%d atoms) with likelihood=%s, %s", config.n_samples, name,
                  dyn.n_atoms, config.likelihood, config.solver)
+        stack.enter_context(profile_run(out, device, config.profile))
         samples = sample(dyn, dyn.n_atoms, out, config, identity=identity)
         if D.rank() == 0:
             export_samples(samples, out / TOPOLOGY_FILE, options.trajectory_formats, options.temperature)
@@ -342,12 +381,14 @@ def export_samples(samples_npz: Path, topology_pdb: Path, formats: Sequence[str]
         arrays = {k: f[k] for k in ("samples", "prior_energy", "dlogp") if k in f}
     topology = mdtraj.load_topology(str(topology_pdb))
     positions_nm = arrays["samples"].reshape(len(arrays["samples"]), topology.n_atoms, 3) / SCALE
-    written = [write_trajectory(positions_nm, topology, samples_npz.with_suffix(f".{fmt}")) for fmt in formats]
+    with stage("io"):
+        written = [write_trajectory(positions_nm, topology, samples_npz.with_suffix(f".{fmt}")) for fmt in formats]
     if "dlogp" in arrays:
         weights = _sample_weights(positions_nm, app.PDBFile(str(topology_pdb)).topology, arrays["prior_energy"],
                                   arrays["dlogp"], temperature)
         if weights is not None:
-            written.append(_write_weights(samples_npz.with_name(WEIGHTS_FILE), *weights))
+            with stage("io"):
+                written.append(_write_weights(samples_npz.with_name(WEIGHTS_FILE), *weights))
     log.info("samples for viewers: %s", ", ".join(p.name for p in written))
     return written
 
@@ -357,13 +398,14 @@ def _sample_weights(positions_nm: np.ndarray, topology: app.Topology, prior_ener
     """(u, log w, normalised w) of every sample, None when the force field does not cover the molecule."""
     from tbg.chem.energy import EnergyModel
 
-    try:
-        energy = EnergyModel(topology, temperature=temperature)
-    except ValueError as err:  # OpenMM names the residue it has no template for
-        log.warning("no sample weights: the force field does not cover this molecule (%s)", err)
-        return None
-    with energy:
-        u = energy.reduced_energy(positions_nm, unit="nm")
+    with stage("energies"):
+        try:
+            energy = EnergyModel(topology, temperature=temperature)
+        except ValueError as err:  # OpenMM names the residue it has no template for
+            log.warning("no sample weights: the force field does not cover this molecule (%s)", err)
+            return None
+        with energy:
+            u = energy.reduced_energy(positions_nm, unit="nm")
     log_w = log_importance_weights(u, prior_energy, dlogp)
     if not torch.isfinite(log_w).any():  # e.g. an untrained model: every sample broken
         log.warning("no sample has a finite energy: every weight in %s is 0", WEIGHTS_FILE)

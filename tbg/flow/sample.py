@@ -13,6 +13,10 @@ defines the chunks (``sampling_manifest``: the sampler's settings, the atom coun
 such as the molecule and the checkpoint): a rerun with other settings is refused rather than merging
 chunks of two runs. A chunk on disk that cannot be read is set aside (``chunk_XXXXXX.npz.corrupt``) and
 sampled again, which gives the same chunk.
+
+``SampleConfig(profile=True)`` times the run by stages (``tbg.flow.profile``: profile.json, trace.json of
+one chunk); ``batch_size="auto"`` takes the largest batch that ``tbg.flow.memory.MemoryModel`` fits into
+the memory budget.
 """
 
 from __future__ import annotations
@@ -31,14 +35,16 @@ from tqdm.auto import tqdm
 
 from tbg.errors import InputError
 from tbg.flow import distributed as D
-from tbg.flow.ode import Dynamics, SolverConfig, decoupled_likelihood, integrate
+from tbg.flow.memory import MemoryModel, default_memory_budget
+from tbg.flow.ode import Dynamics, FlowResult, SolverConfig, decoupled_likelihood, integrate
 from tbg.flow.prior import MeanFreeGaussian
+from tbg.flow.profile import chunk_profile, profile_run, stage
 from tbg.runfolder import arrays_sha256, claimed, write_atomically
 
 log = logging.getLogger("tbg")
 
-__all__ = ["SAMPLING_RUN", "SampleConfig", "sample", "sampling_folder", "sampling_manifest", "chunk_seed",
-           "batch_size_for_budget"]
+__all__ = ["SAMPLING_RUN", "SampleConfig", "sample", "sample_chunk", "sampling_folder", "sampling_manifest",
+           "chunk_seed", "batch_size_for_budget", "resolve_batch_size"]
 
 SAMPLING_RUN = "sampling"  # the kind of run in run.json
 CHUNK_DIR = "chunks"
@@ -52,10 +58,13 @@ class SampleConfig:
     """Sampling options. ``likelihood``: "joint" (published augmented ODE), "decoupled" (x path then
     Gauss-Legendre quadrature of div v at ``n_quadrature`` nodes) or "none" (samples only, cheapest).
     ``memory_budget_gb`` caps the batch size through ``batch_size_for_budget`` when the dynamics is an
-    EGNN-backed one."""
+    EGNN-backed one; ``batch_size="auto"`` takes the largest batch that fits it (see
+    ``resolve_batch_size``). ``profile``: time the run by stages into profile.json and trace.json
+    (``tbg.flow.profile``); a profiled run synchronises the GPU at stage boundaries, so it is a little
+    slower than a plain one."""
 
     n_samples: int = 1000
-    batch_size: int = 500
+    batch_size: int | Literal["auto"] = 500
     likelihood: Likelihood = "joint"
     solver: SolverConfig = field(default_factory=SolverConfig)
     n_quadrature: int = 16
@@ -64,14 +73,19 @@ class SampleConfig:
     dtype: str = "float32"
     device: str | None = None  # where latents go; default: the EGNN's device for tbg dynamics, else the CPU
     progress: bool = True
+    profile: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.solver, dict):
             self.solver = SolverConfig(**self.solver)
         if self.likelihood not in ("joint", "decoupled", "none"):
             raise ValueError(f"likelihood must be 'joint', 'decoupled' or 'none', got {self.likelihood!r}")
-        if self.n_samples < 1 or self.batch_size < 1:
-            raise ValueError(f"n_samples and batch_size must be >= 1, got {self.n_samples}, {self.batch_size}")
+        if self.n_samples < 1 or (self.batch_size != "auto" and (not isinstance(self.batch_size, int)
+                                                                  or self.batch_size < 1)):
+            raise ValueError(f"n_samples must be >= 1 and batch_size >= 1 or 'auto', got {self.n_samples}, "
+                             f"{self.batch_size!r}")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ValueError(f"memory_budget_gb must be positive, got {self.memory_budget_gb}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
@@ -81,31 +95,54 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return int(np.random.SeedSequence([seed, chunk]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def batch_size_for_budget(memory_budget_bytes: float, n_atoms: int, hidden: int, likelihood: bool,
-                          element_bytes: int = 4) -> int:
-    """Largest batch whose EGNN activations fit the budget (a heuristic upper bound).
+def batch_size_for_budget(memory_budget_bytes: float, dyn: Dynamics, n_atoms: int, config: SampleConfig,
+                          device: torch.device | str = "cpu") -> int | None:
+    """Largest batch whose modelled peak working memory (``tbg.flow.memory.MemoryModel``: solver state and
+    the EGNN's field or divergence on ``device``, with ``config``'s likelihood, solver and dtype) fits
+    ``memory_budget_bytes``; at least 1. None when ``dyn`` is not EGNN-backed (no model)."""
+    model = MemoryModel.for_dynamics(dyn, n_atoms, likelihood=config.likelihood, method=config.solver.method,
+                                     n_quadrature=config.n_quadrature, dtype=getattr(torch, config.dtype),
+                                     device=torch.device(device))
+    return None if model is None else model.largest_batch(memory_budget_bytes)
 
-    The field's working set is dominated by edge tensors of N (N - 1) x H values; inference keeps about
-    8 of them alive. The exact divergence also carries tangents through those tensors (up to 3N of them,
-    chunked by the divergence engine to at most 32), so it needs up to 33 times as much.
+
+# ``batch_size="auto"`` leaves each rank at least this many chunks: progress to show and places to resume.
+AUTO_MIN_CHUNKS = 4
+
+
+def resolve_batch_size(dyn: Dynamics, n_atoms: int, config: SampleConfig, device: torch.device,
+                       world: int = 1) -> int:
+    """The batch size a run uses: ``config.batch_size`` capped by the memory budget's, or for "auto" the
+    largest batch the memory model fits into the budget (``memory_budget_gb``, by default
+    ``tbg.flow.memory.default_memory_budget``), at most n_samples // (world x AUTO_MIN_CHUNKS).
+
+    "auto" uses the model, not a measurement: throughput does not fall with the batch size on our devices
+    (bench/RESULTS.md, "Profiling large-batch sampling (CPU)"), so the largest batch that fits is the
+    choice, and the model gives the same answer on every rerun, which keeps the chunks of a resumed run the
+    same (a quick timing sweep would not). ``tbg profile`` measures the real curve.
     """
-    per_edge_set = n_atoms * (n_atoms - 1) * hidden * element_bytes
-    factor = 8 * (1 + min(3 * n_atoms, 32)) if likelihood else 8
-    return max(1, int(memory_budget_bytes // (per_edge_set * factor)))
+    budget = None if config.memory_budget_gb is None else config.memory_budget_gb * 2**30
+    if config.batch_size != "auto":
+        fit = None if budget is None else batch_size_for_budget(budget, dyn, n_atoms, config, device)
+        return config.batch_size if fit is None else min(config.batch_size, fit)
+    fit = batch_size_for_budget(default_memory_budget(device) if budget is None else budget, dyn, n_atoms, config,
+                                device)
+    if fit is None:
+        raise ValueError("batch_size='auto' needs an EGNN-backed dynamics (tbg.nn.BoundDynamics) for its memory "
+                         f"model; got {type(dyn).__name__}: give a batch size")
+    return max(1, min(fit, config.n_samples // (world * AUTO_MIN_CHUNKS)))
 
 
 def _write_npz(path: Path, **arrays: np.ndarray) -> None:
     write_atomically(path, lambda tmp: np.savez(tmp, **arrays))
 
 
-def _batch_size(dyn: Dynamics, n_atoms: int, cfg: SampleConfig) -> int:
-    """The chunk size: ``cfg.batch_size``, capped by the memory budget for EGNN-backed dynamics."""
+def _device(dyn: Dynamics, cfg: SampleConfig) -> torch.device:
+    """Where the latents go: ``cfg.device``, else the EGNN's device for tbg dynamics, else the CPU."""
+    if cfg.device is not None:
+        return torch.device(cfg.device)
     egnn = getattr(dyn, "egnn", None)
-    if cfg.memory_budget_gb is None or egnn is None:
-        return cfg.batch_size
-    fit = batch_size_for_budget(cfg.memory_budget_gb * 2**30, n_atoms, egnn.hidden, cfg.likelihood != "none",
-                                torch.finfo(getattr(torch, cfg.dtype)).bits // 8)
-    return min(cfg.batch_size, fit)
+    return egnn.embedding.weight.device if egnn is not None else torch.device("cpu")
 
 
 def sampling_manifest(dyn: Dynamics, n_atoms: int, config: SampleConfig,
@@ -113,15 +150,16 @@ def sampling_manifest(dyn: Dynamics, n_atoms: int, config: SampleConfig,
     """What defines the chunks of a sampling run (recorded in its run.json): ``identity`` (what the caller
     knows of the flow and the molecule, e.g. their hashes), for EGNN-backed dynamics the SHA-256 of the
     network's parameters and of the atom features, the settings that change the samples and the chunk size.
-    Not the device, progress bars or memory budget (beyond the chunk size it sets)."""
+    Not the device, progress bars, profiling or memory budget (beyond the chunk size it sets)."""
     keep = asdict(config)
-    for k in ("progress", "memory_budget_gb", "device"):
+    for k in ("progress", "memory_budget_gb", "device", "profile"):
         keep.pop(k)
     egnn, features = getattr(dyn, "egnn", None), getattr(dyn, "features", None)
     flow = {} if egnn is None or features is None else {"flow": {
         "parameters_sha256": arrays_sha256(*(v.detach().cpu() for _, v in sorted(egnn.state_dict().items()))),
         "features_sha256": arrays_sha256(features.detach().cpu())}}
-    return {**(identity or {}), **flow, **keep, "batch_size": _batch_size(dyn, n_atoms, config), "n_atoms": n_atoms}
+    return {**(identity or {}), **flow, **keep, "n_atoms": n_atoms,
+            "batch_size": resolve_batch_size(dyn, n_atoms, config, _device(dyn, config), D.world_size())}
 
 
 def sampling_folder(out: Path, manifest: dict[str, Any], *,
@@ -168,6 +206,19 @@ def _set_aside_broken_chunks(out: Path, sizes: list[int], n_atoms: int, likeliho
                 log.warning("%s; set aside as %s, sampling it again", err, aside.name)
 
 
+def sample_chunk(dyn: Dynamics, n_atoms: int, chunk: int, size: int, config: SampleConfig,
+                 device: torch.device) -> tuple[torch.Tensor, FlowResult]:
+    """Latents z [size, 3N] of chunk ``chunk`` (its own seed) and their flow with ``config``'s likelihood;
+    timed as the stages "prior" and "solve" when a profiler is active."""
+    with stage("prior"):
+        g = torch.Generator().manual_seed(chunk_seed(config.seed, chunk))
+        z = MeanFreeGaussian(n_atoms).sample(size, generator=g, dtype=getattr(torch, config.dtype)).to(device)
+    with stage("solve"):
+        if config.likelihood == "decoupled":
+            return z, decoupled_likelihood(dyn, z, n_nodes=config.n_quadrature, solver=config.solver)
+        return z, integrate(dyn, z, likelihood=config.likelihood == "joint", solver=config.solver)
+
+
 def sample(dyn: Dynamics, n_atoms: int, out_dir: str | Path, config: SampleConfig | None = None, *,
            identity: dict[str, Any] | None = None) -> Path:
     """Draw ``config.n_samples`` samples of one molecule with ``n_atoms`` atoms from the flow ``dyn``
@@ -189,45 +240,47 @@ def sample(dyn: Dynamics, n_atoms: int, out_dir: str | Path, config: SampleConfi
 def _sample_chunks(dyn: Dynamics, n_atoms: int, out: Path, cfg: SampleConfig, batch: int) -> Path:
     """The chunks not on disk yet (this rank's share), then (rank 0) samples.npz from all of them."""
     rank, world = D.rank(), D.world_size()
-    egnn = getattr(dyn, "egnn", None)
     (out / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
     D.barrier()
 
-    prior = MeanFreeGaussian(n_atoms)
-    dtype = getattr(torch, cfg.dtype)
-    if cfg.device is not None:
-        device = torch.device(cfg.device)
-    else:
-        device = egnn.embedding.weight.device if egnn is not None else torch.device("cpu")
+    device = _device(dyn, cfg)
+    if cfg.batch_size == "auto" or batch != cfg.batch_size:
+        log.info("batch size %d (memory model, %s)", batch,
+                 f"budget {cfg.memory_budget_gb:g} GiB" if cfg.memory_budget_gb else "default budget")
     n_chunks = math.ceil(cfg.n_samples / batch)
-    mine = [c for c in range(rank, n_chunks, world) if not (out / "chunks" / f"chunk_{c:06d}.npz").exists()]
-    for c in tqdm(mine, disable=not cfg.progress or rank != 0, desc=f"sample (rank {rank}/{world})"):
-        size = min(batch, cfg.n_samples - c * batch)
-        g = torch.Generator().manual_seed(chunk_seed(cfg.seed, c))
-        z = prior.sample(size, generator=g, dtype=dtype).to(device)
-        if cfg.likelihood == "decoupled":
-            res = decoupled_likelihood(dyn, z, n_nodes=cfg.n_quadrature, solver=cfg.solver)
-        else:
-            res = integrate(dyn, z, likelihood=cfg.likelihood == "joint", solver=cfg.solver)
-        arrays = {"latents": z.cpu().numpy(), "samples": res.x.cpu().numpy(),
-                  "nfe": np.array([res.nfe_velocity, res.nfe_divergence])}
-        if res.dlogp is not None:
-            arrays["dlogp"] = res.dlogp.cpu().numpy()
-        _write_npz(out / "chunks" / f"chunk_{c:06d}.npz", **arrays)
-    D.barrier()
+    mine = [c for c in range(rank, n_chunks, world) if not _chunk_path(out, c).exists()]
+    # Traced: the last full chunk after the first (which pays for warm-up); last, so that the tracer's
+    # leftovers touch no other chunk's measurement.
+    full = [i for i, c in enumerate(mine) if i > 0 and (c + 1) * batch <= cfg.n_samples]
+    traced = full[-1] if full else len(mine) - 1
+    with profile_run(out, device, cfg.profile):
+        for i, c in enumerate(tqdm(mine, disable=not cfg.progress or rank != 0, desc=f"sample (rank {rank}/{world})")):
+            size = min(batch, cfg.n_samples - c * batch)
+            with chunk_profile(size, trace=i == traced):
+                z, res = sample_chunk(dyn, n_atoms, c, size, cfg, device)
+                with stage("io"):
+                    arrays = {"latents": z.cpu().numpy(), "samples": res.x.cpu().numpy(),
+                              "nfe": np.array([res.nfe_velocity, res.nfe_divergence])}
+                    if res.dlogp is not None:
+                        arrays["dlogp"] = res.dlogp.cpu().numpy()
+                    _write_npz(_chunk_path(out, c), **arrays)
+        D.barrier()
 
-    merged = out / SAMPLES_FILE
-    if rank == 0:
-        sizes = _chunk_sizes(cfg, batch)
-        parts = [_read_chunk(_chunk_path(out, c), size, n_atoms, cfg.likelihood != "none")
-                 for c, size in enumerate(sizes)]
-        keys = ["latents", "samples"] + (["dlogp"] if cfg.likelihood != "none" else [])
-        arrays = {k: np.concatenate([p[k] for p in parts]) for k in keys}
-        arrays["prior_energy"] = prior.energy(torch.from_numpy(arrays["latents"])).numpy()
-        nfe = np.stack([p["nfe"] for p in parts])
-        arrays["nfe_per_chunk"] = nfe
-        _write_npz(merged, **arrays)
-        log.info("wrote %d samples to %s (mean NFE per chunk: velocity %.1f, divergence %.1f)",
-                 len(arrays["samples"]), merged, *nfe.mean(0))
-    D.barrier()
+        merged = out / SAMPLES_FILE
+        if rank == 0:
+            with stage("io"):
+                _merge_chunks(out, merged, _chunk_sizes(cfg, batch), n_atoms, cfg.likelihood != "none")
+        D.barrier()
     return merged
+
+
+def _merge_chunks(out: Path, merged: Path, sizes: list[int], n_atoms: int, likelihood: bool) -> None:
+    parts = [_read_chunk(_chunk_path(out, c), size, n_atoms, likelihood) for c, size in enumerate(sizes)]
+    keys = ["latents", "samples"] + (["dlogp"] if likelihood else [])
+    arrays = {k: np.concatenate([p[k] for p in parts]) for k in keys}
+    arrays["prior_energy"] = MeanFreeGaussian(n_atoms).energy(torch.from_numpy(arrays["latents"])).numpy()
+    nfe = np.stack([p["nfe"] for p in parts])
+    arrays["nfe_per_chunk"] = nfe
+    _write_npz(merged, **arrays)
+    log.info("wrote %d samples to %s (mean NFE per chunk: velocity %.1f, divergence %.1f)",
+             len(arrays["samples"]), merged, *nfe.mean(0))
