@@ -526,6 +526,78 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     print(f"samples: {path}\ntopology: {out / 'topology.pdb'}")
 
 
+# `tbg finetune` has its own defaults: a few hundred small steps on a trained flow, not a training run.
+FINETUNE_DEFAULTS: dict[str, Any] = {"objective": "reverse-kl", "steps": 100, "batch_size": 16, "lr": 1e-4,
+                                     "grad_clip": 1.0, "divergence": "hutchinson", "probes": 1, "method": "rk4",
+                                     "ode_steps": 8, "checkpoint_every": 10, "keep_checkpoints": 3}
+
+
+def _configure_finetune(p: argparse.ArgumentParser) -> None:
+    _common(p, "run folder for model.pt, energy_log.csv, checkpoints/ and topology.pdb (required; a rerun "
+               "continues up to --steps)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", metavar="PATH", help="the flow to start from: a `tbg train` run folder or one "
+                     "of its .pt files")
+    src.add_argument("--published", metavar="CKPT", help="the flow to start from: a checkpoint trained with the "
+                     "published TBG code (with --pdb)")
+    p.add_argument("--pdb", metavar="FILE", help="the molecule, as a PDB file (default: the run's topology.pdb)")
+    p.add_argument("--encoding", choices=["auto", "atoms", "transfer"], default=None,
+                   help="atom features; auto picks by the checkpoint's input width (default: auto)")
+    p.add_argument("--backend", choices=["auto", "fused", "reference"], default=None,
+                   help="EGNN implementation (default: auto)")
+    p.add_argument("--temperature", type=POSITIVE_FLOAT, metavar="K", help="temperature in K of the target "
+                   "(default: 300 for capped peptides such as alanine dipeptide, 310 otherwise)")
+    d = FINETUNE_DEFAULTS
+    g = p.add_argument_group("objective (tbg.flow.energy)")
+    g.add_argument("--objective", choices=["reverse-kl", "importance"], default=None,
+                   help="reverse-kl: E_q[u + log q] on the flow's samples, backpropagated through the ODE solve; "
+                        "importance: importance-weighted maximum likelihood of the flow's own samples "
+                        f"(default: {d['objective']})")
+    g.add_argument("--steps", type=POSITIVE_INT, metavar="N", help="optimizer steps (a rerun continues up to this "
+                   f"many) (default: {d['steps']})")
+    g.add_argument("--batch-size", type=POSITIVE_INT, metavar="B", help=f"flow samples per step (default: "
+                   f"{d['batch_size']})")
+    g.add_argument("--lr", type=POSITIVE_FLOAT, help=f"Adam learning rate (default: {d['lr']})")
+    g.add_argument("--grad-clip", type=POSITIVE_FLOAT, metavar="NORM", help="gradient norm clipped to "
+                   f"(default: {d['grad_clip']})")
+    g.add_argument("--divergence", choices=["hutchinson", "exact"], default=None,
+                   help="divergence in the differentiated log-likelihood: an unbiased Hutchinson estimate or the "
+                        f"exact one (3N times the cost) (default: {d['divergence']})")
+    g.add_argument("--probes", type=POSITIVE_INT, metavar="P", help="Hutchinson probes per sample "
+                   f"(default: {d['probes']})")
+    g.add_argument("--method", choices=[*ADAPTIVE, *FIXED], default=None,
+                   help=f"ODE solver of the differentiated solve (default: {d['method']})")
+    g.add_argument("--ode-steps", type=POSITIVE_INT, metavar="N", help="steps of a fixed-step solver "
+                   f"(default: {d['ode_steps']})")
+    g.add_argument("--checkpoint-every", type=POSITIVE_INT, metavar="N", help="steps between checkpoints "
+                   f"(default: {d['checkpoint_every']})")
+    g.add_argument("--keep-checkpoints", type=POSITIVE_INT, metavar="N", help="newest checkpoints kept on disk "
+                   f"(default: {d['keep_checkpoints']})")
+
+
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from tbg.flow import EnergyTrainConfig, SolverConfig
+    from tbg.flow.runs import FinetuneOptions, finetune_checkpoint
+
+    _resolve(args, FINETUNE_DEFAULTS)
+    checkpoint, default_topology = _checkpoint_source(args)
+    if args.pdb is None and default_topology is None:
+        raise UsageError(f"{checkpoint} has no topology.pdb beside it; name the molecule with --pdb FILE")
+    molecule = Path(args.pdb) if args.pdb is not None else default_topology
+    platform = _openmm_platform(args, fallback=True)  # before _device names the default device
+    device = _device(args)
+    config = EnergyTrainConfig(objective=args.objective.replace("-", "_"), n_steps=args.steps,
+                               batch_size=args.batch_size, lr=args.lr, grad_clip=args.grad_clip,
+                               divergence=args.divergence, n_probes=args.probes,
+                               solver=SolverConfig(args.method, n_steps=args.ode_steps), seed=args.seed,
+                               checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                               backend=args.backend, progress=not args.no_progress)
+    options = FinetuneOptions(config, encoding=args.encoding, temperature=args.temperature)
+    path = finetune_checkpoint(checkpoint, molecule, _out_dir(args), options, device=device, platform=platform,
+                               record=partial(write_resolved_config, args))
+    print(f"fine-tuned model: {path}")
+
+
 def _configure_profile(p: argparse.ArgumentParser) -> None:
     _common(p, "folder for sweep.json, sweep.csv and sweep.png (required)")
     src = p.add_mutually_exclusive_group()
@@ -783,6 +855,8 @@ COMMANDS: dict[str, Command] = {
     "sample": ("sample a trained or published model with exact likelihood into samples.npz and trajectory files "
                "for molecular viewers (resumable)",
                _configure_sample, _cmd_sample),
+    "finetune": ("fine-tune a trained flow by energy (reverse KL or importance-weighted) toward the Boltzmann "
+                 "distribution, with OpenMM energies and forces (resumable)", _configure_finetune, _cmd_finetune),
     "refine": ("refine a model's samples toward the Boltzmann distribution with SMC and/or independence "
                "Metropolis-Hastings (OpenMM energies and forces): weighted refined samples, per-stage log, costs "
                "(resumable)", _configure_refine, _cmd_refine),

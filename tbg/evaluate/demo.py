@@ -3,8 +3,9 @@
 Two ways, chosen by the caller (the CLI's presets):
 
 - with a shipped model (``model``: a run folder of ``tbg.flow.runs.SHIPPED_MODELS`` for this molecule):
-  stage 1 is a training demonstration, a short run of the shipped model's recipe from scratch (not the
-  model sampled afterwards; its losses are compared with the shipped run's log at the same steps), and
+  stage 1 is a training demonstration, a short run of the flow-matching stage of the shipped model's
+  recipe from scratch (not the model sampled afterwards; its losses are compared with the shipped run's
+  log at the same steps), and
   stages 2-3 sample the shipped model with exact likelihoods and evaluate it;
 - without one: stage 1 trains the model that stages 2-3 sample (the published recipe, ``--full``).
 
@@ -64,7 +65,8 @@ class TrainingRecord:
                 f"{int(first['step'])} -> {last['loss']:.3g}")
         if not self.demonstration:
             return [f"  training                {text}"]
-        lines = ["  training demonstration  not the sampled model: the shipped model's recipe from scratch,",
+        lines = ["  training demonstration  not the sampled model: the flow-matching stage of the shipped model's "
+                 "recipe from scratch,",
                  f"                          {text}"]
         shipped = read_train_log(self.shipped) if self.shipped is not None else []
         if shipped:
@@ -97,8 +99,8 @@ def run_demo(md: MDData, out: Path, training: TrainingOptions, sampling: Samplin
             checkpoint = train_on_md([md], out / "train", training, device, record=record_training)
             topology, trained = out / "train" / TOPOLOGY_FILE, TrainingRecord(out / "train", demonstration=False)
         else:
-            log.info("== 1/3 training demonstration (%d steps of the shipped model's recipe; the shipped model is "
-                     "what gets sampled)", training.steps)
+            log.info("== 1/3 training demonstration (%d steps of the flow-matching stage of the shipped model's "
+                     "recipe; the shipped model is what gets sampled)", training.steps)
             train_on_md([md], out / "train-demo", training, device, record=record_training)
             checkpoint, topology = find_run_model(model)
             trained = TrainingRecord(out / "train-demo", demonstration=True, shipped=model)

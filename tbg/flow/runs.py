@@ -20,6 +20,11 @@ anything in the folder changes. While a run works, its folder is locked against 
   checkpoint_every, keep_checkpoints, the backend, the device, progress bars.
 - Sampling: the molecule (as above, with the features of the checkpoint's encoding), the checkpoint's
   SHA-256 and the sampler's settings (``tbg.flow.sample.sampling_manifest``).
+- Fine-tuning by energy (``finetune_checkpoint``, `tbg finetune`): the molecule, the starting checkpoint's
+  SHA-256, the temperature of the target and the objective's settings (objective, batch size, learning
+  rate, gradient clipping, divergence estimator, ODE solver, seed); the number of steps may grow on a rerun.
+  The folder holds what ``tbg.flow.energy.train_by_energy`` writes (checkpoints/, energy_log.csv, model.pt)
+  and topology.pdb, so that it samples like a training run folder.
 
 Refusing is the honest answer for every recorded option: a resumed run cannot take, say, a new learning
 rate without becoming a run that is neither the old nor the new one.
@@ -30,7 +35,7 @@ import csv
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -46,6 +51,7 @@ from tbg.errors import InputError
 from tbg.flow import distributed as D
 from tbg.flow.checkpointing import CHECKPOINT_DIR, latest_checkpoint
 from tbg.flow.coupling import Coupling
+from tbg.flow.energy import EnergyTrainConfig, train_by_energy
 from tbg.flow.profile import profile_run, stage
 from tbg.flow.reweight import log_importance_weights, normalized_weights
 from tbg.flow.sample import SampleConfig, sample, sampling_folder, sampling_manifest
@@ -59,19 +65,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tbg")
 
-__all__ = ["SHIPPED_MODELS", "TOPOLOGY_FILE", "TRAINING_RUN", "TRAIN_LOG", "WEIGHTS_FILE", "SamplingOptions",
-           "TrainingOptions", "checkpoint_dynamics", "export_samples", "find_run_model", "find_shipped_model",
+__all__ = ["FINETUNING_RUN", "SHIPPED_MODELS", "TOPOLOGY_FILE", "TRAINING_RUN", "TRAIN_LOG", "WEIGHTS_FILE",
+           "FinetuneOptions", "SamplingOptions", "TrainingOptions", "checkpoint_dynamics", "export_samples",
+           "find_run_model", "find_shipped_model", "finetune_checkpoint",
            "molecule_record", "molecule_topology", "random_dynamics", "read_train_log", "same_molecule",
            "sample_checkpoint", "split_frames", "train_on_md"]
 
-TRAINING_RUN = "training"  # the kind of run in run.json
+TRAINING_RUN = "training"  # the kinds of run in run.json
+FINETUNING_RUN = "fine-tuning"
 TOPOLOGY_FILE = "topology.pdb"
 FINAL_MODEL = "model.pt"
 WEIGHTS_FILE = "samples_weights.csv"
 TRAIN_LOG = "train_log.csv"
 
-# Trained models shipped in the package: run folders as `tbg train` writes them (model.pt, topology.pdb,
-# run.json, config.json, train_log.csv) plus a README with the command, machine and hours.
+# Trained models shipped in the package: model.pt and topology.pdb as `tbg train` / `tbg finetune` write
+# them, the runs' records (run.json, config.json, train_log.csv, energy_log.csv) and a README with the
+# commands, machine and hours.
 SHIPPED_MODELS: dict[str, Path] = {
     "alanine-dipeptide": Path(__file__).resolve().parents[1] / "data" / "models" / "alanine-dipeptide",
 }
@@ -353,6 +362,54 @@ def sample_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, opt
         if D.rank() == 0:
             export_samples(samples, out / TOPOLOGY_FILE, options.trajectory_formats, options.temperature)
     return samples
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """What ``finetune_checkpoint`` needs besides its paths: the objective's settings (``config``), the atom
+    encoding of the checkpoint (auto: by its input width) and the target's temperature (None: the
+    molecule's default, see ``tbg.chem.forcefield.default_temperature``)."""
+
+    config: EnergyTrainConfig
+    encoding: str = "auto"
+    temperature: float | None = None
+
+
+def finetune_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, options: FinetuneOptions, *,
+                        device: torch.device | str = "cpu", platform: Any = None,
+                        record: Callable[[Path], None] | None = None) -> Path:
+    """Fine-tune a checkpoint toward exp(-U/kT) of ``molecule`` (amber14 + OBC1 energies and forces from
+    OpenMM, ``platform``) with ``tbg.flow.energy.train_by_energy`` into the run folder ``out`` (resuming a
+    run there with the same inputs, see the module docstring); returns out/model.pt.
+
+    Flow matching leaves the stiff coordinates (bond lengths and angles) loose; the reverse KL objective
+    pulls the flow's own samples toward low energy while its log-likelihood term keeps their spread.
+    ``record(out)``, if given, is called once the folder is known to hold this run.
+    """
+    from tbg.chem.energy import EnergyModel
+
+    cfg = options.config
+    dyn = checkpoint_dynamics(checkpoint, molecule, encoding=options.encoding, backend=cfg.backend, device=device)
+    topology = molecule_topology(molecule)
+    energy = EnergyModel(topology, temperature=options.temperature, platform=platform)
+    defines = {"molecule": molecule_record(mdtraj.Topology.from_openmm(topology), dyn.features),
+               "checkpoint_sha256": file_sha256(checkpoint), "temperature": energy.temperature,
+               "objective": cfg.objective, "batch_size": cfg.batch_size, "lr": cfg.lr, "grad_clip": cfg.grad_clip,
+               "divergence": cfg.divergence, "n_probes": cfg.n_probes, "solver": asdict(cfg.solver),
+               "sample_solver": asdict(cfg.sample_solver), "seed": cfg.seed}
+    name = molecule.name if isinstance(molecule, Peptide) else Path(molecule).name
+    with claimed(out, FINETUNING_RUN, defines, info={"checkpoint": str(checkpoint), "molecule": name},
+                 work=(CHECKPOINT_DIR, FINAL_MODEL)):
+        _write_topology(molecule, out / TOPOLOGY_FILE)
+        if record is not None:
+            record(out)
+        log.info("fine-tuning %s on %s by %s at %.1f K for %d steps", checkpoint, name, cfg.objective,
+                 energy.temperature, cfg.n_steps)
+        try:
+            train_by_energy(dyn.egnn, dyn.features, energy.torch_reduced_energy, out, cfg)
+        except FloatingPointError as err:  # the flow's samples include broken molecules
+            raise InputError(f"{checkpoint}: {err}") from err
+    return out / FINAL_MODEL
 
 
 def _write_topology(molecule: Path | Peptide, path: Path) -> None:
