@@ -593,8 +593,10 @@ def test_two_train_processes_in_one_folder(md_dir: Path, tmp_path: Path) -> None
     folder and the process that holds it; the log of the one that trains has every step once."""
     out = tmp_path / "run"
     argv = ["train", "--data", md_dir, "--out", out, "--steps", 100_000, *TINY_TRAIN]
-    procs = [subprocess.Popen(tbg_process(argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    # A shell's background job inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
+    # restore the default so that the interrupt below works however the suite was started.
+    procs = [subprocess.Popen(tbg_process(argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) for _ in range(2)]
     try:
         _wait_for(lambda: any(p.poll() is not None for p in procs))
         refused = next(p for p in procs if p.poll() is not None)
