@@ -1,0 +1,48 @@
+"""`tbg finetune`: fine-tuning a trained flow by energy into a resumable run folder that samples like a
+training run (tbg.flow.runs.finetune_checkpoint over tbg.flow.energy.train_by_energy)."""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tbg.flow.runs import FINETUNING_RUN, SHIPPED_MODELS
+from cli_helpers import FAST_SAMPLE, run
+
+SHIPPED = SHIPPED_MODELS["alanine-dipeptide"]
+# Two tiny steps of a fixed-step solve: the mechanics, not a result.
+TINY = ["--batch-size", "2", "--ode-steps", "2", "--checkpoint-every", "1", "--no-progress"]
+
+
+def _log(folder: Path) -> list[dict[str, str]]:
+    with (folder / "energy_log.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_finetune_runs_resumes_and_samples(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "ft"
+    code, stdout, err = run(["finetune", "--checkpoint", SHIPPED, "--out", out, "--steps", "2", *TINY], capsys)
+    assert code == 0, err
+    assert f"fine-tuned model: {out / 'model.pt'}" in stdout
+    rows = _log(out)
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(float(r["mean_energy"]))) for r in rows)
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["kind"] == FINETUNING_RUN and manifest["defines"]["batch_size"] == 2
+    assert (out / "topology.pdb").read_bytes() == (SHIPPED / "topology.pdb").read_bytes()
+    before = torch.load(SHIPPED / "model.pt", weights_only=True)["model_state_dict"]
+    after = torch.load(out / "model.pt", weights_only=True)["model_state_dict"]
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+
+    # More steps continue the run; other inputs are refused before anything changes.
+    assert run(["finetune", "--checkpoint", SHIPPED, "--out", out, "--steps", "3", *TINY], capsys)[0] == 0
+    assert [int(r["step"]) for r in _log(out)] == [1, 2, 3]
+    code, _, err = run(["finetune", "--checkpoint", SHIPPED, "--out", out, "--steps", "4", *TINY, "--lr", "1e-3"],
+                       capsys)
+    assert code != 0 and "lr is 0.0001 there but 0.001 now" in err
+    assert len(_log(out)) == 3
+
+    # The folder samples like a training run folder.
+    code, _, err = run(["sample", "--checkpoint", out, "--out", tmp_path / "s", "--n", "2", *FAST_SAMPLE], capsys)
+    assert code == 0, err
