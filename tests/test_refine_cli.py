@@ -122,7 +122,10 @@ def test_refine_writes_the_refined_samples(flow_samples, tmp_path: Path, capsys:
 def test_refine_resumes_after_an_interruption(flow_samples, tmp_path: Path, capsys: pytest.CaptureFixture,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Stopped during the annealed scheme (after 5 steps, checkpoint after each), a rerun continues from the
-    checkpoint and ends where an uninterrupted run ends (up to OpenMM's CPU summation order, ~1e-9)."""
+    checkpoint and ends where an uninterrupted run ends, up to OpenMM's CPU summation order: its threads add
+    forces in a varying order, so the same positions give reduced energies that differ by up to ~2e-5 kT
+    between calls (measured: 7e-6 at the first stage), which moves the adaptive beta steps and so the final
+    log weights by up to ~4e-6 relative (measured), and the samples by ~1e-8."""
     _, _, samples = flow_samples
     argv = ["refine", "--samples", samples, "--scheme", "adaptive", "--target-cess", "0.5", *REFINE, "--particles", "12",
             "--n-moves", "2"]
@@ -146,7 +149,7 @@ def test_refine_resumes_after_an_interruption(flow_samples, tmp_path: Path, caps
     assert code == 0, err
     (whole, s_whole), (cut, s_cut) = _result(tmp_path / "whole"), _result(tmp_path / "cut")
     np.testing.assert_allclose(cut["samples"], whole["samples"], rtol=0, atol=1e-6)
-    np.testing.assert_allclose(cut["log_weights"], whole["log_weights"], rtol=1e-6)
+    np.testing.assert_allclose(cut["log_weights"], whole["log_weights"], rtol=2e-5)
     np.testing.assert_array_equal(cut["ancestors"], whole["ancestors"])
     assert len(s_cut["stages"]) == len(s_whole["stages"]) > 1
     for key in ("energy_evaluations", "likelihood_evaluations"):
