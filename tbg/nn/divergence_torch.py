@@ -90,34 +90,16 @@ def _silu_and_slope(z: Tensor) -> tuple[Tensor, Tensor]:
 
 def _check_args(op: str, x: Tensor, h0: Tensor, mol_ptr: Tensor, weights: tuple[Tensor, ...]) -> None:
     """The checks of csrc/common/egnn_args.h (and mol_ptr on every device), as RuntimeError."""
-    def fail(msg: str) -> None:
-        raise RuntimeError(f"{op}: {msg}")
-
-    if x.dim() != 2 or x.shape[1] != 3:
-        fail(f"x must have shape [M, 3], got {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float64):
-        fail(f"x must be float32 or float64, got {x.dtype}")
-    if h0.dim() != 2 or h0.shape[0] != x.shape[0] or h0.dtype != x.dtype or h0.device != x.device:
-        fail(f"h0 must have shape [M, H] with M = {x.shape[0]} and match x in dtype and device, got "
-             f"{tuple(h0.shape)} {h0.dtype} on {h0.device}")
+    spec.check_points(op, x, h0)
     if mol_ptr.device != x.device:
-        fail(f"mol_ptr is on {mol_ptr.device} but x is on {x.device}")
+        raise RuntimeError(f"{op}: mol_ptr is on {mol_ptr.device} but x is on {x.device}")
     try:
         check_mol_ptr(mol_ptr, x.shape[0])
     except ValueError as err:
-        fail(str(err))
-    if len(weights) != spec.N_WEIGHTS:
-        fail(f"expected {spec.N_WEIGHTS} stacked weight tensors, got {len(weights)}")
-    L, H = (weights[0].shape[0] if weights[0].dim() == 3 else 0), h0.shape[1]
-    if L < 1:
-        fail(f"w1 must have shape [L, H, 2H + 2], got {tuple(weights[0].shape)}")
-    for name, w, shape in zip(spec.WEIGHT_NAMES, weights, spec.weight_shapes(L, H)):
-        if tuple(w.shape) != shape:
-            fail(f"weight {name} must have shape {list(shape)} for L = {L}, H = {H}, got {list(w.shape)}")
-        if w.dtype != x.dtype or w.device != x.device:
-            fail(f"weight {name} is {w.dtype} on {w.device} but x is {x.dtype} on {x.device}")
+        raise RuntimeError(f"{op}: {err}") from None
+    spec.check_weights(op, x, h0, weights)
     if not bool(torch.isfinite(x).all()):
-        fail("x contains NaN or infinite values")
+        raise RuntimeError(f"{op}: x contains NaN or infinite values")
 
 
 # ---- one layer ----------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 * ``STACKED_WEIGHTS``: the 13 per-layer weight tensors of the fused ops in schema order (csrc/ops.cpp),
   each with the EGCL parameter it is stacked from and its shape as a function of the number of
-  layers L and the hidden size H. ``EGNN.stacked_weights``, the ops' wrappers, the torch
-  implementation's checks and the reference's op twins all read this table.
+  layers L and the hidden size H. ``EGNN.stacked_weights``, the ops' wrappers, the reference's op twins
+  and the input checks of the Python implementations (``check_points``, ``check_weights``, the checks
+  of csrc/common/egnn_args.h restated for them) all read this table.
 * ``EDGE_EPS``: the edge direction is n_ij = d_ij / (sqrt(r_ij + EDGE_EPS) + 1) (docs/model.md).
 * Tangent budgets: how many tangents x edges x H elements one chunk of the exact divergence may hold.
 
@@ -14,7 +15,10 @@ library agrees with this module.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 Shape = tuple[int, ...]
 
@@ -53,6 +57,36 @@ N_WEIGHTS = len(STACKED_WEIGHTS)
 def weight_shapes(n_layers: int, hidden: int) -> tuple[Shape, ...]:
     """Shapes of the stacked weights, in schema order, for L = n_layers and H = hidden."""
     return tuple(w.shape(n_layers, hidden) for w in STACKED_WEIGHTS)
+
+
+def check_points(op: str, x: Tensor, h0: Tensor) -> None:
+    """x [M, 3] float32/float64 and h0 [M, H] of its dtype and device, else RuntimeError naming ``op``
+    (metadata only: no device read)."""
+    import torch
+
+    if x.dim() != 2 or x.shape[1] != 3:
+        raise RuntimeError(f"{op}: x must have shape [M, 3], got {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(f"{op}: x must be float32 or float64, got {x.dtype}")
+    if h0.dim() != 2 or h0.shape[0] != x.shape[0] or h0.dtype != x.dtype or h0.device != x.device:
+        raise RuntimeError(f"{op}: h0 must have shape [M, H] with M = {x.shape[0]} and match x in dtype and "
+                           f"device, got {tuple(h0.shape)} {h0.dtype} on {h0.device}")
+
+
+def check_weights(op: str, x: Tensor, h0: Tensor, weights: tuple[Tensor, ...]) -> None:
+    """The 13 stacked weights in schema order, shaped for L layers and H = h0.shape[1], of x's dtype and
+    device, else RuntimeError naming ``op`` (metadata only)."""
+    if len(weights) != N_WEIGHTS:
+        raise RuntimeError(f"{op}: expected {N_WEIGHTS} stacked weight tensors, got {len(weights)}")
+    n_layers, hidden = (weights[0].shape[0] if weights[0].dim() == 3 else 0), h0.shape[1]
+    if n_layers < 1:
+        raise RuntimeError(f"{op}: w1 must have shape [L, H, 2H + 2], got {tuple(weights[0].shape)}")
+    for name, w, shape in zip(WEIGHT_NAMES, weights, weight_shapes(n_layers, hidden)):
+        if tuple(w.shape) != shape:
+            raise RuntimeError(f"{op}: weight {name} must have shape {list(shape)} for L = {n_layers}, "
+                               f"H = {hidden}, got {list(w.shape)}")
+        if w.dtype != x.dtype or w.device != x.device:
+            raise RuntimeError(f"{op}: weight {name} is {w.dtype} on {w.device} but x is {x.dtype} on {x.device}")
 
 
 # sqrt(r + EDGE_EPS) keeps the edge direction differentiable at r = 0 (coincident atoms).

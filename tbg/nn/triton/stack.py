@@ -175,29 +175,11 @@ def layer_edge_weights(w: Weights, layer: int) -> tuple[Tensor, ...]:
 
 def check_inputs(op: str, x: Tensor, h0: Tensor, mol_ptr: Tensor, weights: tuple[Tensor, ...]) -> None:
     """Shape, dtype and device checks (metadata only, no device read), as RuntimeError."""
-    def fail(msg: str) -> None:
-        raise RuntimeError(f"{op}: {msg}")
-
-    if x.dim() != 2 or x.shape[1] != 3:
-        fail(f"x must have shape [M, 3], got {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float64):
-        fail(f"x must be float32 or float64, got {x.dtype}")
-    if h0.dim() != 2 or h0.shape[0] != x.shape[0] or h0.dtype != x.dtype or h0.device != x.device:
-        fail(f"h0 must have shape [M, H] with M = {x.shape[0]} and match x in dtype and device, got "
-             f"{tuple(h0.shape)} {h0.dtype} on {h0.device}")
+    spec.check_points(op, x, h0)
     if mol_ptr.device != x.device or mol_ptr.dtype != torch.long or mol_ptr.dim() != 1 or mol_ptr.numel() < 1:
-        fail(f"mol_ptr must be a 1-d int64 tensor of length n_molecules + 1 on {x.device}, got shape "
-             f"{tuple(mol_ptr.shape)}, {mol_ptr.dtype} on {mol_ptr.device}")
-    if len(weights) != spec.N_WEIGHTS:
-        fail(f"expected {spec.N_WEIGHTS} stacked weight tensors, got {len(weights)}")
-    n_layers, hidden = (weights[0].shape[0] if weights[0].dim() == 3 else 0), h0.shape[1]
-    if n_layers < 1:
-        fail(f"w1 must have shape [L, H, 2H + 2], got {tuple(weights[0].shape)}")
-    for name, w, shape in zip(spec.WEIGHT_NAMES, weights, spec.weight_shapes(n_layers, hidden)):
-        if tuple(w.shape) != shape:
-            fail(f"weight {name} must have shape {list(shape)} for L = {n_layers}, H = {hidden}, got {list(w.shape)}")
-        if w.dtype != x.dtype or w.device != x.device:
-            fail(f"weight {name} is {w.dtype} on {w.device} but x is {x.dtype} on {x.device}")
+        raise RuntimeError(f"{op}: mol_ptr must be a 1-d int64 tensor of length n_molecules + 1 on {x.device}, "
+                           f"got shape {tuple(mol_ptr.shape)}, {mol_ptr.dtype} on {mol_ptr.device}")
+    spec.check_weights(op, x, h0, weights)
 
 
 def assert_mol_ptr(op: str, mol_ptr: Tensor, n_atoms: int) -> None:
