@@ -17,7 +17,6 @@ implementation allocates is NaN-filled first, so an element it forgets to write 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import importlib.util
@@ -25,8 +24,6 @@ import logging
 import os
 import subprocess
 import sys
-import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -35,7 +32,6 @@ import tbg
 from tbg.nn import dispatch, ops, reference
 from tbg.nn import triton as tbg_triton
 from tbg.nn.layout import mol_ptr_from_sizes, molecule_index
-from tbg.nn.triton import plan, stack
 from conftest import random_egnn
 from host_reads import HostReads, cuda_syncs
 
@@ -44,43 +40,12 @@ _KERNELS = "tbg.nn.triton.divergence"
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed (an optional dependency of tbg)", allow_module_level=True)
 TD = importlib.import_module(_KERNELS)
-INTERPRETED = TD.interpreted()
+# Imported after the skip above: these import triton.
+from tbg.nn.triton import plan  # noqa: E402
+from triton_cases import DEVICES, INTERPRETED, poisoned_buffers, triton_serving  # noqa: E402, F401 (autouse fixture)
 
 F = 5  # feature width of the test models
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        not INTERPRETED, reason="the Triton kernels were compiled for the GPU in this process; the CPU "
-                                "cases need TRITON_INTERPRET=1 before triton is imported (tests/conftest.py)")),
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        INTERPRETED or not torch.cuda.is_available(), reason="needs a GPU and natively compiled Triton kernels")]),
-]
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-
-
-@pytest.fixture(autouse=True)
-def _poisoned_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every buffer the implementation allocates starts as NaN."""
-    def alloc(*shape: int, like: torch.Tensor) -> torch.Tensor:
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
-
-    monkeypatch.setattr(stack, "alloc", alloc)
-
-
-@contextlib.contextmanager
-def triton_serving(device: str) -> Iterator[None]:
-    """torch.ops.tbg.egnn_divergence / egnn_jvp served by the Triton code on `device` inside the block."""
-    if device == "cuda" and ops.PYTHON_CUDA_IMPLEMENTATIONS.get("egnn_divergence") is TD.egnn_divergence:
-        yield  # TBG_TRITON made it the CUDA kernel already
-        return
-    lib = torch.library.Library("tbg", "IMPL")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # overriding the kernel registered for the key
-        lib.impl("egnn_divergence", TD.egnn_divergence, device.upper())
-        lib.impl("egnn_jvp", TD.egnn_jvp, device.upper())
-    try:
-        yield
-    finally:
-        lib._destroy()
 
 
 def _tol(dtype: torch.dtype) -> float:
@@ -157,7 +122,7 @@ def test_divergence_matches_cpp_kernel_and_references(device, dtype, layout, siz
     with torch.no_grad():
         v_cpp, div_cpp = model.divergence(t, **inputs, backend="fused", tangent_chunk=chunk)  # C++ kernel
         model_dev = copy.deepcopy(model).to(device)
-        with triton_serving(device):
+        with triton_serving("divergence", device):
             v, div = model_dev.divergence(t.to(device), **_to(inputs, device), backend="fused", tangent_chunk=chunk)
     v, div = v.cpu(), div.cpu()
     assert v.shape == inputs["x"].shape and div.shape == (len(sizes),)
@@ -192,7 +157,7 @@ def test_jvp_matches_cpp_kernel_and_reference(device, dtype, n_layers) -> None:
         v_ref, jvp_ref = reference.field_jvp(reference.egnn_field(model, h0, ptr), x, tangents)
         args = [a.to(device) for a in (x, h0, ptr)]
         dev_weights = tuple(w.to(device) for w in weights)
-        with triton_serving(device):
+        with triton_serving("divergence", device):
             v, jvp = ops.egnn_jvp(*args, dev_weights, tangents.to(device), model.layer_range)
             v0, none = ops.egnn_jvp(*args, dev_weights, tangents[:0].to(device), model.layer_range)
     scale = max(jvp_ref.abs().max().item(), 1.0)
@@ -212,7 +177,7 @@ def test_hutchinson_through_triton(device) -> None:
     kw = dict(method="hutchinson", n_probes=3, backend="fused")
     with torch.no_grad():
         _, est_cpp = model.divergence(t, **inputs, generator=torch.Generator().manual_seed(3), **kw)
-        with triton_serving(device):
+        with triton_serving("divergence", device):
             _, est = model.to(device).divergence(t.to(device), **_to(inputs, device),
                                                  generator=torch.Generator(device).manual_seed(3), **kw)
     if device == "cpu":  # the same probes: the same numbers
@@ -282,7 +247,7 @@ def _op_args(device: str, dtype: torch.dtype = torch.float64):
 def test_opcheck(device) -> None:
     x, h0, ptr, weights, rng = _op_args(device)
     tangents = torch.randn(2, x.shape[0], 3, dtype=x.dtype, device=device)
-    with triton_serving(device):
+    with triton_serving("divergence", device):
         torch.library.opcheck(torch.ops.tbg.egnn_divergence.default, (x, h0, ptr, *weights, rng, 5))
         torch.library.opcheck(torch.ops.tbg.egnn_jvp.default, (x, h0, ptr, *weights, tangents, rng))
 
@@ -299,7 +264,7 @@ def test_torch_compile(device) -> None:
         return v, div, torch.ops.tbg.egnn_jvp(x, h0, ptr, *weights, tangents, rng)[1]
 
     torch._dynamo.reset()
-    with torch.no_grad(), triton_serving(device):
+    with torch.no_grad(), triton_serving("divergence", device):
         eager = both(x, tangents)
         compiled = torch.compile(both, fullgraph=True, backend="aot_eager")(x, tangents)
         # Dynamo records wrap_triton launches of compiled kernels; it cannot trace the interpreter.

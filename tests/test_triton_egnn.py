@@ -17,13 +17,11 @@ uninitialised is NaN-filled first, so an element it forgets to write shows.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -32,7 +30,6 @@ import tbg
 from tbg.nn import dispatch, ops, reference, spec
 from tbg.nn import triton as tbg_triton
 from tbg.nn.layout import molecule_index
-from tbg.nn.triton import plan, stack
 from conftest import random_egnn
 from egnn_cases import TOL, assert_close_scaled, compare_backends, ragged_inputs
 from host_reads import HostReads, cuda_syncs
@@ -42,36 +39,12 @@ _KERNELS = "tbg.nn.triton.egnn"
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed (an optional dependency of tbg)", allow_module_level=True)
 TE = importlib.import_module(_KERNELS)
-INTERPRETED = stack.interpreted()
+# Imported after the skip above: these import triton.
+from tbg.nn.triton import plan, stack  # noqa: E402
+from triton_cases import DEVICES, INTERPRETED, poisoned_buffers, triton_serving  # noqa: E402, F401 (autouse fixture)
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        not INTERPRETED, reason="the Triton kernels were compiled for the GPU in this process; the CPU "
-                                "cases need TRITON_INTERPRET=1 before triton is imported (tests/conftest.py)")),
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-        INTERPRETED or not torch.cuda.is_available(), reason="needs a GPU and natively compiled Triton kernels")]),
-]
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 NAMES = ("x", "h0", *spec.WEIGHT_NAMES)
-
-
-@pytest.fixture(autouse=True)
-def _poisoned_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every buffer the implementation allocates uninitialised starts as NaN."""
-    def alloc(*shape: int, like: torch.Tensor) -> torch.Tensor:
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
-
-    monkeypatch.setattr(stack, "alloc", alloc)
-
-
-@contextlib.contextmanager
-def triton_serving(device: str) -> Iterator[None]:
-    """torch.ops.tbg.egnn_forward / egnn_backward served by the Triton code on `device` inside the block."""
-    if device == "cuda" and ops.PYTHON_CUDA_IMPLEMENTATIONS.get("egnn_forward") is TE.egnn_forward:
-        yield  # TBG_TRITON=egnn made it the CUDA kernel already
-        return
-    with tbg_triton.serving("egnn", device):
-        yield
 
 
 def _inputs(sizes: list[int], hidden: int, n_layers: int, dtype: torch.dtype, n_features: int = 4):
@@ -120,7 +93,7 @@ def test_forward_backward_match_cpp_kernel_and_reference(device, dtype, sizes, h
         v_cpp, hs_cpp, xs_cpp = torch.ops.tbg.egnn_forward(x, h0, ptr, *weights, rng)  # C++ kernel
         grads_cpp = torch.ops.tbg.egnn_backward(grad_v, x, h0, ptr, *weights, hs_cpp, xs_cpp, rng)
         args = _to(device, x, h0, ptr, *weights)
-        with triton_serving(device):
+        with triton_serving("egnn", device):
             v, hs, xs = (t.cpu() for t in torch.ops.tbg.egnn_forward(*args, rng))
             grads = [g.cpu() for g in torch.ops.tbg.egnn_backward(grad_v.to(device), *args, hs.to(device),
                                                                    xs.to(device), rng)]
@@ -181,7 +154,7 @@ def test_gradcheck_float64(device) -> None:
     def velocity(x, h0, *weights):
         return ops.egnn_velocity(x, h0, ptr, weights, rng)
 
-    with triton_serving(device):
+    with triton_serving("egnn", device):
         assert torch.autograd.gradcheck(velocity, leaves, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
@@ -189,7 +162,7 @@ def test_gradcheck_float64(device) -> None:
 def test_opcheck(device) -> None:
     x, h0, ptr, weights, rng, grad_v = _inputs([3, 2, 1], 4, 2, torch.float64)
     x, h0, ptr, grad_v, *weights = _to(device, x, h0, ptr, grad_v, *weights)
-    with triton_serving(device):
+    with triton_serving("egnn", device):
         forward_args = (x.requires_grad_(), h0.requires_grad_(), ptr, *(w.clone().requires_grad_() for w in weights),
                         rng)
         torch.library.opcheck(torch.ops.tbg.egnn_forward.default, forward_args)
@@ -206,7 +179,7 @@ def test_module_gradients_match_reference(device, dtype) -> None:
     coordinates and the atom features (embedding included) against backend="reference"."""
     model = random_egnn(3, 16, 2, dtype=dtype, device=device, scale=0.5 if dtype == torch.float32 else 1.0)
     t, x, f, ptr = ragged_inputs([6, 1, 4], 3, dtype, device)
-    with triton_serving(device):
+    with triton_serving("egnn", device):
         compare_backends(model, t, x, f, mol_ptr=ptr)
 
 
@@ -223,7 +196,7 @@ def test_torch_compile_fullgraph(device) -> None:
         return ops.egnn_velocity(x, h0, ptr, model.stacked_weights(), model.layer_range).square().sum()
 
     torch._dynamo.reset()
-    with triton_serving(device):
+    with triton_serving("egnn", device):
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
         loss(x1).backward()
         torch.compile(loss, fullgraph=True, backend="aot_eager", dynamic=False)(x2).backward()
