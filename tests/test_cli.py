@@ -227,6 +227,9 @@ def test_demo_quick(md_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture)
         line = re.search(r"ESS \(Kish\)\s+([\d.]+)% \((\d+) effective samples of (\d+)\)", out)
         assert line and float(line[1]) == pytest.approx(100 * ess["kish_fraction"], abs=0.005)
         assert int(line[2]) == round(ess["kish_n"]) and int(line[3]) == ess["n_weighted"]
+        spread = re.search(r"log-weights\s+std ([\d.]+) nats, largest weight (\d+)% of the total", out)
+        assert spread and float(spread[1]) == pytest.approx(ess["log_weight_std"], abs=0.05)
+        assert int(spread[2]) == round(100 * ess["largest_weight"])
     w1 = re.search(r"energy W1 to MD\s+model (\S+)( kT)?, reweighted (\S+)", out)
     assert w1 is not None
     if report["energy"]["wasserstein_model"] is not None:

@@ -272,7 +272,7 @@ REPORT_KEYS = {
     "ess", "n_nonfinite", "energy", "torsions", "free_energy", "delta_f", "methods", "metrics", "plots", "timings_s",
 }
 NESTED_KEYS = {
-    "ess": {"kish_fraction", "kish_n", "n_weighted"},
+    "ess": {"kish_fraction", "kish_n", "n_weighted", "log_weight_std", "largest_weight"},
     "energy": {"md_mean", "model_mean", "reweighted_mean", "reweighted_stderr", "model_n_nonfinite",
                "wasserstein_model", "wasserstein_reweighted"},
     "n_nonfinite": {"dlogp", "prior_energy", "energy"},
@@ -316,6 +316,8 @@ def test_report(ala2, tmp_path):
     w = np.exp(lw - lw.max())
     # OpenMM's CPU platform sums forces/energies in an order that varies between calls: ~1e-9 relative.
     assert report["ess"]["kish_fraction"] == pytest.approx(w.sum() ** 2 / (len(w) * (w**2).sum()), rel=1e-5)
+    assert report["ess"]["log_weight_std"] == pytest.approx(lw.std(ddof=1), rel=1e-5)
+    assert report["ess"]["largest_weight"] == pytest.approx(w.max() / w.sum(), rel=1e-5)
     assert report["energy"]["model_mean"] == pytest.approx(u.mean(), rel=1e-6)
     assert report["energy"]["md_mean"] == pytest.approx(ala2.reduced_energy(frames).mean(), rel=1e-6)
     for key, entry in report["delta_f"].items():
@@ -392,6 +394,7 @@ def test_report_uniform_weights_and_no_energy(ala2, tmp_path):
     report, _ = evaluate(ModelSamples(samples, log_weights=np.zeros(40)), Molecule(ala2.topology, ala2.reference_nm),
                          MDFrames(ala2.frames), tmp_path, EvaluationOptions(n_bootstrap=10))
     assert report["ess"]["kish_fraction"] == pytest.approx(1.0)
+    assert report["ess"]["log_weight_std"] == 0.0 and report["ess"]["largest_weight"] == pytest.approx(1 / 40)
     assert all(v is None for k, v in report["energy"].items())
     assert "energy_histogram" not in report["plots"]
     # Equal weights: reweighted statistics equal the unweighted ones.

@@ -171,9 +171,12 @@ def demo_summary(report: dict[str, Any], wall_s: float, *, model: Path | None = 
         f"summary ({report['n_samples']} samples, {wall_s / 60:.1f} min this run):",
         f"  correct configurations  {100 * report['correct_configuration_rate']:.1f}%",
         f"  ESS (Kish)              {ess_text}",
-        f"  energy W1 to MD         model {_number(energy['wasserstein_model'])}, "
-        f"reweighted {_number(energy['wasserstein_reweighted'])}",
     ]
+    if ess.get("log_weight_std") is not None:
+        lines.append(f"  log-weights             std {ess['log_weight_std']:.1f} nats, largest weight "
+                     f"{100 * ess['largest_weight']:.0f}% of the total")
+    lines.append(f"  energy W1 to MD         model {_number(energy['wasserstein_model'])}, "
+                 f"reweighted {_number(energy['wasserstein_reweighted'])}")
     broken = {k: v for k, v in (report.get("n_nonfinite") or {}).items() if v}
     if broken:
         lines.append("  weight 0 (not finite)   " + ", ".join(f"{v} samples' {k}" for k, v in broken.items()))

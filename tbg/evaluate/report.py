@@ -28,7 +28,8 @@ import scipy.special
 from tbg.evaluate import metrics, plots
 from tbg.evaluate.methods import MDReference, MethodSamples, compare_methods, methods_table
 from tbg.evaluate.validity import ValidityChecker, ValidityResult
-from tbg.flow.reweight import kish_ess, log_importance_weights, tail_treatments, weighted_mean
+from tbg.flow.reweight import (kish_ess, log_importance_weights, normalized_weights, tail_treatments,
+                               weighted_mean)
 from tbg.runfolder import write_atomically
 
 logger = logging.getLogger("tbg")
@@ -213,12 +214,13 @@ def evaluate(samples: ModelSamples, molecule: Molecule, md_frames: MDFrames, out
 
     Model energies are evaluated on the valid samples after reordering and mirroring (the raw order can
     put atoms on the wrong force-field parameters). ESS and all reweighted quantities are over the valid
-    samples (ess.kish_fraction = Kish ESS / number of valid samples). Free energies are in kT; torsion
-    Wasserstein distances are circular W1 in radians (see tbg.evaluate.metrics). By default the basins
-    are alpha_R vs beta/PII along psi, which the shipped MD samples, and the published alpha_L
-    (0 < phi < 2) vs rest. ``refined`` are samples of refinement methods (SMC, MCMC) of the same molecule,
-    positions [n, N, 3] in nm as sampled (checked for validity here, energies computed here), scored beside
-    IS (``compare``). Returns (report dict, as written to out_dir/report.json; summary table string).
+    samples (ess.kish_fraction = Kish ESS / number of valid samples; ess.log_weight_std, in nats, and
+    ess.largest_weight, the largest normalised weight, say how much one draw's ESS can be trusted). Free
+    energies are in kT; torsion Wasserstein distances are circular W1 in radians (see
+    tbg.evaluate.metrics). By default the basins are alpha_R vs beta/PII along psi, which the shipped MD
+    samples, and the published alpha_L (0 < phi < 2) vs rest. ``refined`` are samples of refinement
+    methods (SMC, MCMC) of the same molecule, positions [n, N, 3] in nm as sampled (checked for validity
+    here, energies computed here), scored beside IS (``compare``). Returns (report dict, as written to out_dir/report.json; summary table string).
     """
     options = options or EvaluationOptions()
     t_start = time.perf_counter()
@@ -290,11 +292,18 @@ def reweight(samples: ModelSamples, validity: Validity, energies: Energies) -> R
     if log_w is not None and not np.isfinite(log_w).any():
         logger.warning("no valid sample has a finite log weight: reweighted metrics are null")
         log_w = None
+    # The Kish ESS of one draw is set by its largest weights; the spread of the log-weights and the share
+    # of the largest weight say how far that number can be trusted (a spread of many nats means the ESS
+    # of a few thousand samples is not yet converged).
     ess = {"kish_fraction": None, "kish_n": None,
-           "n_weighted": int(np.isfinite(log_w).sum()) if log_w is not None else 0}
+           "n_weighted": int(np.isfinite(log_w).sum()) if log_w is not None else 0,
+           "log_weight_std": None, "largest_weight": None}
     if log_w is not None:
         ess["kish_fraction"] = kish_ess(log_w)
         ess["kish_n"] = ess["kish_fraction"] * n_valid
+        finite = log_w[np.isfinite(log_w)]
+        ess["log_weight_std"] = float(finite.std(ddof=1)) if len(finite) > 1 else None
+        ess["largest_weight"] = float(normalized_weights(log_w).max())
     return Reweighting(log_w, ess, n_nonfinite)
 
 
@@ -548,6 +557,8 @@ def summary_table(report: dict[str, Any]) -> str:
                                                   for k in ("dlogp", "prior_energy", "energy")), ""),
         ("ESS (Kish)", "", "",
          "-" if report["ess"]["kish_fraction"] is None else f"{100 * report['ess']['kish_fraction']:.2f}%"),
+        ("log-weight std [nats]", "", "", _fmt(report["ess"].get("log_weight_std"))),
+        ("largest weight", "", "", _fmt(report["ess"].get("largest_weight"))),
         ("mean energy [kT]", _fmt(e["md_mean"]), _fmt(e["model_mean"]), _fmt(e["reweighted_mean"])),
         ("W1 energy to MD [kT]", "", _fmt(e["wasserstein_model"]), _fmt(e["wasserstein_reweighted"])),
     ]
