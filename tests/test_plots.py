@@ -42,3 +42,16 @@ def test_ramachandran_figure(tmp_path) -> None:
                                    basins=RAMACHANDRAN_BASINS)
     h, w_px = imread(path).shape[:2]
     assert (w_px, h) == FIGURE_PIXELS["ramachandran"]
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_method_metrics_with_infinite_entries(tmp_path) -> None:
+    """A basin MD never visits gives dF - MD = -inf (stderr nan) in memory: no bar, no overflow, n/a."""
+    def method(kind: str, jsd: float | None, alpha_r: float) -> dict:
+        return {"kind": kind, "energy": {"w2": 3.0}, "torus_w2": 0.4, "tica_w2": None, "ramachandran_jsd": jsd,
+                "delta_f": {"alphaR_beta": {"minus_md": {"value": alpha_r, "stderr": 0.3}},
+                            "alphaL_rest": {"minus_md": {"value": -math.inf, "stderr": math.nan}}}}
+    methods = {"model": method("flow", 0.6, -0.2), "IS": method("IS", None, 1.1)}
+    path = plots.plot_method_metrics(tmp_path / "m.png", methods, 100)
+    h, w_px = imread(path).shape[:2]
+    assert (w_px, h) == FIGURE_PIXELS["method_metrics"]

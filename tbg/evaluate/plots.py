@@ -200,11 +200,14 @@ def plot_method_metrics(path: Path, methods: Mapping[str, Mapping[str, Any]], w2
     y = np.arange(len(names))
     colours = [_KIND_COLOURS.get(m["kind"], "tab:gray") for m in methods.values()]
     for ax, (label, values, errors) in zip(axes, panels):
+        # In memory a metric can be +-inf (a basin MD never visits): no bar, "n/a" like a missing value.
         v = np.array([np.nan if x is None else x for x in values], dtype=np.float64)
-        err = None if errors is None else np.array([0.0 if e is None else e for e in errors], dtype=np.float64)
-        ax.barh(y, np.nan_to_num(v), xerr=err if err is not None and np.isfinite(v).any() else None,
-                color=colours, capsize=3)
         known = np.isfinite(v)
+        err = None if errors is None else np.array([0.0 if e is None else e for e in errors], dtype=np.float64)
+        if err is not None:
+            err = np.where(known & np.isfinite(err), err, 0.0)
+        ax.barh(y, np.where(known, v, 0.0), xerr=err if err is not None and known.any() else None,
+                color=colours, capsize=3)
         reach = np.abs(v[known]) + (err[known] if err is not None else 0.0)
         span = 1.15 * reach.max() if known.any() and reach.max() > 0 else 1.0
         if errors is None:
