@@ -122,6 +122,21 @@ def test_train_sample_reweight_double_well(tmp_path: Path) -> None:
     assert abs(mu - mean_target) < 4 * se + 0.01, (mu, se, mean_target)
 
 
+def test_ema_warms_up(tmp_path: Path) -> None:
+    """The EMA's decay starts at 1/10, not at 0.999: after one step it is 0.1 initial + 0.9 trained weights
+    (a fixed 0.999 would leave a short run's model.pt almost the random initial weights)."""
+    initial = {k: v.clone() for k, v in flow_toy.model().state_dict().items()}
+    config = flow_toy.train_config(1, 1)
+    config.ema_decay = 0.999
+    loader = tbg.flow.RaggedLoader(flow_toy.items(64), 32, collate=flow_toy.collate)
+    tbg.flow.train(flow_toy.model(), loader, tmp_path, config)
+    state = torch.load(tmp_path / "checkpoints" / "step_00000001.pt", weights_only=True)
+    trained, ema = tbg.nn.checkpoint.egnn_state(state), state["tbg"]["train_state"]["ema"]
+    assert not torch.equal(trained["embedding.weight"], initial["embedding.weight"])
+    for k, v in ema.items():
+        torch.testing.assert_close(v, initial[k].lerp(trained[k], 0.9), rtol=1e-6, atol=1e-7, msg=k)
+
+
 def test_training_resumes_after_kill(tmp_path: Path) -> None:
     steps = ["--steps", "40", "--checkpoint-every", "10"]
     full = tmp_path / "full"
