@@ -4,7 +4,7 @@
     divergence (one backward pass per coordinate, 66 for 22 atoms), as in the published code;
 (b) ours, joint: the same augmented ODE with ``EGNN.divergence`` (fused field + exact divergence);
 (c) ours, decoupled: dopri5 on x alone, then Gauss-Legendre quadrature of div v at K nodes along the
-    solver's dense output (K = 4, 8, 16).
+    solver's dense output (K = 4, 8, 16; with --panels also split over panels, tbg.flow.ode.quadrature_rule).
 All methods start from the same latents. Log-likelihood differences are reported against (a) and
 against a tight joint solve (ours, atol = rtol = --truth-tol, 1e-6 by default) as the "truth".
 
@@ -116,6 +116,8 @@ def main() -> None:
     p.add_argument("--skip-published", action="store_true", help="skip (a), the slowest")
     p.add_argument("--checkpoint", help="sample this trained model (published layout) instead of training one")
     p.add_argument("--quadrature", default="4,8,16", help="Gauss-Legendre node counts of (c), comma-separated")
+    p.add_argument("--panels", default="", help="panel boundaries in (0, 1), comma-separated (e.g. 0.1,0.3): (c) "
+                   "also runs with the nodes split over these panels")
     p.add_argument("--x-tols", default="1e-4", help="x-solve tolerances of (c), comma-separated")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -165,10 +167,14 @@ def main() -> None:
     if not a.skip_published:
         methods["(a) published: dopri5 + brute-force div, reference"] = lambda c: integrate(published, c, solver=default)
     methods["(b) ours joint: dopri5 + EGNN.divergence"] = lambda c: integrate(ours, c, solver=default)
+    panel_sets = [()] + ([tuple(float(v) for v in a.panels.split(","))] if a.panels else [])
     for tol in (float(v) for v in a.x_tols.split(",")):
-        for k in (int(v) for v in a.quadrature.split(",")):
-            methods[f"(c) ours decoupled: dopri5 x at {tol:g} + GL K={k}"] = (
-                lambda c, k=k, tol=tol: decoupled_likelihood(ours, c, n_nodes=k, solver=SolverConfig(atol=tol, rtol=tol)))
+        for panels in panel_sets:
+            for k in (int(v) for v in a.quadrature.split(",")):
+                on = f", panels at {','.join(f'{b:g}' for b in panels)}" if panels else ""
+                methods[f"(c) ours decoupled: dopri5 x at {tol:g} + GL K={k}{on}"] = (
+                    lambda c, k=k, tol=tol, panels=panels: decoupled_likelihood(
+                        ours, c, n_nodes=k, solver=SolverConfig(atol=tol, rtol=tol), panels=panels))
     tight = SolverConfig(atol=a.truth_tol, rtol=a.truth_tol)
     truth, t_truth = run(lambda c: integrate(ours, c, solver=tight))
     print(f"# reference 'truth': ours joint, atol = rtol = {a.truth_tol:g}: NFE {truth['nfe_div']:.0f}, "

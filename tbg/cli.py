@@ -100,8 +100,8 @@ DEFAULTS: dict[str, Any] = {
     "backend": "auto",
     # sampling (published: dopri5, atol = rtol = 1e-4, batches of 500)
     "n": 1000, "sample_batch_size": 500, "likelihood": "joint", "method": "dopri5", "atol": 1e-4, "rtol": 1e-4,
-    "ode_steps": 20, "quadrature": 16, "dtype": "float32", "trajectory": ["pdb", "dcd"], "memory_budget": None,
-    "profile": False,
+    "ode_steps": 20, "quadrature": 16, "quadrature_panels": [], "dtype": "float32", "trajectory": ["pdb", "dcd"],
+    "memory_budget": None, "profile": False,
     # `tbg profile`: the batch-size sweep
     "batch_sizes": [16, 64, 256], "likelihoods": ["joint", "decoupled"], "min_samples": 0, "min_seconds": 0.0,
     # evaluation
@@ -128,7 +128,8 @@ DEMO_PRESETS: dict[str, dict[str, Any]] = {
               "sample_batch_size": 64, "likelihood": "decoupled", "quadrature": 4, "method": "rk4", "ode_steps": 8,
               "md_frames": 300, "bootstrap": 20, "out": "tbg-demo-quick"},
     "default": {"model": "shipped", **SHIPPED_RECIPE, "steps": 200, "checkpoint_every": 100, "n": 2000,
-                "sample_batch_size": 500, "likelihood": "decoupled", "quadrature": 32, "atol": 1e-5, "rtol": 1e-5,
+                "sample_batch_size": 500, "likelihood": "decoupled", "quadrature": 33, "quadrature_panels": [0.1, 0.3],
+                "atol": 1e-5, "rtol": 1e-5,
                 "md_frames": 2000, "out": "tbg-demo"},
     # 1e5 samples as a multi-model PDB would take ~200 MB: DCD (with sample/topology.pdb) only.
     "full": {"model": "train", "epochs": 1000, "n": 100_000, "md_frames": 20_000, "trajectory": ["dcd"],
@@ -176,7 +177,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     _opt(g, "--lr", "Adam learning rate", type=POSITIVE_FLOAT)
     _opt(g, "--lr-milestones", "steps at which the learning rate is divided by 10", type=POSITIVE_INT, nargs="*",
          metavar="STEP")
-    _opt(g, "--ema", "exponential moving average of the weights, e.g. 0.999 (default: off)", type=OPEN_UNIT,
+    _opt(g, "--ema", "exponential moving average of the weights, e.g. 0.999, warmed up over the first steps; "
+         "validation and model.pt use it (default: off)", type=OPEN_UNIT,
          metavar="DECAY")
     _opt(g, "--coupling", "pairing of prior and data samples: independent (published) or aligned (each prior "
          "sample rotated/reflected and its interchangeable atoms relabelled to fit its data frame; shorter paths, "
@@ -221,6 +223,9 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-likelihood", action="store_true", default=None,
                    help="samples only, no dlogp (same as --likelihood none)")
     _solver_args(g)
+    _opt(g, "--quadrature-panels", "split the quadrature of --likelihood decoupled into panels at these times in "
+         "(0, 1), the nodes shared evenly, e.g. 0.1 0.3 for a field whose divergence changes sharply near the "
+         "prior end t = 0 (default: none, one Gauss-Legendre rule)", type=OPEN_UNIT, nargs="*", metavar="T")
     g.add_argument("--profile", action="store_true", default=None,
                    help="time the sampling by stages (field, divergence, solver, I/O, energies), count evaluations "
                         "per sample, measure peak memory: OUT/profile.json, a table at the end, and OUT/trace.json "
@@ -370,9 +375,13 @@ def _sampling_options(args: argparse.Namespace, device, encoding: str) -> Sampli
     from tbg.flow import SampleConfig, SolverConfig
     from tbg.flow.runs import SamplingOptions
 
+    panels = list(args.quadrature_panels)
+    if panels != sorted(set(panels)):
+        raise UsageError(f"--quadrature-panels {' '.join(f'{b:g}' for b in panels)}: the times must increase")
     solver = SolverConfig(method=args.method, atol=args.atol, rtol=args.rtol, n_steps=args.ode_steps)
     config = SampleConfig(n_samples=args.n, batch_size=args.sample_batch_size, likelihood=args.likelihood,
-                          solver=solver, n_quadrature=args.quadrature, memory_budget_gb=args.memory_budget,
+                          solver=solver, n_quadrature=args.quadrature,
+                          quadrature_panels=tuple(panels), memory_budget_gb=args.memory_budget,
                           seed=args.seed, dtype=args.dtype, device=str(device), progress=not args.no_progress,
                           profile=bool(args.profile))
     return SamplingOptions(config, encoding=encoding, backend=args.backend, trajectory_formats=args.trajectory,
@@ -773,15 +782,16 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     if len(data) != 1:
         raise UsageError(f"the demo trains on one molecule; --data {args.data} holds {len(data)}")
     out = _out_dir(args)
+    # Every option is checked before anything is written into out.
+    training, sampling, evaluation = _training_options(args), _sampling_options(args, device, "auto"), \
+        _evaluation_options(args)
+    refinement = _refine_options(args, device) if args.refine == "on" else None
     model = find_shipped_model(data[0], out) if args.model == "shipped" else None
     log.info("== tbg demo (%s) on %s -> %s", preset, data[0].name, out)
-    refinement = _refine_options(args, device) if args.refine == "on" else None
-    summary = run_demo(data[0], out, _training_options(args), _sampling_options(args, device, "auto"),
-                       _evaluation_options(args), device=device, md_frames=args.md_frames, platform=platform,
-                       model=model, refinement=refinement,
+    summary = run_demo(data[0], out, training, sampling, evaluation, device=device, md_frames=args.md_frames,
+                       platform=platform, model=model, refinement=refinement,
                        record=partial(write_resolved_config, args))
     print(summary)
-
 
 
 def _bench_dir() -> Path:

@@ -292,3 +292,55 @@ def test_autograd_divergence_any_width_and_differentiable() -> None:
         v0, div0 = dyn.divergence(t, x)
     assert not div0.requires_grad and not v0.requires_grad
     assert_close(div0, exact(x).detach())
+
+
+def test_quadrature_rule_panels() -> None:
+    from tbg.flow.ode import gauss_legendre, quadrature_rule
+    nodes, weights = quadrature_rule(12, 0.0, 1.0, (0.1, 0.3))  # 4 nodes per panel: exact to degree 7
+    assert len(nodes) == 12 and ((nodes > 0) & (nodes < 1)).all()
+    assert [int(((nodes > a) & (nodes < b)).sum()) for a, b in ((0, .1), (.1, .3), (.3, 1))] == [4, 4, 4]
+    for k in range(8):
+        assert weights @ nodes**k == pytest.approx(1 / (k + 1), abs=1e-14)
+    # A kink at a panel boundary is integrated exactly; one rule over [0, 1] is not.
+    kink = lambda t: np.abs(t - 0.1)  # noqa: E731
+    exact = (0.1**2 + 0.9**2) / 2
+    assert weights @ kink(nodes) == pytest.approx(exact, abs=1e-14)
+    n1, w1 = quadrature_rule(12, 0.0, 1.0)
+    assert_close(torch.from_numpy(n1), torch.from_numpy(gauss_legendre(12, 0.0, 1.0)[0]))
+    assert abs(w1 @ kink(n1) - exact) > 1e-4
+    # Reversed: the same nodes, negated weights. Extra nodes go to the panels nearest t = 0.
+    n_rev, w_rev = quadrature_rule(12, 1.0, 0.0, (0.1, 0.3))
+    assert_close(torch.from_numpy(n_rev), torch.from_numpy(nodes))
+    assert_close(torch.from_numpy(w_rev), torch.from_numpy(-weights))
+    n4, _ = quadrature_rule(4, 0.0, 1.0, (0.1, 0.3))
+    assert [int(((n4 > a) & (n4 < b)).sum()) for a, b in ((0, .1), (.1, .3), (.3, 1))] == [2, 1, 1]
+    # Only boundaries inside the interval split it; fewer nodes than panels: one panel.
+    for args in ((6, 0.5, 1.0), (2, 0.0, 1.0)):
+        n, w = quadrature_rule(*args, (0.1, 0.3))
+        n_ref, w_ref = gauss_legendre(*args)
+        assert_close(torch.from_numpy(n), torch.from_numpy(n_ref))
+        assert_close(torch.from_numpy(w), torch.from_numpy(w_ref))
+    with pytest.raises(ValueError, match="at least one"):
+        quadrature_rule(0, 0.0, 1.0)
+
+
+def test_decoupled_with_panels_matches_joint_on_egnn() -> None:
+    dyn = _egnn_dynamics()
+    z = MeanFreeGaussian(4).sample(6, dtype=torch.float64)
+    joint = integrate(dyn, z, solver=TIGHT)
+    dec = decoupled_likelihood(dyn, z, n_nodes=24, solver=TIGHT, panels=(0.1, 0.3))
+    assert_close(dec.dlogp, joint.dlogp, atol=1e-6, rtol=0)
+    assert dec.nfe_divergence == 24
+
+
+def test_sampling_record_names_quadrature_panels_only_when_given() -> None:
+    from tbg.flow import SampleConfig
+    from tbg.flow.sample import sampling_manifest
+    field = TimeLinear(torch.eye(2, dtype=torch.float64))
+    one_rule = sampling_manifest(field, 1, SampleConfig(n_samples=4, batch_size=4, likelihood="decoupled"))
+    panels = sampling_manifest(field, 1, SampleConfig(n_samples=4, batch_size=4, likelihood="decoupled",
+                                                      quadrature_panels=[0.1, 0.3]))
+    assert "quadrature_panels" not in one_rule and panels["quadrature_panels"] == (0.1, 0.3)
+    for bad in ((0.3, 0.1), (0.0, 0.5), (0.5, 1.0), (0.2, 0.2)):
+        with pytest.raises(ValueError, match="quadrature_panels"):
+            SampleConfig(quadrature_panels=bad)

@@ -140,6 +140,8 @@ def error_line(command: str, code: int, err: str) -> str:
 # (argv, what the error line must say); {name} is a path from `work`, {out} a fresh folder. Every case must
 # leave the folders it names (and the inputs) exactly as they were, and create no --out folder.
 ISSUE_CASES = {
+    "quadrature panels out of order": (["demo", "--quick", "--out", "{out}/demo", "--quadrature-panels", "0.3", "0.1"],
+                                       "--quadrature-panels 0.3 0.1: the times must increase"),
     # corrupt or foreign inputs, reported by path
     "data truncated npz": (["train", "--data", "{bad}/trunc-traj-arrays.npz", "--out", "{out}"],
                            "trunc-traj-arrays.npz: not a readable .npz file"),
@@ -293,6 +295,8 @@ OPTION_CASES = {
     ("sample", "--rtol"): (["sample", "--out", "{out}", "--rtol", "inf"], "argument --rtol: invalid value 'inf'"),
     ("sample", "--ode-steps"): (["sample", "--out", "{out}", "--ode-steps", "0"], "argument --ode-steps"),
     ("sample", "--quadrature"): (["sample", "--out", "{out}", "--quadrature", "0"], "argument --quadrature"),
+    ("sample", "--quadrature-panels"): (["sample", "--out", "{out}", "--quadrature-panels", "0.1", "1"],
+                                        "argument --quadrature-panels: invalid value '1'"),
     ("sample", "--dtype"): (["sample", "--out", "{out}", "--dtype", "float16"], "argument --dtype: invalid choice"),
     ("sample", "--trajectory"): (["sample", "--out", "{out}", "--trajectory", "gro"],
                                  "argument --trajectory: invalid choice"),
@@ -366,7 +370,8 @@ OPTION_CASES = {
                            ("--backend", "x"), ("--n", "0"), ("--sample-batch-size", "0"), ("--memory-budget", "-1"),
                            ("--likelihood", "x"),
                            ("--method", "x"), ("--atol", "-1"), ("--rtol", "0"), ("--ode-steps", "0"),
-                           ("--quadrature", "0"), ("--dtype", "half"), ("--trajectory", "x"), ("--md-frames", "0"),
+                           ("--quadrature", "0"), ("--quadrature-panels", "x"), ("--dtype", "half"),
+                           ("--trajectory", "x"), ("--md-frames", "0"),
                            ("--temperature", "0"), ("--clip-quantile", "0"), ("--energy-cutoff", "x"),
                            ("--w2-points", "0"), ("--bins", "0"), ("--bootstrap", "0"), ("--model", "x"),
                            ("--refine", "maybe"),

@@ -202,8 +202,10 @@ def demo_summary(report: dict[str, Any], wall_s: float, *, model: Path | None = 
         cfg = sampling.config
         solver = cfg.solver.method + (f" at atol = rtol = {cfg.solver.atol:g}" if cfg.solver.method in ADAPTIVE
                                       else f" in {cfg.solver.n_steps} steps")
+        panels = (" on panels split at t = " + ", ".join(f"{b:g}" for b in cfg.quadrature_panels)
+                  if cfg.quadrature_panels else "")
         how = {"decoupled": f"decoupled: x by {solver}, Gauss-Legendre quadrature of the exact divergence at "
-                            f"{cfg.n_quadrature} nodes",
+                            f"{cfg.n_quadrature} nodes{panels}",
                "joint": f"joint: {solver} on (x, dlogp)",
                "none": "none"}[cfg.likelihood]
         lines.append(f"  likelihood              {how}")

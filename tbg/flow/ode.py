@@ -9,16 +9,16 @@ Two ways to get the exact log-likelihood of x(1) = flow(z):
 * ``integrate(..., likelihood=True)`` (published): one ODE on the augmented state (x, l) with
   dl/dt = div v(t, x); the adaptive solver controls the error of both components, and every function
   evaluation pays for a divergence.
-* ``decoupled_likelihood``: solve for x alone (cheap evaluations of v only), read x(t) at the K
-  Gauss-Legendre nodes of [t0, t1] from the solver's dense output (torchdiffeq interpolates inside
-  its accepted steps, so asking for these times adds no evaluations), then
-  l = sum_k w_k div v(t_k, x(t_k)): K divergences instead of one per stage. div v along a smooth path is
-  smooth in t, so the quadrature converges fast in K; the residual error is measured in the benchmark.
+* ``decoupled_likelihood``: solve for x alone (cheap evaluations of v only), read x(t) at the K nodes of
+  a composite Gauss-Legendre rule on [t0, t1] (``quadrature_rule``) from the solver's dense output
+  (torchdiffeq interpolates inside its accepted steps, so asking for these times adds no evaluations),
+  then l = sum_k w_k div v(t_k, x(t_k)): K divergences instead of one per stage. The residual error is
+  measured in the benchmark (bench/bench_sampling.py against a tight joint solve).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -185,14 +185,39 @@ def gauss_legendre(n_nodes: int, t0: float, t1: float) -> tuple[np.ndarray, np.n
     return t0 + (u + 1) * (t1 - t0) / 2, w * (t1 - t0) / 2
 
 
+def quadrature_rule(n_nodes: int, t0: float, t1: float,
+                    panels: Sequence[float] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and signed weights of the decoupled likelihood's rule on [t0, t1]: Gauss-Legendre on each panel
+    between the ``panels`` boundaries (absolute t) that lie inside the interval, ``n_nodes`` split evenly
+    (the extra ones to the panels nearest t = 0); one panel when there are fewer nodes than panels.
+
+    Without boundaries this is one Gauss-Legendre rule, which converges fastest for a divergence that is
+    smooth in t. A trained field's divergence can instead change sharply near the prior end (t -> 0, where
+    Gaussian noise can put atoms close together); there, boundaries such as (0.1, 0.3) put the nodes where
+    they are needed (a third of the error at the same cost on the shipped alanine-dipeptide model)."""
+    if n_nodes < 1:
+        raise ValueError(f"need at least one quadrature node, got {n_nodes}")
+    lo, hi = min(t0, t1), max(t0, t1)
+    edges = [lo, *(b for b in sorted(panels) if lo < b < hi), hi]
+    if n_nodes < len(edges) - 1:
+        edges = [lo, hi]
+    n_panels = len(edges) - 1
+    rules = [gauss_legendre(n_nodes // n_panels + (i < n_nodes % n_panels), a, b)
+             for i, (a, b) in enumerate(zip(edges[:-1], edges[1:]))]
+    nodes, weights = np.concatenate([r[0] for r in rules]), np.concatenate([r[1] for r in rules])
+    return nodes, weights if t1 >= t0 else -weights
+
+
 def decoupled_likelihood(dyn: Dynamics | object, x0: Tensor, *, n_nodes: int = 16, t0: float = 0.0,
-                         t1: float = 1.0, solver: SolverConfig | None = None) -> FlowResult:
-    """Flow x0 from t0 to t1 and approximate dlogp by Gauss-Legendre quadrature of div v along the
-    solver's dense-output path at ``n_nodes`` nodes (see module docstring)."""
+                         t1: float = 1.0, solver: SolverConfig | None = None,
+                         panels: Sequence[float] = ()) -> FlowResult:
+    """Flow x0 from t0 to t1 and approximate dlogp by quadrature of div v along the solver's dense-output
+    path at the ``n_nodes`` nodes of ``quadrature_rule`` with panel boundaries ``panels`` (see module
+    docstring)."""
     solver = solver or SolverConfig()
     _check_state(x0)
     rhs = _Counted(as_dynamics(dyn))
-    nodes, weights = gauss_legendre(n_nodes, t0, t1)
+    nodes, weights = quadrature_rule(n_nodes, t0, t1, panels)
     order = np.argsort(nodes) if t1 > t0 else np.argsort(-nodes)
     ts = torch.tensor(np.concatenate([[t0], nodes[order], [t1]]), dtype=x0.dtype, device=x0.device)
     with torch.no_grad():

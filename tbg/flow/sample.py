@@ -56,7 +56,8 @@ Likelihood = Literal["joint", "decoupled", "none"]
 @dataclass
 class SampleConfig:
     """Sampling options. ``likelihood``: "joint" (published augmented ODE), "decoupled" (x path then
-    Gauss-Legendre quadrature of div v at ``n_quadrature`` nodes) or "none" (samples only, cheapest).
+    Gauss-Legendre quadrature of div v at ``n_quadrature`` nodes, split into panels at the times
+    ``quadrature_panels``: tbg.flow.ode.quadrature_rule) or "none" (samples only, cheapest).
     ``memory_budget_gb`` caps the batch size through ``batch_size_for_budget`` when the dynamics is an
     EGNN-backed one; ``batch_size="auto"`` takes the largest batch that fits it (see
     ``resolve_batch_size``). ``profile``: time the run by stages into profile.json and trace.json
@@ -68,6 +69,7 @@ class SampleConfig:
     likelihood: Likelihood = "joint"
     solver: SolverConfig = field(default_factory=SolverConfig)
     n_quadrature: int = 16
+    quadrature_panels: tuple[float, ...] = ()
     memory_budget_gb: float | None = None
     seed: int = 0
     dtype: str = "float32"
@@ -84,6 +86,10 @@ class SampleConfig:
                                                                   or self.batch_size < 1)):
             raise ValueError(f"n_samples must be >= 1 and batch_size >= 1 or 'auto', got {self.n_samples}, "
                              f"{self.batch_size!r}")
+        self.quadrature_panels = tuple(float(b) for b in self.quadrature_panels)
+        if any(not 0 < b < 1 for b in self.quadrature_panels) or \
+                list(self.quadrature_panels) != sorted(set(self.quadrature_panels)):
+            raise ValueError(f"quadrature_panels must be increasing times in (0, 1), got {self.quadrature_panels}")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise ValueError(f"memory_budget_gb must be positive, got {self.memory_budget_gb}")
         if self.dtype not in ("float32", "float64"):
@@ -158,6 +164,8 @@ def sampling_manifest(dyn: Dynamics, n_atoms: int, config: SampleConfig,
     flow = {} if egnn is None or features is None else {"flow": {
         "parameters_sha256": arrays_sha256(*(v.detach().cpu() for _, v in sorted(egnn.state_dict().items()))),
         "features_sha256": arrays_sha256(features.detach().cpu())}}
+    if not config.quadrature_panels:  # one rule: the record of runs made before panels existed
+        keep.pop("quadrature_panels")
     return {**(identity or {}), **flow, **keep, "n_atoms": n_atoms,
             "batch_size": resolve_batch_size(dyn, n_atoms, config, _device(dyn, config), D.world_size())}
 
@@ -215,7 +223,8 @@ def sample_chunk(dyn: Dynamics, n_atoms: int, chunk: int, size: int, config: Sam
         z = MeanFreeGaussian(n_atoms).sample(size, generator=g, dtype=getattr(torch, config.dtype)).to(device)
     with stage("solve"):
         if config.likelihood == "decoupled":
-            return z, decoupled_likelihood(dyn, z, n_nodes=config.n_quadrature, solver=config.solver)
+            return z, decoupled_likelihood(dyn, z, n_nodes=config.n_quadrature, solver=config.solver,
+                                           panels=config.quadrature_panels)
         return z, integrate(dyn, z, likelihood=config.likelihood == "joint", solver=config.solver)
 
 
