@@ -220,7 +220,8 @@ def evaluate(samples: ModelSamples, molecule: Molecule, md_frames: MDFrames, out
     tbg.evaluate.metrics). By default the basins are alpha_R vs beta/PII along psi, which the shipped MD
     samples, and the published alpha_L (0 < phi < 2) vs rest. ``refined`` are samples of refinement
     methods (SMC, MCMC) of the same molecule, positions [n, N, 3] in nm as sampled (checked for validity
-    here, energies computed here), scored beside IS (``compare``). Returns (report dict, as written to out_dir/report.json; summary table string).
+    here, energies computed here), scored beside IS (``compare``). Returns (report dict, as written to
+    out_dir/report.json; summary table string).
     """
     options = options or EvaluationOptions()
     t_start = time.perf_counter()
@@ -295,13 +296,12 @@ def reweight(samples: ModelSamples, validity: Validity, energies: Energies) -> R
     # The Kish ESS of one draw is set by its largest weights; the spread of the log-weights and the share
     # of the largest weight say how far that number can be trusted (a spread of many nats means the ESS
     # of a few thousand samples is not yet converged).
-    ess = {"kish_fraction": None, "kish_n": None,
-           "n_weighted": int(np.isfinite(log_w).sum()) if log_w is not None else 0,
-           "log_weight_std": None, "largest_weight": None}
+    finite = log_w[np.isfinite(log_w)] if log_w is not None else np.empty(0)
+    ess = {"kish_fraction": None, "kish_n": None, "n_weighted": len(finite), "log_weight_std": None,
+           "largest_weight": None}
     if log_w is not None:
         ess["kish_fraction"] = kish_ess(log_w)
         ess["kish_n"] = ess["kish_fraction"] * n_valid
-        finite = log_w[np.isfinite(log_w)]
         ess["log_weight_std"] = float(finite.std(ddof=1)) if len(finite) > 1 else None
         ess["largest_weight"] = float(normalized_weights(log_w).max())
     return Reweighting(log_w, ess, n_nonfinite)
