@@ -230,6 +230,8 @@ def test_demo_quick(md_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture)
         spread = re.search(r"log-weights\s+std ([\d.]+) nats, largest weight (\d+)% of the total", out)
         assert spread and float(spread[1]) == pytest.approx(ess["log_weight_std"], abs=0.05)
         assert int(spread[2]) == round(100 * ess["largest_weight"])
+        tail = re.search(r"tail of the weights\s+Pareto k (-?[\d.]+) \((.+)\)", out)
+        assert tail and float(tail[1]) == pytest.approx(ess["pareto_k"], abs=0.005)
     w1 = re.search(r"energy W1 to MD\s+model (\S+)( kT)?, reweighted (\S+)", out)
     assert w1 is not None
     if report["energy"]["wasserstein_model"] is not None:

@@ -17,6 +17,8 @@ from tbg.chem import ALANINE_DIPEPTIDE_DIR, ALANINE_DIPEPTIDE_TEMPERATURE, Energ
 from tbg.evaluate import (FIGURE_PIXELS, EvaluationOptions, MDFrames, ModelSamples, Molecule, ValidityChecker, bond_pairs,
                           evaluate)
 from tbg.evaluate import validity as V
+from tbg.flow.reweight import pareto_k
+
 
 class Ala2:
     """The shipped alanine dipeptide data: topology, reference structure (state0), MD frames, energies."""
@@ -272,7 +274,7 @@ REPORT_KEYS = {
     "ess", "n_nonfinite", "energy", "torsions", "free_energy", "delta_f", "methods", "metrics", "plots", "timings_s",
 }
 NESTED_KEYS = {
-    "ess": {"kish_fraction", "kish_n", "n_weighted", "log_weight_std", "largest_weight"},
+    "ess": {"kish_fraction", "kish_n", "n_weighted", "log_weight_std", "largest_weight", "pareto_k"},
     "energy": {"md_mean", "model_mean", "reweighted_mean", "reweighted_stderr", "model_n_nonfinite",
                "wasserstein_model", "wasserstein_reweighted"},
     "n_nonfinite": {"dlogp", "prior_energy", "energy"},
@@ -318,6 +320,7 @@ def test_report(ala2, tmp_path):
     assert report["ess"]["kish_fraction"] == pytest.approx(w.sum() ** 2 / (len(w) * (w**2).sum()), rel=1e-5)
     assert report["ess"]["log_weight_std"] == pytest.approx(lw.std(ddof=1), rel=1e-5)
     assert report["ess"]["largest_weight"] == pytest.approx(w.max() / w.sum(), rel=1e-5)
+    assert report["ess"]["pareto_k"] == pytest.approx(pareto_k(lw), abs=1e-6)
     assert report["energy"]["model_mean"] == pytest.approx(u.mean(), rel=1e-6)
     assert report["energy"]["md_mean"] == pytest.approx(ala2.reduced_energy(frames).mean(), rel=1e-6)
     for key, entry in report["delta_f"].items():

@@ -22,6 +22,7 @@ from tbg.flow import (
     log_importance_weights,
     log_prob_ragged,
     normalized_weights,
+    pareto_k,
     prior_energy_ragged,
     sample_ragged,
     weighted_mean,
@@ -66,6 +67,7 @@ def test_prior_samples_and_ragged_agree() -> None:
         MeanFreeGaussian(1)
     with pytest.raises(ValueError, match=r"\[B, 15\]"):
         prior.log_prob(torch.zeros(3, 14))
+
 
 
 # ---- ODE -----------------------------------------------------------------------------------------
@@ -153,6 +155,30 @@ def test_solver_config_errors() -> None:
 
 
 # ---- reweighting ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [0.3, 0.5, 0.8])
+def test_pareto_k_recovers_the_tail_shape(shape: float) -> None:
+    # w = U^-shape is Pareto-tailed: its excess over a high threshold is generalised Pareto with this shape.
+    g = torch.Generator().manual_seed(4)
+    fits = [pareto_k(-shape * torch.log(torch.rand(20000, generator=g, dtype=torch.float64))) for _ in range(10)]
+    assert abs(sum(fits) / len(fits) - shape) < 0.06  # the spread of one fit is ~0.07 here
+
+
+def test_pareto_k_light_bounded_and_degenerate_tails() -> None:
+    g = torch.Generator().manual_seed(5)
+    assert pareto_k(torch.log(torch.rand(20000, generator=g, dtype=torch.float64))) < -0.5  # uniform: k = -1
+    light = 0.1 * torch.randn(4000, generator=g, dtype=torch.float64)
+    assert abs(pareto_k(light)) < 0.15
+    heavy = 9 * torch.randn(2000, generator=g, dtype=torch.float64)  # log-weights as spread as a poor flow's
+    assert pareto_k(heavy) > 1.0
+    # A constant shift of every log-weight, zero weights (-inf) and the order of the samples change nothing.
+    shuffled = torch.cat([heavy.flip(0) + 123.0, torch.full((50,), -math.inf, dtype=torch.float64)])
+    assert pareto_k(shuffled) == pytest.approx(pareto_k(heavy), abs=1e-12)
+    assert pareto_k(torch.zeros(24)) is None  # fewer than 5 tail weights
+    assert pareto_k(torch.zeros(100)) is None  # a tail of equal weights
+    with pytest.raises(ValueError, match="NaN"):
+        pareto_k(torch.tensor([0.0, math.nan]))
+
+
 def test_kish_ess_known_answers() -> None:
     assert kish_ess(torch.zeros(10)) == pytest.approx(1.0)
     assert kish_ess(torch.tensor([3.0, -math.inf, -math.inf, -math.inf])) == pytest.approx(0.25)
@@ -344,3 +370,4 @@ def test_sampling_record_names_quadrature_panels_only_when_given() -> None:
     for bad in ((0.3, 0.1), (0.0, 0.5), (0.5, 1.0), (0.2, 0.2)):
         with pytest.raises(ValueError, match="quadrature_panels"):
             SampleConfig(quadrature_panels=bad)
+

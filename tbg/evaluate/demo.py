@@ -20,6 +20,7 @@ with the refinement stage, the same numbers for each refined method.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ __all__ = ["FEW_EFFECTIVE_SAMPLES", "SUMMARY_FILE", "TrainingRecord", "demo_summ
 SUMMARY_FILE = "summary.txt"
 # Below this Kish effective sample size the bootstrap errors of reweighted estimates mean little.
 FEW_EFFECTIVE_SAMPLES = 30
+# Tail shapes of the weights (tbg.flow.reweight.pareto_k) at which the verdict changes, as in PSIS.
+PARETO_K_VERDICTS = ((0.5, "finite variance"), (0.7, "slow convergence"),
+                     (math.inf, "too heavy a tail: the reweighted numbers are not reliable"))
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,9 @@ def demo_summary(report: dict[str, Any], wall_s: float, *, model: Path | None = 
     if ess.get("log_weight_std") is not None:
         lines.append(f"  log-weights             std {ess['log_weight_std']:.1f} nats, largest weight "
                      f"{100 * ess['largest_weight']:.0f}% of the total")
+    if ess.get("pareto_k") is not None:
+        verdict = next(text for bound, text in PARETO_K_VERDICTS if ess["pareto_k"] <= bound)
+        lines.append(f"  tail of the weights     Pareto k {ess['pareto_k']:.2f} ({verdict})")
     lines.append(f"  energy W1 to MD         model {_number(energy['wasserstein_model'])}, "
                  f"reweighted {_number(energy['wasserstein_reweighted'])}")
     broken = {k: v for k, v in (report.get("n_nonfinite") or {}).items() if v}

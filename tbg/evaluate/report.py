@@ -28,7 +28,7 @@ import scipy.special
 from tbg.evaluate import metrics, plots
 from tbg.evaluate.methods import MDReference, MethodSamples, compare_methods, methods_table
 from tbg.evaluate.validity import ValidityChecker, ValidityResult
-from tbg.flow.reweight import (kish_ess, log_importance_weights, normalized_weights, tail_treatments,
+from tbg.flow.reweight import (kish_ess, log_importance_weights, normalized_weights, pareto_k, tail_treatments,
                                weighted_mean)
 from tbg.runfolder import write_atomically
 
@@ -215,7 +215,9 @@ def evaluate(samples: ModelSamples, molecule: Molecule, md_frames: MDFrames, out
     Model energies are evaluated on the valid samples after reordering and mirroring (the raw order can
     put atoms on the wrong force-field parameters). ESS and all reweighted quantities are over the valid
     samples (ess.kish_fraction = Kish ESS / number of valid samples; ess.log_weight_std, in nats, and
-    ess.largest_weight, the largest normalised weight, say how much one draw's ESS can be trusted). Free
+    ess.largest_weight, the largest normalised weight, say how much one draw's ESS can be trusted, and
+    ess.pareto_k, the fitted tail shape of the weights (tbg.flow.reweight.pareto_k), whether the reweighted
+    estimates can be: above 0.7 they cannot). Free
     energies are in kT; torsion Wasserstein distances are circular W1 in radians (see
     tbg.evaluate.metrics). By default the basins are alpha_R vs beta/PII along psi, which the shipped MD
     samples, and the published alpha_L (0 < phi < 2) vs rest. ``refined`` are samples of refinement
@@ -298,12 +300,13 @@ def reweight(samples: ModelSamples, validity: Validity, energies: Energies) -> R
     # of a few thousand samples is not yet converged).
     finite = log_w[np.isfinite(log_w)] if log_w is not None else np.empty(0)
     ess = {"kish_fraction": None, "kish_n": None, "n_weighted": len(finite), "log_weight_std": None,
-           "largest_weight": None}
+           "largest_weight": None, "pareto_k": None}
     if log_w is not None:
         ess["kish_fraction"] = kish_ess(log_w)
         ess["kish_n"] = ess["kish_fraction"] * n_valid
         ess["log_weight_std"] = float(finite.std(ddof=1)) if len(finite) > 1 else None
         ess["largest_weight"] = float(normalized_weights(log_w).max())
+        ess["pareto_k"] = pareto_k(log_w)
     return Reweighting(log_w, ess, n_nonfinite)
 
 
@@ -559,6 +562,7 @@ def summary_table(report: dict[str, Any]) -> str:
          "-" if report["ess"]["kish_fraction"] is None else f"{100 * report['ess']['kish_fraction']:.2f}%"),
         ("log-weight std [nats]", "", "", _fmt(report["ess"].get("log_weight_std"))),
         ("largest weight", "", "", _fmt(report["ess"].get("largest_weight"))),
+        ("Pareto k of the weights", "", "", _fmt(report["ess"].get("pareto_k"))),
         ("mean energy [kT]", _fmt(e["md_mean"]), _fmt(e["model_mean"]), _fmt(e["reweighted_mean"])),
         ("W1 energy to MD [kT]", "", _fmt(e["wasserstein_model"]), _fmt(e["wasserstein_reweighted"])),
     ]

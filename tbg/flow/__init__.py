@@ -13,7 +13,7 @@
   batch-size sweep of ``tbg profile`` in ``tbg.flow.sweep``.
 - training by energy: ``train_by_energy`` (reverse KL or importance-weighted) with ``EnergyTrainConfig``.
 - reweighting: ``log_importance_weights``, ``kish_ess``, ``normalized_weights``, ``weighted_mean``,
-  tail treatments ``clip_log_weights`` and ``energy_cutoff_log_weights``, compared with plain importance
+  the tail diagnostic ``pareto_k`` (can the weighted estimates be trusted?), tail treatments ``clip_log_weights`` and ``energy_cutoff_log_weights``, compared with plain importance
   sampling by ``tail_treatments``.
 - refinement beyond reweighting (SMC, MCMC with the flow as proposal): the subpackage ``tbg.flow.refine``.
 - ``tbg.flow.checkpointing``: the resume helpers of both training loops (numbered checkpoints, CSV log).
@@ -45,6 +45,7 @@ from tbg.flow.reweight import (
     kish_ess,
     log_importance_weights,
     normalized_weights,
+    pareto_k,
     tail_treatments,
     weighted_mean,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "flow_matching_loss",
     "integrate",
     "kish_ess",
+    "pareto_k",
     "latest_checkpoint",
     "log_importance_weights",
     "log_prob_ragged",
