@@ -100,8 +100,8 @@ DEFAULTS: dict[str, Any] = {
     "backend": "auto",
     # sampling (published: dopri5, atol = rtol = 1e-4, batches of 500)
     "n": 1000, "sample_batch_size": 500, "likelihood": "joint", "method": "dopri5", "atol": 1e-4, "rtol": 1e-4,
-    "ode_steps": 20, "quadrature": 16, "quadrature_panels": [], "dtype": "float32", "trajectory": ["pdb", "dcd"],
-    "memory_budget": None, "profile": False,
+    "ode_steps": 20, "quadrature": 16, "quadrature_panels": [], "prior_scale": 1.0, "dtype": "float32",
+    "trajectory": ["pdb", "dcd"], "memory_budget": None, "profile": False,
     # `tbg profile`: the batch-size sweep
     "batch_sizes": [16, 64, 256], "likelihoods": ["joint", "decoupled"], "min_samples": 0, "min_seconds": 0.0,
     # evaluation
@@ -226,6 +226,10 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     _opt(g, "--quadrature-panels", "split the quadrature of --likelihood decoupled into panels at these times in "
          "(0, 1), the nodes shared evenly, e.g. 0.1 0.3 for a field whose divergence changes sharply near the "
          "prior end t = 0 (default: none, one Gauss-Legendre rule)", type=OPEN_UNIT, nargs="*", metavar="T")
+    _opt(g, "--prior-scale", "standard deviation of the latent Gaussian the flow maps (1: the prior it was trained "
+         "with); a little below 1 draws more of the configurations the flow finds likely, and the importance "
+         "weights use this Gaussian's exact density, so reweighted averages stay exact", type=POSITIVE_FLOAT,
+         metavar="S")
     g.add_argument("--profile", action="store_true", default=None,
                    help="time the sampling by stages (field, divergence, solver, I/O, energies), count evaluations "
                         "per sample, measure peak memory: OUT/profile.json, a table at the end, and OUT/trace.json "
@@ -381,7 +385,8 @@ def _sampling_options(args: argparse.Namespace, device, encoding: str) -> Sampli
     solver = SolverConfig(method=args.method, atol=args.atol, rtol=args.rtol, n_steps=args.ode_steps)
     config = SampleConfig(n_samples=args.n, batch_size=args.sample_batch_size, likelihood=args.likelihood,
                           solver=solver, n_quadrature=args.quadrature,
-                          quadrature_panels=tuple(panels), memory_budget_gb=args.memory_budget,
+                          quadrature_panels=tuple(panels), prior_scale=args.prior_scale,
+                          memory_budget_gb=args.memory_budget,
                           seed=args.seed, dtype=args.dtype, device=str(device), progress=not args.no_progress,
                           profile=bool(args.profile))
     return SamplingOptions(config, encoding=encoding, backend=args.backend, trajectory_formats=args.trajectory,

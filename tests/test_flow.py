@@ -33,10 +33,11 @@ TIGHT = SolverConfig(atol=1e-9, rtol=1e-9)
 
 
 # ---- prior ---------------------------------------------------------------------------------------
-def test_prior_normalised_on_mean_free_subspace() -> None:
+@pytest.mark.parametrize("scale", [1.0, 0.7])
+def test_prior_normalised_on_mean_free_subspace(scale: float) -> None:
     # 2 atoms: the mean-free subspace of R^6 is 3-dimensional; integrate exp(log q0) over an
     # orthonormal parametrisation of it on a grid.
-    prior = MeanFreeGaussian(2)
+    prior = MeanFreeGaussian(2, scale=scale)
     basis = torch.linalg.qr(torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1],
                                           [-1, 0, 0], [0, -1, 0], [0, 0, -1]], dtype=torch.float64))[0]
     g = torch.linspace(-7, 7, 121, dtype=torch.float64)
@@ -68,6 +69,21 @@ def test_prior_samples_and_ragged_agree() -> None:
     with pytest.raises(ValueError, match=r"\[B, 15\]"):
         prior.log_prob(torch.zeros(3, 14))
 
+
+def test_scaled_prior_is_the_standard_one_stretched() -> None:
+    standard, scaled = MeanFreeGaussian(5), MeanFreeGaussian(5, scale=0.8)
+    z = scaled.sample(4000, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert abs(float(z.pow(2).sum(1).mean()) / 0.8 ** 2 - 12.0) < 4 * math.sqrt(2 * 12 / 4000) * 1.5
+    # Same seed: the scaled latents are the standard ones times the scale.
+    z1 = standard.sample(3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert_close(scaled.sample(3, generator=torch.Generator().manual_seed(3), dtype=torch.float64), 0.8 * z1)
+    # Change of variables z = 0.8 y: log q_s(z) = log q_1(z / 0.8) - 12 log 0.8; energy = -log q up to one constant.
+    assert_close(scaled.log_prob(z[:5]), standard.log_prob(z[:5] / 0.8) - 12 * math.log(0.8))
+    assert_close(scaled.energy(z[:5]) - standard.energy(z[:5]), standard.log_prob(z[:5]) - scaled.log_prob(z[:5]))
+    assert_close(standard.energy(z[:5]), 0.5 * z[:5].pow(2).sum(1))  # the published convention at scale 1
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="scale must be a positive number"):
+            MeanFreeGaussian(5, scale=bad)
 
 
 # ---- ODE -----------------------------------------------------------------------------------------
@@ -371,3 +387,26 @@ def test_sampling_record_names_quadrature_panels_only_when_given() -> None:
         with pytest.raises(ValueError, match="quadrature_panels"):
             SampleConfig(quadrature_panels=bad)
 
+
+def test_sampling_with_a_scaled_prior_keeps_the_density_exact(tmp_path) -> None:  # noqa: ANN001
+    from tbg.flow import SampleConfig, sample
+    from tbg.flow.refine import FlowDensity
+    from tbg.flow.sample import sampling_manifest
+    dyn = _egnn_dynamics()
+    cfg = SampleConfig(n_samples=5, batch_size=3, likelihood="joint", solver=TIGHT, dtype="float64", progress=False)
+    plain = np.load(sample(dyn, 4, tmp_path / "plain", cfg))
+    scaled_cfg = SampleConfig(**{**cfg.__dict__, "prior_scale": 0.6})
+    scaled = np.load(sample(dyn, 4, tmp_path / "scaled", scaled_cfg))
+    assert_close(torch.from_numpy(scaled["latents"]), 0.6 * torch.from_numpy(plain["latents"]))
+    prior = MeanFreeGaussian(4, scale=0.6)
+    assert_close(torch.from_numpy(scaled["prior_energy"]), prior.energy(torch.from_numpy(scaled["latents"])))
+    # log q of the samples from what the sampler stored = the flow's density there, integrated back.
+    density = FlowDensity(dyn, prior, solver=TIGHT)
+    stored = density.log_prob_from_sampling(torch.from_numpy(scaled["prior_energy"]), torch.from_numpy(scaled["dlogp"]))
+    assert_close(stored, density.log_prob(torch.from_numpy(scaled["samples"])), atol=1e-6, rtol=0)
+    # The run record names the scale only when it is not 1 (so runs made before the option still resume).
+    assert "prior_scale" not in sampling_manifest(dyn, 4, cfg)
+    assert sampling_manifest(dyn, 4, scaled_cfg)["prior_scale"] == 0.6
+    for bad in (0.0, -0.5, math.inf, math.nan):
+        with pytest.raises(ValueError, match="prior_scale"):
+            SampleConfig(prior_scale=bad)

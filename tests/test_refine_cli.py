@@ -250,3 +250,15 @@ def test_demo_with_the_refinement_stage(flow_samples, tmp_path: Path, capsys: py
     assert f"{smc['costs']['energy_evaluations']:.0f} energy" in lines[start]
     assert re.match(r"    ESS\s+", lines[start + 1]) and re.match(r"    energy W1 to MD\s+", lines[start + 2])
     assert any(line.startswith("  refined (IMH: ") for line in lines[start + 3:])
+
+
+def test_refinement_weighs_the_samples_by_the_prior_they_were_drawn_from(flow_samples) -> None:
+    """A sampling run with a scaled prior (`--prior-scale`) records the scale; refinement's log q uses it,
+    and folders made before the option existed mean the standard normal."""
+    _, _, samples = flow_samples
+    source = refine_runs._read_source(samples)
+    assert "prior_scale" not in source.manifest["defines"] and source.prior.scale == 1.0
+    scaled = refine_runs._Source(source.folder, source.arrays, {"defines": {**source.manifest["defines"],
+                                                                            "prior_scale": 0.6}}, source.topology_pdb)
+    z = torch.from_numpy(source.arrays["latents"][:3]).double()
+    torch.testing.assert_close(scaled.prior.log_prob(z), MeanFreeGaussian(22, scale=0.6).log_prob(z))

@@ -10,6 +10,12 @@ Sampling draws a standard normal in R^{3N} and removes the mean: the orthogonal 
 isotropic Gaussian is the isotropic Gaussian of the subspace. ``prior_energy`` is the published weight
 convention 0.5 |z - mean z|^2 (the constant dropped).
 
+``MeanFreeGaussian(n, scale=s)`` is the same Gaussian with standard deviation s, a proposal for sampling:
+the flow maps s z instead of z, and since its density is known exactly (prior_energy becomes
+0.5 |z - mean z|^2 / s^2 + (N - 1) * 3 * log s), importance weights computed with it stay exact. With
+s < 1 the flow's samples concentrate where the trained flow puts most of its mass (the latent analogue of
+sampling at a lower temperature); training always uses s = 1.
+
 Two layouts: a fixed molecule, z [B, 3N] (or [B, N, 3]); and ragged batches, z [M, 3] with mol_ptr [B + 1].
 """
 
@@ -26,12 +32,15 @@ __all__ = ["MeanFreeGaussian", "center_ragged", "sample_ragged", "log_prob_ragge
 
 
 class MeanFreeGaussian:
-    """Standard normal on the mean-free subspace of one molecule of ``n_atoms`` atoms; z is [B, 3N]."""
+    """Normal with standard deviation ``scale`` (default: the standard normal) on the mean-free subspace of
+    one molecule of ``n_atoms`` atoms; z is [B, 3N]."""
 
-    def __init__(self, n_atoms: int, spatial_dim: int = 3) -> None:
+    def __init__(self, n_atoms: int, spatial_dim: int = 3, *, scale: float = 1.0) -> None:
         if n_atoms < 2:
             raise ValueError(f"the mean-free prior needs at least 2 atoms, got {n_atoms}")
-        self.n_atoms, self.spatial_dim = n_atoms, spatial_dim
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"the prior's scale must be a positive number, got {scale}")
+        self.n_atoms, self.spatial_dim, self.scale = n_atoms, spatial_dim, float(scale)
 
     @property
     def dim(self) -> int:
@@ -57,11 +66,15 @@ class MeanFreeGaussian:
                dtype: torch.dtype = torch.float32) -> Tensor:
         """n samples [n, 3N], mean-free."""
         z = torch.randn(n, self.dim, generator=generator, device=device, dtype=dtype)
-        return self.center(z)
+        return self.scale * self.center(z)
 
     def energy(self, z: Tensor) -> Tensor:
-        """prior_energy(z) = 0.5 |z - mean z|^2, [B] (the published weight convention)."""
-        return 0.5 * self.center(z).pow(2).sum(1)
+        """prior_energy(z) = 0.5 |z - mean z|^2 / scale^2 + subspace_dim * log(scale), [B]: -log q0(z) without
+        the constant of the standard normal (the published weight convention when scale = 1)."""
+        energy = 0.5 * self.center(z).pow(2).sum(1)
+        if self.scale == 1.0:
+            return energy
+        return energy / self.scale ** 2 + self.subspace_dim * math.log(self.scale)
 
     def log_prob(self, z: Tensor) -> Tensor:
         """Normalised log-density on the (N-1)*3-dimensional subspace, [B]."""

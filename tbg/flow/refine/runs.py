@@ -130,6 +130,12 @@ class _Source:
     def sha256(self) -> str:
         return arrays_sha256(*(self.arrays[k] for k in ("latents", "samples", "dlogp")))
 
+    @property
+    def prior(self) -> MeanFreeGaussian:
+        """The Gaussian the latents were drawn from (scaled when the sampling run was)."""
+        return MeanFreeGaussian(self.arrays["latents"].shape[1] // 3,
+                                scale=self.manifest["defines"].get("prior_scale", 1.0))
+
 
 def _read_source(samples: Path) -> _Source:
     """The sampling folder ``samples`` (or its samples.npz), checked: the likelihood present, run.json of a
@@ -192,7 +198,7 @@ def _flow_density(source: _Source, checkpoint: Path | None, options: RefineOptio
                          f"made with")
     dtype = getattr(torch, defines.get("dtype", "float32"))
     dyn = load_published(state, features.to(device=options.device, dtype=dtype), backend=options.backend)
-    return FlowDensity(dyn, MeanFreeGaussian(dyn.n_atoms), solver=SolverConfig(**defines["solver"]),
+    return FlowDensity(dyn, source.prior, solver=SolverConfig(**defines["solver"]),
                        batch_size=defines.get("batch_size", 256))
 
 
@@ -296,7 +302,7 @@ def refine_samples(samples: Path, out: Path, options: RefineOptions, *, checkpoi
     # log q of the flow's own samples from what the sampler stored; broken integrations are left out.
     latents = torch.from_numpy(source.arrays["latents"][:n]).to(torch.float64)
     x = torch.from_numpy(x_all[:n]).to(torch.float64)
-    log_q = MeanFreeGaussian(n_atoms).log_prob(latents) - torch.from_numpy(source.arrays["dlogp"][:n]).to(torch.float64)
+    log_q = source.prior.log_prob(latents) - torch.from_numpy(source.arrays["dlogp"][:n]).to(torch.float64)
     usable = torch.isfinite(log_q) & torch.isfinite(x).all(1)
     if int(usable.sum()) < 2:
         raise InputError(f"{source.folder}: fewer than 2 of the first {n} samples have a finite likelihood")

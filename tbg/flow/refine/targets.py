@@ -94,7 +94,7 @@ class FlowDensity:
 
     log q(x) = log q0(z) - int_0^1 div v dt, with z and the integral from one backward solve
     (``integrate(dyn, x, t0=1, t1=0, likelihood=True)``, whose dlogp is -int_0^1 div v dt) and q0 the
-    normalised mean-free prior. Points are evaluated in chunks of ``batch_size`` in the dtype and on the
+    normalised mean-free prior (scaled as the samples' latents were). Points are evaluated in chunks of ``batch_size`` in the dtype and on the
     device of ``dtype``/``device`` (default: those of the EGNN behind ``dyn``, else float32 on the CPU);
     results are float64 on the input's device. ``nfe`` counts the solver's function evaluations.
     """
@@ -113,9 +113,9 @@ class FlowDensity:
         self.nfe = 0
 
     def log_prob_from_sampling(self, prior_energy: Tensor, dlogp: Tensor) -> Tensor:
-        """log q of the flow's own samples from what ``tbg.flow.sample`` stores (prior_energy = 0.5 |z|^2
-        of the latent, dlogp = int_0^1 div v dt of the forward solve), in the same normalisation as
-        ``log_prob``."""
+        """log q of the flow's own samples from what ``tbg.flow.sample`` stores (prior_energy = -log q0(z)
+        but for the standard normal's constant, see ``MeanFreeGaussian.energy``; dlogp = int_0^1 div v dt
+        of the forward solve), in the same normalisation as ``log_prob``."""
         pe = torch.as_tensor(prior_energy, dtype=torch.float64)
         dl = torch.as_tensor(dlogp, dtype=torch.float64)
         return -pe - 0.5 * self.prior.subspace_dim * math.log(2 * math.pi) - dl
