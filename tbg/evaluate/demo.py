@@ -217,7 +217,8 @@ def demo_summary(report: dict[str, Any], wall_s: float, *, model: Path | None = 
                "none": "none"}[cfg.likelihood]
         lines.append(f"  likelihood              {how}")
         if cfg.prior_scale != 1.0:
-            lines.append(f"  latents                 N(0, {cfg.prior_scale:g}^2) (the prior scaled; weights use its density)")
+            lines.append(f"  latents                 N(0, {cfg.prior_scale:g}^2), the prior scaled (the weights use "
+                         "its density)")
     if training is not None:
         lines += training.describe()
     return "\n".join(lines)

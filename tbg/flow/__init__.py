@@ -13,7 +13,8 @@
   batch-size sweep of ``tbg profile`` in ``tbg.flow.sweep``.
 - training by energy: ``train_by_energy`` (reverse KL or importance-weighted) with ``EnergyTrainConfig``.
 - reweighting: ``log_importance_weights``, ``kish_ess``, ``normalized_weights``, ``weighted_mean``,
-  the tail diagnostic ``pareto_k`` (can the weighted estimates be trusted?), tail treatments ``clip_log_weights`` and ``energy_cutoff_log_weights``, compared with plain importance
+  the tail diagnostic ``pareto_k`` (can the weighted estimates be trusted?), tail treatments
+  ``clip_log_weights`` and ``energy_cutoff_log_weights``, compared with plain importance
   sampling by ``tail_treatments``.
 - refinement beyond reweighting (SMC, MCMC with the flow as proposal): the subpackage ``tbg.flow.refine``.
 - ``tbg.flow.checkpointing``: the resume helpers of both training loops (numbered checkpoints, CSV log).

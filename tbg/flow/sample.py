@@ -65,7 +65,8 @@ class SampleConfig:
     ``resolve_batch_size``). ``profile``: time the run by stages into profile.json and trace.json
     (``tbg.flow.profile``); a profiled run synchronises the GPU at stage boundaries, so it is a little
     slower than a plain one. ``prior_scale``: standard deviation of the latents (1: the prior the flow was
-    trained with); a value a little below 1 can raise the effective sample size of the reweighting."""
+    trained with); below 1 it trades the flow's over-spread for its under-covered regions, which may or may
+    not raise the effective sample size (docs/model.md)."""
 
     n_samples: int = 1000
     batch_size: int | Literal["auto"] = 500

@@ -94,9 +94,10 @@ class FlowDensity:
 
     log q(x) = log q0(z) - int_0^1 div v dt, with z and the integral from one backward solve
     (``integrate(dyn, x, t0=1, t1=0, likelihood=True)``, whose dlogp is -int_0^1 div v dt) and q0 the
-    normalised mean-free prior (scaled as the samples' latents were). Points are evaluated in chunks of ``batch_size`` in the dtype and on the
-    device of ``dtype``/``device`` (default: those of the EGNN behind ``dyn``, else float32 on the CPU);
-    results are float64 on the input's device. ``nfe`` counts the solver's function evaluations.
+    normalised mean-free ``prior`` (scaled as the latents of the samples were). Points are evaluated in
+    chunks of ``batch_size`` in the dtype and on the device of ``dtype``/``device`` (default: those of the
+    EGNN behind ``dyn``, else float32 on the CPU); results are float64 on the input's device. ``nfe``
+    counts the solver's function evaluations.
     """
 
     def __init__(self, dyn: Dynamics, prior: MeanFreeGaussian, *, solver: SolverConfig | None = None,
