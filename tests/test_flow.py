@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -395,7 +396,7 @@ def test_sampling_with_a_scaled_prior_keeps_the_density_exact(tmp_path) -> None:
     dyn = _egnn_dynamics()
     cfg = SampleConfig(n_samples=5, batch_size=3, likelihood="joint", solver=TIGHT, dtype="float64", progress=False)
     plain = np.load(sample(dyn, 4, tmp_path / "plain", cfg))
-    scaled_cfg = SampleConfig(**{**cfg.__dict__, "prior_scale": 0.6})
+    scaled_cfg = replace(cfg, prior_scale=0.6)
     scaled = np.load(sample(dyn, 4, tmp_path / "scaled", scaled_cfg))
     assert_close(torch.from_numpy(scaled["latents"]), 0.6 * torch.from_numpy(plain["latents"]))
     prior = MeanFreeGaussian(4, scale=0.6)

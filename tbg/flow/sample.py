@@ -102,6 +102,10 @@ class SampleConfig:
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
 
+    def prior(self, n_atoms: int) -> MeanFreeGaussian:
+        """The Gaussian the latents of a molecule of ``n_atoms`` atoms are drawn from."""
+        return MeanFreeGaussian(n_atoms, scale=self.prior_scale)
+
 
 def chunk_seed(seed: int, chunk: int) -> int:
     """Independent 63-bit seed of chunk ``chunk`` of a run with ``seed``."""
@@ -230,8 +234,7 @@ def sample_chunk(dyn: Dynamics, n_atoms: int, chunk: int, size: int, config: Sam
     timed as the stages "prior" and "solve" when a profiler is active."""
     with stage("prior"):
         g = torch.Generator().manual_seed(chunk_seed(config.seed, chunk))
-        z = MeanFreeGaussian(n_atoms, scale=config.prior_scale).sample(size, generator=g,
-                                                                      dtype=getattr(torch, config.dtype)).to(device)
+        z = config.prior(n_atoms).sample(size, generator=g, dtype=getattr(torch, config.dtype)).to(device)
     with stage("solve"):
         if config.likelihood == "decoupled":
             return z, decoupled_likelihood(dyn, z, n_nodes=config.n_quadrature, solver=config.solver,
@@ -289,9 +292,7 @@ def _sample_chunks(dyn: Dynamics, n_atoms: int, out: Path, cfg: SampleConfig, ba
         merged = out / SAMPLES_FILE
         if rank == 0:
             with stage("io"):
-                prior = MeanFreeGaussian(n_atoms, scale=cfg.prior_scale)
-                _merge_chunks(out, merged, _chunk_sizes(cfg, batch), prior,
-                              cfg.likelihood != "none")
+                _merge_chunks(out, merged, _chunk_sizes(cfg, batch), cfg.prior(n_atoms), cfg.likelihood != "none")
         D.barrier()
     return merged
 
