@@ -12,6 +12,7 @@ line on stderr: bad input exits with status 2, other failures with 1, an interru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -461,6 +462,9 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
                    f"dipeptide data, {ALA2_DATA})")
     _topology_arg(p)
     _model_args(p)
+    p.add_argument("--init", type=Path, metavar="CKPT", help="start from the weights of this checkpoint (published "
+                   "layout or ours, the same size as --hidden/--layers) instead of a random initialisation: a further "
+                   "stage of training, e.g. at a new learning rate; optimizer, schedule and EMA start afresh")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -469,8 +473,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
     _resolve(args)
     device = _device(args)
     data = _md_data(args, args.data or [ALA2_DATA])
+    if args.init is not None and not args.init.is_file():
+        raise UsageError(f"--init {args.init}: file not found")
     out = _out_dir(args)
-    model = train_on_md(data, out, _training_options(args), device, record=partial(write_resolved_config, args))
+    options = dataclasses.replace(_training_options(args), init_from=args.init)
+    model = train_on_md(data, out, options, device, record=partial(write_resolved_config, args))
     print(f"model: {model}")
 
 

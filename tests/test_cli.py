@@ -19,6 +19,7 @@ from tbg.chem.trajectory import layout_source, write_trajectory
 from tbg.chem.units import SCALE
 from tbg.cli import COMMANDS, main
 from tbg.evaluate.runs import thin_evenly
+from tbg.runfolder import file_sha256
 
 from cli_helpers import FAST_SAMPLE, random_egnn, run, simulate_md
 
@@ -167,6 +168,27 @@ def _check_sample_trajectories(sample_dir: Path, samples: np.ndarray, precision:
         traj = mdtraj.load(str(sample_dir / f"samples.{fmt}"), **({} if fmt in ("pdb", "h5") else {"top": top}))
         assert [(a.name, a.residue.name) for a in traj.topology.atoms] == [(a.name, a.residue.name) for a in top.atoms]
         np.testing.assert_allclose(traj.xyz, samples.reshape(len(samples), top.n_atoms, 3) / SCALE, atol=atol, rtol=0)
+
+
+def test_train_from_initial_weights(md_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--init starts a run from a checkpoint's weights (a second stage), recorded in run.json."""
+    tiny = ["--data", md_dir, "--hidden", "8", "--layers", "2", "--batch-size", "8", "--no-progress"]
+    first = tmp_path / "first"
+    assert run(["train", "--out", first, "--steps", "3", *tiny], capsys)[0] == 0
+    second = tmp_path / "second"
+    code, _, err = run(["train", "--out", second, "--steps", "0", "--init", first / "model.pt", *tiny], capsys)
+    assert code == 0, err
+    state = [torch.load(d / "model.pt", weights_only=True)["model_state_dict"] for d in (first, second)]
+    torch.testing.assert_close(state[1], state[0], rtol=0, atol=0)  # no step taken: the initial weights
+    record = json.loads((second / "run.json").read_text())["defines"]
+    assert record["init_sha256"] == file_sha256(first / "model.pt")
+    # two steps at a tiny learning rate move the weights a little, from there
+    code, _, err = run(["train", "--out", tmp_path / "moved", "--steps", "2", "--lr", "1e-6", "--init",
+                        first / "model.pt", *tiny], capsys)
+    assert code == 0, err
+    moved = torch.load(tmp_path / "moved" / "model.pt", weights_only=True)["model_state_dict"]
+    delta = max(float((moved[k] - state[0][k]).abs().max()) for k in moved)
+    assert 0 < delta < 1e-4
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ anything in the folder changes. While a run works, its folder is locked against 
 - Training: every molecule (name, residue sequence, atom names, SHA-256 of its topology, of its atom
   features and of its frames, frame count), the model (encoding, feature width, hidden size, layers) and
   the schedule that a checkpoint continues (batch size, validation fraction, seed, learning rate and its
-  milestones, EMA, noise, coupling). Not recorded, so free to change on a rerun: the number of steps or
+  milestones, EMA, noise, coupling) and, for a run started from a trained model's weights, that
+  checkpoint's SHA-256. Not recorded, so free to change on a rerun: the number of steps or
   epochs (more continues the run; fewer than the run has done is refused, as no such model is kept),
   checkpoint_every, keep_checkpoints, the backend, the device, progress bars.
 - Sampling: the molecule (as above, with the features of the checkpoint's encoding), the checkpoint's
@@ -104,6 +105,9 @@ class TrainingOptions:
     ``encoding``: "atoms" (one class per atom: one molecule), "transfer" (76-wide, several molecules) or
     "auto" (atoms for one molecule, transfer for several). ``epochs`` replaces ``steps`` when given.
     ``val_fraction`` of the frames (a fixed random subset) is held out for the validation loss.
+    ``init_from``: a checkpoint (published layout or ours) of the same size whose weights start the run in
+    place of the random initialisation: a further stage of training, e.g. at a new learning rate (the
+    optimizer, the schedule and the EMA start afresh; a resumed stage continues from its own checkpoints).
     """
 
     hidden: int = 64
@@ -122,6 +126,7 @@ class TrainingOptions:
     backend: str = "auto"
     seed: int = 0
     progress: bool = True
+    init_from: Path | None = None
 
 
 def split_frames(n_frames: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -177,13 +182,20 @@ def train_on_md(data: Sequence[MDData], out: Path, options: TrainingOptions, dev
                "seed": options.seed, "lr": config.lr, "lr_milestones": config.lr_milestones,
                "lr_gamma": config.lr_gamma, "ema_decay": config.ema_decay, "sigma": config.sigma,
                "coupling": config.coupling, "grad_clip": config.grad_clip}
+    initial = None if options.init_from is None else _initial_weights(options.init_from, n_features, options)
+    if initial is not None:  # recorded only when given, so that older run folders still resume
+        defines["init_sha256"] = file_sha256(options.init_from)
     info = {"data": [{"trajectory": str(d.trajectory), "topology": str(d.topology)} for d in data]}
     with ExitStack() as stack:
         D.init_distributed()
         D.enter_on_rank0(stack, lambda: claimed(out, TRAINING_RUN, defines, info=info,
                                                 work=(CHECKPOINT_DIR, FINAL_MODEL)))
         torch.manual_seed(options.seed)
-        model = EGNN(n_features, hidden=options.hidden, n_layers=options.layers).to(device)
+        model = EGNN(n_features, hidden=options.hidden, n_layers=options.layers)
+        if initial is not None:
+            model.load_state_dict(initial)
+            log.info("starting from the weights of %s", options.init_from)
+        model = model.to(device)
         log.info("training %s on %d train / %d validation frames of %s for %d steps on %s", model.extra_repr(),
                  len(train_set), len(val_set), ", ".join(d.name for d in data), n_steps, device)
 
@@ -197,6 +209,23 @@ def train_on_md(data: Sequence[MDData], out: Path, options: TrainingOptions, dev
         log.info("trained to step %d: loss %.4g, validation loss %s -> %s", result.step, result.train_loss,
                  "-" if result.val_loss is None else f"{result.val_loss:.4g}", result.model_path)
     return result.model_path
+
+
+def _initial_weights(checkpoint: Path, n_features: int, options: TrainingOptions) -> dict[str, torch.Tensor]:
+    """The EGNN weights of ``checkpoint`` for a run of ``options``' size, or an InputError naming the
+    difference (read before the run folder is claimed, so a wrong file leaves nothing behind)."""
+    from tbg.nn.checkpoint import egnn_state, infer_config, read_checkpoint
+
+    if not Path(checkpoint).is_file():
+        raise InputError(f"initial weights: checkpoint file not found: {checkpoint}")
+    state = egnn_state(read_checkpoint(checkpoint))
+    found = infer_config(state)
+    wanted = {"n_features": n_features, "hidden": options.hidden, "n_layers": options.layers, "attention": True,
+              "n_out_features": n_features + 1}  # what EGNN(n_features, hidden, n_layers) builds
+    if found != wanted:
+        diff = ", ".join(f"{k} {found[k]} (this run: {wanted[k]})" for k in wanted if found[k] != wanted[k])
+        raise InputError(f"{checkpoint}: its model does not fit this run: {diff}")
+    return state
 
 
 def find_run_model(path: Path) -> tuple[Path, Path | None]:
