@@ -182,8 +182,9 @@ def train_on_md(data: Sequence[MDData], out: Path, options: TrainingOptions, dev
                "seed": options.seed, "lr": config.lr, "lr_milestones": config.lr_milestones,
                "lr_gamma": config.lr_gamma, "ema_decay": config.ema_decay, "sigma": config.sigma,
                "coupling": config.coupling, "grad_clip": config.grad_clip}
-    initial = None if options.init_from is None else _initial_weights(options.init_from, n_features, options)
-    if initial is not None:  # recorded only when given, so that older run folders still resume
+    initial = None
+    if options.init_from is not None:  # recorded only when given, so that older run folders still resume
+        initial = _initial_weights(options.init_from, n_features, options)
         defines["init_sha256"] = file_sha256(options.init_from)
     info = {"data": [{"trajectory": str(d.trajectory), "topology": str(d.topology)} for d in data]}
     with ExitStack() as stack:
