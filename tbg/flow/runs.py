@@ -215,14 +215,12 @@ def train_on_md(data: Sequence[MDData], out: Path, options: TrainingOptions, dev
 def _initial_weights(checkpoint: Path, n_features: int, options: TrainingOptions) -> dict[str, torch.Tensor]:
     """The EGNN weights of ``checkpoint`` for a run of ``options``' size, or an InputError naming the
     difference (read before the run folder is claimed, so a wrong file leaves nothing behind)."""
+    from tbg.nn import EGNN
     from tbg.nn.checkpoint import egnn_state, infer_config, read_checkpoint
 
-    if not Path(checkpoint).is_file():
-        raise InputError(f"initial weights: checkpoint file not found: {checkpoint}")
     state = egnn_state(read_checkpoint(checkpoint))
     found = infer_config(state)
-    wanted = {"n_features": n_features, "hidden": options.hidden, "n_layers": options.layers, "attention": True,
-              "n_out_features": n_features + 1}  # what EGNN(n_features, hidden, n_layers) builds
+    wanted = infer_config(EGNN(n_features, hidden=options.hidden, n_layers=options.layers).state_dict())
     if found != wanted:
         diff = ", ".join(f"{k} {found[k]} (this run: {wanted[k]})" for k in wanted if found[k] != wanted[k])
         raise InputError(f"{checkpoint}: its model does not fit this run: {diff}")
