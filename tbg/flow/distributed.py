@@ -1,11 +1,13 @@
 """Process-group helpers so that the same training/sampling command runs on 1 or N processes.
 
 Under ``torchrun`` (WORLD_SIZE > 1 in the environment) the default process group is created on first
-use: NCCL when CUDA is available, gloo otherwise. Without it everything behaves as rank 0 of 1.
+use: NCCL when CUDA is available, gloo otherwise, and destroyed at interpreter exit. Without it everything
+behaves as rank 0 of 1.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
@@ -29,7 +31,15 @@ def init_distributed(backend: str | None = None) -> bool:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
+    # A group still alive when the interpreter finalizes can abort the process from gloo's worker
+    # threads ("terminate called without an active exception"): destroy it while Python is intact.
+    atexit.register(_destroy_if_active)
     return True
+
+
+def _destroy_if_active() -> None:
+    if _active():
+        dist.destroy_process_group()
 
 
 def _active() -> bool:
