@@ -21,7 +21,7 @@ import shlex
 import subprocess
 import sys
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -376,17 +376,22 @@ def _training_options(args: argparse.Namespace) -> TrainingOptions:
                            progress=not args.no_progress)
 
 
+def _increasing(times: Sequence[float], flag: str) -> tuple[float, ...]:
+    """Panel boundaries as given to ``flag``, refused (naming the flag) unless they increase."""
+    if list(times) != sorted(set(times)):
+        raise UsageError(f"{flag} {' '.join(f'{b:g}' for b in times)}: the times must increase")
+    return tuple(times)
+
+
 def _sampling_options(args: argparse.Namespace, device, encoding: str) -> SamplingOptions:  # noqa: ANN001
     from tbg.flow import SampleConfig, SolverConfig
     from tbg.flow.runs import SamplingOptions
 
-    panels = list(args.quadrature_panels)
-    if panels != sorted(set(panels)):
-        raise UsageError(f"--quadrature-panels {' '.join(f'{b:g}' for b in panels)}: the times must increase")
     solver = SolverConfig(method=args.method, atol=args.atol, rtol=args.rtol, n_steps=args.ode_steps)
     config = SampleConfig(n_samples=args.n, batch_size=args.sample_batch_size, likelihood=args.likelihood,
                           solver=solver, n_quadrature=args.quadrature,
-                          quadrature_panels=tuple(panels), prior_scale=args.prior_scale,
+                          quadrature_panels=_increasing(args.quadrature_panels, "--quadrature-panels"),
+                          prior_scale=args.prior_scale,
                           memory_budget_gb=args.memory_budget,
                           seed=args.seed, dtype=args.dtype, device=str(device), progress=not args.no_progress,
                           profile=bool(args.profile))
@@ -550,7 +555,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 # `tbg finetune` has its own defaults: a few hundred small steps on a trained flow, not a training run.
 FINETUNE_DEFAULTS: dict[str, Any] = {"objective": "reverse-kl", "steps": 100, "batch_size": 16, "lr": 1e-4,
                                      "grad_clip": 1.0, "divergence": "hutchinson", "probes": 1, "method": "rk4",
-                                     "ode_steps": 8, "checkpoint_every": 10, "keep_checkpoints": 3}
+                                     "ode_steps": 8, "ode_panels": [], "checkpoint_every": 10,
+                                     "keep_checkpoints": 3}
 
 
 def _configure_finetune(p: argparse.ArgumentParser) -> None:
@@ -590,6 +596,10 @@ def _configure_finetune(p: argparse.ArgumentParser) -> None:
                    help=f"ODE solver of the differentiated solve (default: {d['method']})")
     g.add_argument("--ode-steps", type=POSITIVE_INT, metavar="N", help="steps of a fixed-step solver "
                    f"(default: {d['ode_steps']})")
+    g.add_argument("--ode-panels", type=OPEN_UNIT, nargs="*", metavar="T", help="split the fixed-step solve into "
+                   "panels at these times in (0, 1), the steps shared evenly, e.g. 0.1 0.3 for a field that changes "
+                   "sharply near the prior end t = 0, where equal steps leave an error the objective can fit "
+                   "instead of the flow (default: none, equal steps)")
     g.add_argument("--checkpoint-every", type=POSITIVE_INT, metavar="N", help="steps between checkpoints "
                    f"(default: {d['checkpoint_every']})")
     g.add_argument("--keep-checkpoints", type=POSITIVE_INT, metavar="N", help="newest checkpoints kept on disk "
@@ -605,12 +615,17 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     if args.pdb is None and default_topology is None:
         raise UsageError(f"{checkpoint} has no topology.pdb beside it; name the molecule with --pdb FILE")
     molecule = Path(args.pdb) if args.pdb is not None else default_topology
+    if args.ode_panels and args.method not in FIXED:
+        raise UsageError(f"--ode-panels sets the steps of a fixed-step --method ({', '.join(FIXED)}); "
+                         f"{args.method} chooses its own")
     platform = _openmm_platform(args, fallback=True)  # before _device names the default device
     device = _device(args)
     config = EnergyTrainConfig(objective=args.objective.replace("-", "_"), n_steps=args.steps,
                                batch_size=args.batch_size, lr=args.lr, grad_clip=args.grad_clip,
                                divergence=args.divergence, n_probes=args.probes,
-                               solver=SolverConfig(args.method, n_steps=args.ode_steps), seed=args.seed,
+                               solver=SolverConfig(args.method, n_steps=args.ode_steps,
+                                                   panels=_increasing(args.ode_panels, "--ode-panels")),
+                               seed=args.seed,
                                checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                                backend=args.backend, progress=not args.no_progress)
     options = FinetuneOptions(config, encoding=args.encoding, temperature=args.temperature)

@@ -30,6 +30,7 @@ def test_finetune_runs_resumes_and_samples(tmp_path: Path, capsys: pytest.Captur
     assert all(torch.isfinite(torch.tensor(float(r["mean_energy"]))) for r in rows)
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["kind"] == FINETUNING_RUN and manifest["defines"]["batch_size"] == 2
+    assert "panels" not in manifest["defines"]["solver"]  # as recorded before the option existed
     assert (out / "topology.pdb").read_bytes() == (SHIPPED / "topology.pdb").read_bytes()
     before = torch.load(SHIPPED / "model.pt", weights_only=True)["model_state_dict"]
     after = torch.load(out / "model.pt", weights_only=True)["model_state_dict"]
@@ -41,6 +42,9 @@ def test_finetune_runs_resumes_and_samples(tmp_path: Path, capsys: pytest.Captur
     code, _, err = run(["finetune", "--checkpoint", SHIPPED, "--out", out, "--steps", "4", *TINY, "--lr", "1e-3"],
                        capsys)
     assert code != 0 and "lr is 0.0001 there but 0.001 now" in err
+    code, _, err = run(["finetune", "--checkpoint", SHIPPED, "--out", out, "--steps", "4", *TINY, "--ode-panels", "0.1",
+                        "0.3"], capsys)
+    assert code != 0 and 'solver.panels is "(absent)" there but [0.1, 0.3] now' in err, err
     assert len(_log(out)) == 3
 
     # The folder samples like a training run folder.

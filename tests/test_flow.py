@@ -376,6 +376,57 @@ def test_decoupled_with_panels_matches_joint_on_egnn() -> None:
     assert dec.nfe_divergence == 24
 
 
+def test_fixed_step_grid_on_panels() -> None:
+    from tbg.flow.ode import step_grid
+    grid = step_grid(12, 0.0, 1.0, (0.1, 0.3))  # 4 equal steps per panel
+    assert_close(torch.from_numpy(grid), torch.from_numpy(np.concatenate(
+        [np.linspace(0, .1, 5)[:-1], np.linspace(.1, .3, 5)[:-1], np.linspace(.3, 1, 5)])))
+    assert_close(torch.from_numpy(step_grid(12, 1.0, 0.0, (0.1, 0.3))), torch.from_numpy(grid[::-1].copy()))
+    assert np.diff(step_grid(5, 0.0, 1.0, (0.1, 0.3))).tolist() == pytest.approx([.05, .05, .1, .1, .7])
+    assert_close(torch.from_numpy(step_grid(2, 0.0, 1.0, (0.1, 0.3))), torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
+    assert_close(torch.from_numpy(step_grid(3, 0.0, 1.0)), torch.linspace(0, 1, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="at least one step"):
+        step_grid(0, 0.0, 1.0)
+
+
+def test_fixed_step_solve_takes_the_steps_of_its_panels() -> None:
+    """rk4 and Euler step on the panels' grid (their evaluations; a hand-written Euler solve), forwards and back."""
+    from tbg.flow.ode import step_grid
+    a = torch.randn(4, 4, dtype=torch.float64) * 0.7
+    field = TimeLinear(a)
+    z = torch.randn(8, 4, dtype=torch.float64)
+
+    def euler(x: torch.Tensor, grid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        l, grid = torch.zeros(len(x), dtype=torch.float64), torch.from_numpy(grid)
+        for t, h in zip(grid[:-1], grid.diff()):
+            v, div = field.divergence(t, x)
+            x, l = x + h * v, l + h * div
+        return x, l
+
+    for t0, t1 in ((0.0, 1.0), (1.0, 0.0)):
+        res = integrate(field, z, t0=t0, t1=t1, solver=SolverConfig(method="euler", n_steps=6, panels=(0.1, 0.3)))
+        x, l = euler(z, step_grid(6, t0, t1, (0.1, 0.3)))
+        assert res.nfe_divergence == 6
+        assert_close(res.x, x, atol=1e-12, rtol=0)
+        assert_close(res.dlogp, l, atol=1e-12, rtol=0)
+    rk4 = integrate(field, z, solver=SolverConfig(method="rk4", n_steps=6, panels=(0.1, 0.3)))
+    assert rk4.nfe_divergence == 24
+    # dx/dt = t A x changes fastest near t = 1, so steps crowded near t = 0 solve it worse than equal ones
+    exact = z @ torch.linalg.matrix_exp(a / 2).T
+    equal = integrate(field, z, solver=SolverConfig(method="rk4", n_steps=6))
+    assert (rk4.x - exact).norm() > (equal.x - exact).norm()
+
+
+def test_solver_panels_are_checked_and_recorded_only_when_given() -> None:
+    assert "panels" not in SolverConfig(method="rk4").record()
+    assert SolverConfig(method="rk4", panels=[0.1, 0.3]).record()["panels"] == (0.1, 0.3)
+    with pytest.raises(ValueError, match="fixed-step"):
+        SolverConfig(method="dopri5", panels=(0.1,))
+    for bad in ((0.3, 0.1), (0.0, 0.5), (1.0,), (0.2, 0.2)):
+        with pytest.raises(ValueError, match="panels must be increasing"):
+            SolverConfig(method="rk4", panels=bad)
+
+
 def test_sampling_record_names_quadrature_panels_only_when_given() -> None:
     from tbg.flow import SampleConfig
     from tbg.flow.sample import sampling_manifest

@@ -142,6 +142,10 @@ def error_line(command: str, code: int, err: str) -> str:
 ISSUE_CASES = {
     "quadrature panels out of order": (["demo", "--quick", "--out", "{out}/demo", "--quadrature-panels", "0.3", "0.1"],
                                        "--quadrature-panels 0.3 0.1: the times must increase"),
+    "ode panels out of order": (["finetune", "--checkpoint", "{run}", "--out", "{out}", "--ode-panels", "0.3", "0.1"],
+                                "--ode-panels 0.3 0.1: the times must increase"),
+    "ode panels of an adaptive solver": (["finetune", "--checkpoint", "{run}", "--out", "{out}", "--method", "dopri5",
+                                          "--ode-panels", "0.1"], "--ode-panels sets the steps of a fixed-step"),
     # corrupt or foreign inputs, reported by path
     "data truncated npz": (["train", "--data", "{bad}/trunc-traj-arrays.npz", "--out", "{out}"],
                            "trunc-traj-arrays.npz: not a readable .npz file"),
@@ -360,7 +364,7 @@ OPTION_CASES = {
        for flag, value in [("--encoding", "x"), ("--backend", "x"), ("--temperature", "0"), ("--objective", "kl"),
                            ("--steps", "0"), ("--batch-size", "0"), ("--lr", "0"), ("--grad-clip", "-1"),
                            ("--divergence", "x"), ("--probes", "0"), ("--method", "x"), ("--ode-steps", "0"),
-                           ("--checkpoint-every", "0"), ("--keep-checkpoints", "0")]},
+                           ("--ode-panels", "1"), ("--checkpoint-every", "0"), ("--keep-checkpoints", "0")]},
     ("demo", "--out"): (["demo", "--out", "{t76}", "--data", "{md}"], "exists and is not a folder"),
     ("demo", "--device"): (["demo", "--out", "{out}", "--device", "gpu"], "expected cpu, cuda or cuda:N"),
     ("demo", "--seed"): (["demo", "--out", "{out}", "--seed", "-1"], "argument --seed"),

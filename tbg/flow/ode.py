@@ -19,7 +19,7 @@ Two ways to get the exact log-likelihood of x(1) = flow(z):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -33,6 +33,7 @@ from tbg.nn.reference import divergence_bruteforce
 __all__ = [
     "Dynamics",
     "SolverConfig",
+    "step_grid",
     "FlowResult",
     "integrate",
     "decoupled_likelihood",
@@ -95,13 +96,15 @@ def as_dynamics(dyn: object) -> Dynamics:
 @dataclass
 class SolverConfig:
     """ODE solver options. Adaptive methods use atol/rtol (published: dopri5, 1e-4); fixed-step
-    methods (rk4, midpoint, euler) take ``n_steps`` equal steps."""
+    methods (rk4, midpoint, euler) take ``n_steps`` steps, equal ones, or with ``panels`` (increasing
+    times in (0, 1)) equal ones within each panel, the steps split evenly over the panels (``step_grid``)."""
 
     method: str = "dopri5"
     atol: float = 1e-4
     rtol: float = 1e-4
     n_steps: int = 20
     options: dict = field(default_factory=dict)
+    panels: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.method not in ADAPTIVE + FIXED:
@@ -110,11 +113,60 @@ class SolverConfig:
             raise ValueError(f"n_steps must be >= 1, got {self.n_steps}")
         if self.atol <= 0 or self.rtol <= 0:
             raise ValueError(f"atol and rtol must be positive, got {self.atol}, {self.rtol}")
+        self.panels = panel_boundaries(self.panels, "panels")
+        if self.panels and self.method not in FIXED:
+            raise ValueError(f"panels set the steps of a fixed-step method {FIXED}; {self.method!r} chooses its own")
 
     def odeint_kwargs(self, t0: float, t1: float) -> dict:
         if self.method in FIXED:
-            return {"method": self.method, "options": {"step_size": abs(t1 - t0) / self.n_steps, **self.options}}
+            if not self.panels:
+                return {"method": self.method, "options": {"step_size": abs(t1 - t0) / self.n_steps, **self.options}}
+            times = step_grid(self.n_steps, t0, t1, self.panels)
+            return {"method": self.method, "options": {
+                "grid_constructor": lambda func, y0, t: torch.as_tensor(times, dtype=t.dtype, device=t.device),
+                **self.options}}
         return {"method": self.method, "atol": self.atol, "rtol": self.rtol, "options": dict(self.options)}
+
+    def record(self) -> dict:
+        """The options as run folders record them; ``panels`` only when set, so that records written before
+        the option existed still describe the same solve."""
+        rec = asdict(self)
+        if not self.panels:
+            rec.pop("panels")
+        return rec
+
+
+def panel_boundaries(values: Sequence[float], name: str) -> tuple[float, ...]:
+    """``values`` as panel boundaries: increasing times in (0, 1), else a ValueError naming ``name``."""
+    bounds = tuple(float(b) for b in values)
+    if any(not 0 < b < 1 for b in bounds) or list(bounds) != sorted(set(bounds)):
+        raise ValueError(f"{name} must be increasing times in (0, 1), got {bounds}")
+    return bounds
+
+
+def _split(n: int, t0: float, t1: float, panels: Sequence[float]) -> list[tuple[float, float, int]]:
+    """[min(t0, t1), max(t0, t1)] cut at the ``panels`` boundaries inside it, as (start, end, count) with n
+    split evenly (the extra ones to the panels nearest t = 0); one panel when n is smaller than their number."""
+    lo, hi = min(t0, t1), max(t0, t1)
+    edges = [lo, *(b for b in sorted(panels) if lo < b < hi), hi]
+    if n < len(edges) - 1:
+        edges = [lo, hi]
+    k = len(edges) - 1
+    return [(a, b, n // k + (i < n % k)) for i, (a, b) in enumerate(zip(edges[:-1], edges[1:]))]
+
+
+def step_grid(n_steps: int, t0: float, t1: float, panels: Sequence[float] = ()) -> np.ndarray:
+    """The n_steps + 1 times, from t0 to t1, of a fixed-step solve with equal steps within each panel.
+
+    A trained field can change sharply near the prior end (see ``quadrature_rule``); there equal steps over
+    [0, 1] leave a large error in both x and the log-likelihood, and an objective differentiated through
+    the solve can fit that error instead of the flow. Panels such as (0.1, 0.3) put the steps where the
+    field needs them."""
+    if n_steps < 1:
+        raise ValueError(f"need at least one step, got {n_steps}")
+    parts = [np.linspace(a, b, m + 1)[:-1] for a, b, m in _split(n_steps, t0, t1, panels)]
+    times = np.concatenate([*parts, [max(t0, t1)]])
+    return times if t1 >= t0 else times[::-1].copy()
 
 
 @dataclass
@@ -197,13 +249,7 @@ def quadrature_rule(n_nodes: int, t0: float, t1: float,
     they are needed (a third of the error at the same cost on the shipped alanine-dipeptide model)."""
     if n_nodes < 1:
         raise ValueError(f"need at least one quadrature node, got {n_nodes}")
-    lo, hi = min(t0, t1), max(t0, t1)
-    edges = [lo, *(b for b in sorted(panels) if lo < b < hi), hi]
-    if n_nodes < len(edges) - 1:
-        edges = [lo, hi]
-    n_panels = len(edges) - 1
-    rules = [gauss_legendre(n_nodes // n_panels + (i < n_nodes % n_panels), a, b)
-             for i, (a, b) in enumerate(zip(edges[:-1], edges[1:]))]
+    rules = [gauss_legendre(m, a, b) for a, b, m in _split(n_nodes, t0, t1, panels)]
     nodes, weights = np.concatenate([r[0] for r in rules]), np.concatenate([r[1] for r in rules])
     return nodes, weights if t1 >= t0 else -weights
 

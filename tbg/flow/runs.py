@@ -36,7 +36,7 @@ import csv
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -423,8 +423,8 @@ def finetune_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, o
     defines = {"molecule": molecule_record(mdtraj.Topology.from_openmm(topology), dyn.features),
                "checkpoint_sha256": file_sha256(checkpoint), "temperature": energy.temperature,
                "objective": cfg.objective, "batch_size": cfg.batch_size, "lr": cfg.lr, "grad_clip": cfg.grad_clip,
-               "divergence": cfg.divergence, "n_probes": cfg.n_probes, "solver": asdict(cfg.solver),
-               "sample_solver": asdict(cfg.sample_solver), "seed": cfg.seed}
+               "divergence": cfg.divergence, "n_probes": cfg.n_probes, "solver": cfg.solver.record(),
+               "sample_solver": cfg.sample_solver.record(), "seed": cfg.seed}
     name = molecule.name if isinstance(molecule, Peptide) else Path(molecule).name
     with claimed(out, FINETUNING_RUN, defines, info={"checkpoint": str(checkpoint), "molecule": name},
                  work=(CHECKPOINT_DIR, FINAL_MODEL)):

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from tbg.errors import InputError
 from tbg.flow import distributed as D
 from tbg.flow.memory import MemoryModel, default_memory_budget
-from tbg.flow.ode import Dynamics, FlowResult, SolverConfig, decoupled_likelihood, integrate
+from tbg.flow.ode import Dynamics, FlowResult, SolverConfig, decoupled_likelihood, integrate, panel_boundaries
 from tbg.flow.prior import MeanFreeGaussian
 from tbg.flow.profile import chunk_profile, profile_run, stage
 from tbg.runfolder import arrays_sha256, claimed, write_atomically
@@ -91,10 +91,7 @@ class SampleConfig:
                                                                   or self.batch_size < 1)):
             raise ValueError(f"n_samples must be >= 1 and batch_size >= 1 or 'auto', got {self.n_samples}, "
                              f"{self.batch_size!r}")
-        self.quadrature_panels = tuple(float(b) for b in self.quadrature_panels)
-        if any(not 0 < b < 1 for b in self.quadrature_panels) or \
-                list(self.quadrature_panels) != sorted(set(self.quadrature_panels)):
-            raise ValueError(f"quadrature_panels must be increasing times in (0, 1), got {self.quadrature_panels}")
+        self.quadrature_panels = panel_boundaries(self.quadrature_panels, "quadrature_panels")
         if not (math.isfinite(self.prior_scale) and self.prior_scale > 0):
             raise ValueError(f"prior_scale must be a positive number, got {self.prior_scale}")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
@@ -176,6 +173,7 @@ def sampling_manifest(dyn: Dynamics, n_atoms: int, config: SampleConfig,
         "parameters_sha256": arrays_sha256(*(v.detach().cpu() for _, v in sorted(egnn.state_dict().items()))),
         "features_sha256": arrays_sha256(features.detach().cpu())}}
     # Options at their defaults are left out: the records of runs made before the options existed.
+    keep["solver"] = config.solver.record()
     if not config.quadrature_panels:
         keep.pop("quadrature_panels")
     if config.prior_scale == 1.0:
