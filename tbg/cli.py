@@ -555,7 +555,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 # `tbg finetune` has its own defaults: a few hundred small steps on a trained flow, not a training run.
 FINETUNE_DEFAULTS: dict[str, Any] = {"objective": "reverse-kl", "steps": 100, "batch_size": 16, "lr": 1e-4,
                                      "grad_clip": 1.0, "divergence": "hutchinson", "probes": 1, "method": "rk4",
-                                     "ode_steps": 8, "ode_panels": [], "checkpoint_every": 10,
+                                     "ode_steps": 8, "ode_panels": [], "micro_batch_size": None, "checkpoint_every": 10,
                                      "keep_checkpoints": 3}
 
 
@@ -584,6 +584,9 @@ def _configure_finetune(p: argparse.ArgumentParser) -> None:
                    f"many) (default: {d['steps']})")
     g.add_argument("--batch-size", type=POSITIVE_INT, metavar="B", help=f"flow samples per step (default: "
                    f"{d['batch_size']})")
+    g.add_argument("--micro-batch-size", type=POSITIVE_INT, metavar="M", help="differentiate the solves of M "
+                   "samples at a time and sum their gradients: the same step in a fraction of the memory (must "
+                   "divide --batch-size; default: the whole batch at once)")
     g.add_argument("--lr", type=POSITIVE_FLOAT, help=f"Adam learning rate (default: {d['lr']})")
     g.add_argument("--grad-clip", type=POSITIVE_FLOAT, metavar="NORM", help="gradient norm clipped to "
                    f"(default: {d['grad_clip']})")
@@ -615,13 +618,16 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     if args.pdb is None and default_topology is None:
         raise UsageError(f"{checkpoint} has no topology.pdb beside it; name the molecule with --pdb FILE")
     molecule = Path(args.pdb) if args.pdb is not None else default_topology
+    if args.micro_batch_size is not None and args.batch_size % args.micro_batch_size:
+        raise UsageError(f"--micro-batch-size {args.micro_batch_size} must divide --batch-size {args.batch_size}")
     if args.ode_panels and args.method not in FIXED:
         raise UsageError(f"--ode-panels sets the steps of a fixed-step --method ({', '.join(FIXED)}); "
                          f"{args.method} chooses its own")
     platform = _openmm_platform(args, fallback=True)  # before _device names the default device
     device = _device(args)
     config = EnergyTrainConfig(objective=args.objective.replace("-", "_"), n_steps=args.steps,
-                               batch_size=args.batch_size, lr=args.lr, grad_clip=args.grad_clip,
+                               batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                               lr=args.lr, grad_clip=args.grad_clip,
                                divergence=args.divergence, n_probes=args.probes,
                                solver=SolverConfig(args.method, n_steps=args.ode_steps,
                                                    panels=_increasing(args.ode_panels, "--ode-panels")),

@@ -298,6 +298,61 @@ def test_train_by_energy_reverse_kl_and_importance_resume(tmp_path) -> None:
         train_by_energy(egnn, feats, wide_gaussian, tmp_path / "iw", cfg)
 
 
+def test_train_by_energy_micro_batches_give_the_whole_batch_step(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """A step in micro-batches is the step of the whole batch: reverse KL against a hand-written step on the
+    same latents (drawn part by part), the importance objective against the same run without micro-batches.
+    Plain SGD stands in for Adam, whose first step (+-lr per weight) would hide the gradient."""
+    import copy
+
+    monkeypatch.setattr(torch.optim, "Adam", lambda params, lr: torch.optim.SGD(params, lr=lr))
+
+    from tbg.flow import EnergyTrainConfig, train_by_energy
+
+    torch.manual_seed(0)
+    start = tbg.EGNN(1, hidden=8, n_layers=2)
+    with torch.no_grad():  # a field far from zero, so that the step is not trivial
+        for layer in start.layers:
+            layer.coord_mlp[2].weight.normal_(0, 0.3)
+    feats, prior = torch.ones(3, 1), MeanFreeGaussian(3)
+
+    def wide_gaussian(x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * prior.center(x).pow(2).sum(1) / 9
+
+    solver = SolverConfig(method="rk4", n_steps=2, panels=(0.3,))
+    cfg = EnergyTrainConfig(n_steps=1, batch_size=6, micro_batch_size=2, lr=1e-2, grad_clip=0.5, divergence="exact",
+                            solver=solver, progress=False)
+    model = copy.deepcopy(start)
+    (row,) = train_by_energy(model, feats, wide_gaussian, tmp_path / "micro", cfg)
+
+    ref = copy.deepcopy(start)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    z = torch.cat([prior.sample(2, generator=gen) for _ in range(3)])
+    res = integrate(tbg.nn.BoundDynamics(ref, feats, divergence_options={"method": "exact"}), z, solver=solver,
+                    differentiable=True)
+    loss = (wide_gaussian(res.x) - res.dlogp).mean()
+    optimizer = torch.optim.SGD(ref.parameters(), lr=cfg.lr)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.grad_clip)
+    optimizer.step()
+    assert row["loss"] == pytest.approx(float(loss), rel=1e-5)
+    moved = [not torch.equal(a, b) for a, b in zip(start.parameters(), ref.parameters())]
+    assert any(moved)
+    for got, want in zip(model.parameters(), ref.parameters()):
+        assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+    steps = {}
+    for micro in (None, 3):
+        iw = EnergyTrainConfig(objective="importance", n_steps=1, batch_size=6, micro_batch_size=micro, lr=1e-2,
+                               divergence="exact", solver=solver, sample_solver=SolverConfig(method="rk4", n_steps=2),
+                               progress=False)
+        steps[micro] = copy.deepcopy(start)
+        train_by_energy(steps[micro], feats, wide_gaussian, tmp_path / f"iw{micro}", iw)
+    for got, want in zip(steps[3].parameters(), steps[None].parameters()):
+        assert_close(got, want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="micro_batch_size must divide"):
+        EnergyTrainConfig(batch_size=6, micro_batch_size=4)
+
+
 def test_batch_budget_and_checkpoint_guard(tmp_path) -> None:
     from tbg.flow import SampleConfig, TrainConfig, batch_size_for_budget, train
 

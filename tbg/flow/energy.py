@@ -47,6 +47,7 @@ class EnergyTrainConfig:
     objective: Literal["reverse_kl", "importance"] = "reverse_kl"
     n_steps: int = 100
     batch_size: int = 64
+    micro_batch_size: int | None = None  # differentiated solves of this many samples, gradients summed per step
     lr: float = 1e-5
     grad_clip: float | None = 1.0
     divergence: Literal["hutchinson", "exact"] = "hutchinson"
@@ -66,6 +67,14 @@ class EnergyTrainConfig:
             raise ValueError(f"divergence must be 'hutchinson' or 'exact', got {self.divergence!r}")
         if self.n_steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError("need n_steps >= 0, batch_size >= 1, checkpoint_every >= 1")
+        if self.micro_batch_size is not None and (self.micro_batch_size < 1
+                                                  or self.batch_size % self.micro_batch_size):
+            raise ValueError(f"micro_batch_size must divide batch_size ({self.batch_size}), "
+                             f"got {self.micro_batch_size}")
+
+    @property
+    def n_micro_batches(self) -> int:
+        return 1 if self.micro_batch_size is None else self.batch_size // self.micro_batch_size
 
 
 def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Tensor], Tensor],
@@ -103,27 +112,40 @@ def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Ten
     def checkpoint() -> None:
         checkpoints.save(step, model, optimizer, {"step": step, "rng": gen.get_state(), "config": asdict(cfg)})
 
+    # A step's differentiated solves run micro_batch_size samples at a time (their graphs are what costs
+    # memory); the gradients of the parts add up to the whole batch's.
+    parts, size = cfg.n_micro_batches, cfg.batch_size // cfg.n_micro_batches
     model.train()
     for _ in tqdm(range(step, cfg.n_steps), disable=not cfg.progress, desc=f"energy ({cfg.objective})"):
-        z = prior.sample(cfg.batch_size, generator=gen, device=device, dtype=dtype)
+        optimizer.zero_grad(set_to_none=True)
+        loss = 0.0
         if cfg.objective == "reverse_kl":
-            res = integrate(field_, z, solver=cfg.solver, differentiable=True)
-            u = reduced_energy(res.x)
-            if not torch.isfinite(u).all():
-                raise FloatingPointError("reverse KL needs finite energies on the flow's samples; "
-                                         "start from a trained flow or use objective='importance'")
-            loss = (u - res.dlogp).mean()
-            log_w = (-u + prior.energy(z) + res.dlogp).detach()
+            us, log_ws = [], []
+            for _ in range(parts):
+                z = prior.sample(size, generator=gen, device=device, dtype=dtype)
+                res = integrate(field_, z, solver=cfg.solver, differentiable=True)
+                u = reduced_energy(res.x)
+                if not torch.isfinite(u).all():
+                    raise FloatingPointError("reverse KL needs finite energies on the flow's samples; "
+                                             "start from a trained flow or use objective='importance'")
+                part = (u - res.dlogp).mean() / parts
+                part.backward()
+                loss += float(part.detach())
+                us.append(u.detach())
+                log_ws.append((-u + prior.energy(z) + res.dlogp).detach())
+            u, log_w = torch.cat(us), torch.cat(log_ws)
         else:
+            z = prior.sample(cfg.batch_size, generator=gen, device=device, dtype=dtype)
             fwd = integrate(exact, z, solver=cfg.sample_solver)
             u = reduced_energy(fwd.x).detach()
             log_w = log_importance_weights(u, prior.energy(z), fwd.dlogp)
             wbar = normalized_weights(log_w).to(dtype)
-            back = integrate(field_, fwd.x, t0=1.0, t1=0.0, solver=cfg.solver, differentiable=True)
-            log_q = prior.log_prob(back.x) + back.dlogp  # back.dlogp = -int_0^1 div v dt
-            loss = -(wbar * log_q).sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            for x, wb in zip(fwd.x.split(size), wbar.split(size)):
+                back = integrate(field_, x, t0=1.0, t1=0.0, solver=cfg.solver, differentiable=True)
+                log_q = prior.log_prob(back.x) + back.dlogp  # back.dlogp = -int_0^1 div v dt
+                part = -(wb * log_q).sum()
+                part.backward()
+                loss += float(part.detach())
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -132,7 +154,7 @@ def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Ten
         finite = torch.isfinite(u)
         ess = kish_ess(log_w) if torch.isfinite(log_w).any() else 0.0
         mean_energy = float(u[finite].mean()) if finite.any() else math.inf
-        row = {"step": step, "loss": float(loss.detach()), "mean_energy": mean_energy, "ess": ess}
+        row = {"step": step, "loss": loss, "mean_energy": mean_energy, "ess": ess}
         rows.append(row)
         csv_log.write(row)
         if step % cfg.checkpoint_every == 0:

@@ -425,6 +425,8 @@ def finetune_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, o
                "objective": cfg.objective, "batch_size": cfg.batch_size, "lr": cfg.lr, "grad_clip": cfg.grad_clip,
                "divergence": cfg.divergence, "n_probes": cfg.n_probes, "solver": cfg.solver.record(),
                "sample_solver": cfg.sample_solver.record(), "seed": cfg.seed}
+    if cfg.micro_batch_size is not None:  # recorded only when set: runs from before the option still resume
+        defines["micro_batch_size"] = cfg.micro_batch_size
     name = molecule.name if isinstance(molecule, Peptide) else Path(molecule).name
     with claimed(out, FINETUNING_RUN, defines, info={"checkpoint": str(checkpoint), "molecule": name},
                  work=(CHECKPOINT_DIR, FINAL_MODEL)):
