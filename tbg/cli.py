@@ -585,8 +585,8 @@ def _configure_finetune(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=POSITIVE_INT, metavar="B", help=f"flow samples per step (default: "
                    f"{d['batch_size']})")
     g.add_argument("--micro-batch-size", type=POSITIVE_INT, metavar="M", help="differentiate the solves of M "
-                   "samples at a time and sum their gradients: the same step in a fraction of the memory (must "
-                   "divide --batch-size; default: the whole batch at once)")
+                   "samples at a time and sum their gradients: the whole batch's gradient in a fraction of the "
+                   "memory (must divide --batch-size; default: the whole batch at once)")
     g.add_argument("--lr", type=POSITIVE_FLOAT, help=f"Adam learning rate (default: {d['lr']})")
     g.add_argument("--grad-clip", type=POSITIVE_FLOAT, metavar="NORM", help="gradient norm clipped to "
                    f"(default: {d['grad_clip']})")
