@@ -576,14 +576,19 @@ def _configure_finetune(p: argparse.ArgumentParser) -> None:
                    "(default: 300 for capped peptides such as alanine dipeptide, 310 otherwise)")
     d = FINETUNE_DEFAULTS
     g = p.add_argument_group("objective (tbg.flow.energy)")
-    g.add_argument("--objective", choices=["reverse-kl", "importance"], default=None,
+    g.add_argument("--objective", choices=["reverse-kl", "importance", "max-likelihood"], default=None,
                    help="reverse-kl: E_q[u + log q] on the flow's samples, backpropagated through the ODE solve; "
-                        "importance: importance-weighted maximum likelihood of the flow's own samples "
-                        f"(default: {d['objective']})")
+                        "importance: importance-weighted maximum likelihood of the flow's own samples; "
+                        "max-likelihood: maximum likelihood of MD frames (--data), which covers what the "
+                        f"mode-seeking reverse KL leaves under-sampled (default: {d['objective']})")
+    g.add_argument("--data", metavar="PATH", help=f"MD data of the molecule for --objective max-likelihood: "
+                   f"{DATA_HELP}; the validation frames `tbg train --seed` holds out are left out here too "
+                   f"(default: the shipped alanine dipeptide data, {ALA2_DATA})")
+    _topology_arg(p)
     g.add_argument("--steps", type=POSITIVE_INT, metavar="N", help="optimizer steps (a rerun continues up to this "
                    f"many) (default: {d['steps']})")
-    g.add_argument("--batch-size", type=POSITIVE_INT, metavar="B", help=f"flow samples per step (default: "
-                   f"{d['batch_size']})")
+    g.add_argument("--batch-size", type=POSITIVE_INT, metavar="B", help="flow samples (MD frames for "
+                   f"max-likelihood) per step (default: {d['batch_size']})")
     g.add_argument("--micro-batch-size", type=POSITIVE_INT, metavar="M", help="differentiate the solves of M "
                    "samples at a time and sum their gradients: the whole batch's gradient in a fraction of the "
                    "memory (must divide --batch-size; default: the whole batch at once)")
@@ -623,6 +628,11 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     if args.ode_panels and args.method not in FIXED:
         raise UsageError(f"--ode-panels sets the steps of a fixed-step --method ({', '.join(FIXED)}); "
                          f"{args.method} chooses its own")
+    data = None
+    if args.objective == "max-likelihood":
+        data = _one_molecule(args, _md_data(args, [args.data or ALA2_DATA]))
+    elif args.data is not None or args.topology is not None:
+        raise UsageError("--data and --topology name the MD frames of --objective max-likelihood only")
     platform = _openmm_platform(args, fallback=True)  # before _device names the default device
     device = _device(args)
     config = EnergyTrainConfig(objective=args.objective.replace("-", "_"), n_steps=args.steps,
@@ -634,7 +644,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
                                seed=args.seed,
                                checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                                backend=args.backend, progress=not args.no_progress)
-    options = FinetuneOptions(config, encoding=args.encoding, temperature=args.temperature)
+    options = FinetuneOptions(config, encoding=args.encoding, temperature=args.temperature, data=data)
     path = finetune_checkpoint(checkpoint, molecule, _out_dir(args), options, device=device, platform=platform,
                                record=partial(write_resolved_config, args))
     print(f"fine-tuned model: {path}")

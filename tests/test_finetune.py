@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tbg.chem import ALANINE_DIPEPTIDE_DIR
 from tbg.flow.runs import FINETUNING_RUN, SHIPPED_MODELS
 from cli_helpers import FAST_SAMPLE, run
 
@@ -50,3 +51,28 @@ def test_finetune_runs_resumes_and_samples(tmp_path: Path, capsys: pytest.Captur
     # The folder samples like a training run folder.
     code, _, err = run(["sample", "--checkpoint", out, "--out", tmp_path / "s", "--n", "2", *FAST_SAMPLE], capsys)
     assert code == 0, err
+
+
+def test_finetune_max_likelihood_of_md_frames(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "ml"
+    code, _, err = run(["finetune", "--checkpoint", SHIPPED, "--out", out, "--objective", "max-likelihood",
+                        "--steps", "1", *TINY], capsys)
+    assert code == 0, err
+    (row,) = _log(out)
+    assert row["mean_energy"] == "nan" and row["ess"] == "nan"  # no energy on MD frames
+    assert torch.isfinite(torch.tensor(float(row["loss"])))
+    data = json.loads((out / "run.json").read_text())["defines"]["data"]
+    assert data["frames"] == 10000 and data["held_out"] == 1000  # the validation frames of `tbg train --seed 0`
+
+    # Frames whose atoms are not the molecule's, in its order, are refused before anything is written.
+    md = tmp_path / "swapped"
+    md.mkdir()
+    lines = (ALANINE_DIPEPTIDE_DIR / "ala2-traj-state0.pdb").read_text().splitlines(keepends=True)
+    atoms = [i for i, line in enumerate(lines) if line.startswith(("ATOM", "HETATM"))]
+    lines[atoms[0]], lines[atoms[1]] = lines[atoms[1]], lines[atoms[0]]
+    (md / "ala2-traj-state0.pdb").write_text("".join(lines))
+    (md / "ala2-traj-arrays.npz").write_bytes((ALANINE_DIPEPTIDE_DIR / "ala2-traj-arrays.npz").read_bytes())
+    code, _, err = run(["finetune", "--checkpoint", SHIPPED, "--out", tmp_path / "no", "--objective", "max-likelihood",
+                        "--data", md, "--steps", "1", *TINY], capsys)
+    assert code != 0 and "its atoms are not the fine-tuned molecule's" in err, err
+    assert not (tmp_path / "no").exists()

@@ -149,6 +149,8 @@ ISSUE_CASES = {
                                            "--micro-batch-size 6 must divide --batch-size 16"),
     "ode panels of an adaptive solver": (["finetune", "--checkpoint", "{run}", "--out", "{out}", "--method", "dopri5",
                                           "--ode-panels", "0.1"], "--ode-panels sets the steps of a fixed-step"),
+    "finetune data without max-likelihood": (["finetune", "--checkpoint", "{run}", "--out", "{out}", "--data", "{md}"],
+                                             "--data and --topology name the MD frames of --objective max-likelihood"),
     # corrupt or foreign inputs, reported by path
     "data truncated npz": (["train", "--data", "{bad}/trunc-traj-arrays.npz", "--out", "{out}"],
                            "trunc-traj-arrays.npz: not a readable .npz file"),
@@ -362,6 +364,11 @@ OPTION_CASES = {
                                    "--out", "{out}"], "text.pt: not a readable PyTorch checkpoint"),
     ("finetune", "--pdb"): (["finetune", "--checkpoint", "{run}", "--pdb", "{bad}/garbage.pdb", "--out", "{out}"],
                             "garbage.pdb: "),
+    ("finetune", "--data"): (["finetune", "--checkpoint", "{run}", "--objective", "max-likelihood", "--data",
+                              "{two_molecules}", "--out", "{out}"], "holds 2 molecules"),
+    ("finetune", "--topology"): (["finetune", "--checkpoint", "{run}", "--objective", "max-likelihood", "--data", "{md}",
+                                  "--topology", "{out}/none.pdb", "--out", "{out}"],
+                                 "--topology {out}/none.pdb: file not found"),
     **{("finetune", flag): (["finetune", "--checkpoint", "{run}", "--out", "{out}", flag, value],
                             f"argument {flag}: invalid")
        for flag, value in [("--encoding", "x"), ("--backend", "x"), ("--temperature", "0"), ("--objective", "kl"),

@@ -1,14 +1,19 @@
-"""Training by energy: refine a flow toward exp(-u) without more data (optional fine-tuning).
+"""Fine-tuning a trained flow toward exp(-u): by energy, or by the likelihood of MD frames (optional).
 
-Two objectives, both using the flow's own samples and the divergence:
+Three objectives, all differentiating the log-likelihood through the ODE solve and the divergence:
 
 * ``"reverse_kl"``: KL(q || p) = E_z[u(x) - dlogp] + const, x = flow(z), dlogp = int div v dt. The
   gradient flows through the ODE solver (fixed-step by default), the divergence (Hutchinson probes by
   default: unbiased and cheap to differentiate) and the energy, which must be differentiable in x.
+  Mode-seeking: it tightens what flow matching leaves loose but nothing in it covers what the flow misses.
 * ``"importance"``: self-normalised importance-weighted maximum likelihood (forward KL): draw x from
   the flow with exact log-likelihood, weight w ~ exp(-u(x) + prior_energy(z) + dlogp) (no gradient;
   the energy may be any callable, +inf allowed), and maximise sum_i wbar_i log q(x_i), where log q(x)
   = log q0(z') - int_0^1 div v along the path integrated back from x to z'.
+* ``"max_likelihood"``: maximum likelihood of equilibrium frames ``data`` (MD), the forward KL(p || q) up
+  to a constant with the target's own samples in place of weights: minimise -mean log q(x) over frames
+  drawn uniformly, log q by the same back solve. Mass-covering: it raises the density where the flow
+  under-samples the target, which is what makes importance weights heavy-tailed. Uses no energy.
 
 Checkpoints every ``checkpoint_every`` steps (published layout + optimizer + RNG + step, the newest
 ``keep_checkpoints`` kept; ``tbg.flow.checkpointing``); a restarted run continues from the newest one.
@@ -36,7 +41,9 @@ from tbg.nn.egnn import EGNN, BoundDynamics
 
 log = logging.getLogger("tbg")
 
-__all__ = ["EnergyTrainConfig", "train_by_energy"]
+__all__ = ["OBJECTIVES", "EnergyTrainConfig", "train_by_energy"]
+
+OBJECTIVES = ("reverse_kl", "importance", "max_likelihood")
 
 
 @dataclass
@@ -44,7 +51,7 @@ class EnergyTrainConfig:
     """Options of ``train_by_energy``. ``divergence``: "hutchinson" (``n_probes`` Rademacher probes) or
     "exact" for the differentiated log-det; the importance objective's weights always use the exact one."""
 
-    objective: Literal["reverse_kl", "importance"] = "reverse_kl"
+    objective: Literal["reverse_kl", "importance", "max_likelihood"] = "reverse_kl"
     n_steps: int = 100
     batch_size: int = 64
     micro_batch_size: int | None = None  # differentiated solves of this many samples, gradients summed per step
@@ -61,8 +68,8 @@ class EnergyTrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.objective not in ("reverse_kl", "importance"):
-            raise ValueError(f"objective must be 'reverse_kl' or 'importance', got {self.objective!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.divergence not in ("hutchinson", "exact"):
             raise ValueError(f"divergence must be 'hutchinson' or 'exact', got {self.divergence!r}")
         if self.n_steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
@@ -78,18 +85,27 @@ class EnergyTrainConfig:
 
 
 def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Tensor], Tensor],
-                    out_dir: str | Path, config: EnergyTrainConfig | None = None) -> list[dict[str, float]]:
+                    out_dir: str | Path, config: EnergyTrainConfig | None = None, *,
+                    data: Tensor | None = None) -> list[dict[str, float]]:
     """Fine-tune ``model`` for the molecule encoded by ``features`` [N, F] toward exp(-u).
 
-    ``reduced_energy(x [B, 3N] model units) -> u [B]`` (U / kT). Writes ``energy_log.csv``, checkpoints
-    under ``checkpoints/`` and the final ``model.pt`` to out_dir; returns this call's log rows.
+    ``reduced_energy(x [B, 3N] model units) -> u [B]`` (U / kT). ``data`` [M, 3N] (model units): the
+    equilibrium frames of the "max_likelihood" objective (required by it, refused by the others). Writes
+    ``energy_log.csv`` (the max_likelihood objective logs no energy or ESS: NaN), checkpoints under
+    ``checkpoints/`` and the final ``model.pt`` to out_dir; returns this call's log rows.
     """
     cfg = config or EnergyTrainConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     device, dtype = model.embedding.weight.device, model.embedding.weight.dtype
     features = features.to(device=device, dtype=dtype)
     prior = MeanFreeGaussian(features.shape[0])
+    if (data is None) != (cfg.objective != "max_likelihood"):
+        raise ValueError("the max_likelihood objective needs data (equilibrium frames) and the others take none")
+    if data is not None:
+        if data.dim() != 2 or data.shape[0] == 0 or data.shape[1] != prior.dim:
+            raise ValueError(f"data must be [M >= 1, {prior.dim}] frames of this molecule, got {tuple(data.shape)}")
+        data = prior.center(data.to(device=device, dtype=dtype))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     step = 0
@@ -135,25 +151,31 @@ def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Ten
                 log_ws.append((-u + prior.energy(z) + res.dlogp).detach())
             u, log_w = torch.cat(us), torch.cat(log_ws)
         else:
-            z = prior.sample(cfg.batch_size, generator=gen, device=device, dtype=dtype)
-            fwd = integrate(exact, z, solver=cfg.sample_solver)
-            u = reduced_energy(fwd.x).detach()
-            log_w = log_importance_weights(u, prior.energy(z), fwd.dlogp)
-            wbar = normalized_weights(log_w).to(dtype)
-            for x, wb in zip(fwd.x.split(size), wbar.split(size)):
-                back = integrate(field_, x, t0=1.0, t1=0.0, solver=cfg.solver, differentiable=True)
+            if cfg.objective == "importance":
+                z = prior.sample(cfg.batch_size, generator=gen, device=device, dtype=dtype)
+                fwd = integrate(exact, z, solver=cfg.sample_solver)
+                u = reduced_energy(fwd.x).detach()
+                log_w = log_importance_weights(u, prior.energy(z), fwd.dlogp)
+                x, weights = fwd.x, normalized_weights(log_w).to(dtype)
+            else:
+                x = data[torch.randint(len(data), (cfg.batch_size,), generator=gen, device=device)]
+                weights = torch.full((cfg.batch_size,), 1 / cfg.batch_size, device=device, dtype=dtype)
+                u = log_w = None
+            for xs, ws in zip(x.split(size), weights.split(size)):
+                back = integrate(field_, xs, t0=1.0, t1=0.0, solver=cfg.solver, differentiable=True)
                 log_q = prior.log_prob(back.x) + back.dlogp  # back.dlogp = -int_0^1 div v dt
-                part = -(wb * log_q).sum()
+                part = -(ws * log_q).sum()
                 part.backward()
                 loss += float(part.detach())
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         step += 1
-        u = u.detach()
-        finite = torch.isfinite(u)
-        ess = kish_ess(log_w) if torch.isfinite(log_w).any() else 0.0
-        mean_energy = float(u[finite].mean()) if finite.any() else math.inf
+        mean_energy, ess = math.nan, math.nan  # not measured on data frames
+        if u is not None:
+            finite = torch.isfinite(u)
+            ess = kish_ess(log_w) if torch.isfinite(log_w).any() else 0.0
+            mean_energy = float(u[finite].mean()) if finite.any() else math.inf
         row = {"step": step, "loss": loss, "mean_energy": mean_energy, "ess": ess}
         rows.append(row)
         csv_log.write(row)

@@ -395,12 +395,16 @@ def sample_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, opt
 @dataclass(frozen=True)
 class FinetuneOptions:
     """What ``finetune_checkpoint`` needs besides its paths: the objective's settings (``config``), the atom
-    encoding of the checkpoint (auto: by its input width) and the target's temperature (None: the
-    molecule's default, see ``tbg.chem.forcefield.default_temperature``)."""
+    encoding of the checkpoint (auto: by its input width), the target's temperature (None: the molecule's
+    default, see ``tbg.chem.forcefield.default_temperature``) and, for the max_likelihood objective, the MD
+    frames of the molecule (``data``), of which ``val_fraction`` is held out as ``train_on_md`` holds it out
+    with the same seed (``config.seed``): fine-tuning a model leaves its validation frames unseen."""
 
     config: EnergyTrainConfig
     encoding: str = "auto"
     temperature: float | None = None
+    data: MDData | None = None
+    val_fraction: float = 0.1
 
 
 def finetune_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, options: FinetuneOptions, *,
@@ -411,22 +415,31 @@ def finetune_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, o
     run there with the same inputs, see the module docstring); returns out/model.pt.
 
     Flow matching leaves the stiff coordinates (bond lengths and angles) loose; the reverse KL objective
-    pulls the flow's own samples toward low energy while its log-likelihood term keeps their spread.
+    pulls the flow's own samples toward low energy while its log-likelihood term keeps their spread; the
+    max_likelihood objective on MD frames then covers what the reverse KL left under-sampled.
     ``record(out)``, if given, is called once the folder is known to hold this run.
     """
     from tbg.chem.energy import EnergyModel
 
     cfg = options.config
     dyn = checkpoint_dynamics(checkpoint, molecule, encoding=options.encoding, backend=cfg.backend, device=device)
-    topology = molecule_topology(molecule)
-    energy = EnergyModel(topology, temperature=options.temperature, platform=platform)
-    defines = {"molecule": molecule_record(mdtraj.Topology.from_openmm(topology), dyn.features),
+    openmm_topology = molecule_topology(molecule)
+    topology = mdtraj.Topology.from_openmm(openmm_topology)
+    energy = EnergyModel(openmm_topology, temperature=options.temperature, platform=platform)
+    defines = {"molecule": molecule_record(topology, dyn.features),
                "checkpoint_sha256": file_sha256(checkpoint), "temperature": energy.temperature,
                "objective": cfg.objective, "batch_size": cfg.batch_size, "lr": cfg.lr, "grad_clip": cfg.grad_clip,
                "divergence": cfg.divergence, "n_probes": cfg.n_probes, "solver": cfg.solver.record(),
                "sample_solver": cfg.sample_solver.record(), "seed": cfg.seed}
     if cfg.micro_batch_size is not None:  # recorded only when set: runs from before the option still resume
         defines["micro_batch_size"] = cfg.micro_batch_size
+    frames = None
+    if cfg.objective == "max_likelihood":
+        if options.data is None:
+            raise InputError("the max_likelihood objective needs the MD frames of the molecule")
+        frames, defines["data"] = _training_frames(options.data, topology, options.val_fraction, cfg.seed)
+    elif options.data is not None:
+        raise InputError(f"MD frames are the data of the max_likelihood objective only, not of {cfg.objective}")
     name = molecule.name if isinstance(molecule, Peptide) else Path(molecule).name
     with claimed(out, FINETUNING_RUN, defines, info={"checkpoint": str(checkpoint), "molecule": name},
                  work=(CHECKPOINT_DIR, FINAL_MODEL)):
@@ -436,10 +449,31 @@ def finetune_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, o
         log.info("fine-tuning %s on %s by %s at %.1f K for %d steps", checkpoint, name, cfg.objective,
                  energy.temperature, cfg.n_steps)
         try:
-            train_by_energy(dyn.egnn, dyn.features, energy.torch_reduced_energy, out, cfg)
+            train_by_energy(dyn.egnn, dyn.features, energy.torch_reduced_energy, out, cfg, data=frames)
         except FloatingPointError as err:  # the flow's samples include broken molecules
             raise InputError(f"{checkpoint}: {err}") from err
     return out / FINAL_MODEL
+
+
+def _training_frames(md: MDData, topology: mdtraj.Topology, val_fraction: float,
+                     seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The frames of ``md`` [M, 3N] (model units) less the validation fraction ``split_frames`` holds out
+    with ``seed``, and their record; the atoms must be ``topology``'s, in its order."""
+    from tbg.chem.data import PeptideDataset
+
+    try:
+        frames = PeptideDataset(md, encoding="atoms")
+    except ValueError as err:
+        raise err if isinstance(err, InputError) else InputError(f"MD data: {err}") from err
+    name = frames.names[0]
+    atoms = [(a.residue.name, a.name) for a in frames.topologies[name].atoms]
+    if atoms != [(a.residue.name, a.name) for a in topology.atoms]:
+        raise InputError(f"{md.trajectory}: its atoms are not the fine-tuned molecule's (in the same order)")
+    positions = frames.frames_of(name)
+    train_idx, val_idx = split_frames(len(positions), val_fraction, seed)
+    record = {"frames": len(positions), "held_out": len(val_idx), "val_fraction": val_fraction,
+              "positions_sha256": arrays_sha256(positions.numpy())}
+    return positions[torch.as_tensor(train_idx)].reshape(len(train_idx), -1), record
 
 
 def _write_topology(molecule: Path | Peptide, path: Path) -> None:
