@@ -908,8 +908,9 @@ COMMANDS: dict[str, Command] = {
     "sample": ("sample a trained or published model with exact likelihood into samples.npz and trajectory files "
                "for molecular viewers (resumable)",
                _configure_sample, _cmd_sample),
-    "finetune": ("fine-tune a trained flow by energy (reverse KL or importance-weighted) toward the Boltzmann "
-                 "distribution, with OpenMM energies and forces (resumable)", _configure_finetune, _cmd_finetune),
+    "finetune": ("fine-tune a trained flow toward the Boltzmann distribution: by energy (reverse KL or "
+                 "importance-weighted, OpenMM energies and forces) or by maximum likelihood of MD frames "
+                 "(resumable)", _configure_finetune, _cmd_finetune),
     "refine": ("refine a model's samples toward the Boltzmann distribution with SMC and/or independence "
                "Metropolis-Hastings (OpenMM energies and forces): weighted refined samples, per-stage log, costs "
                "(resumable)", _configure_refine, _cmd_refine),

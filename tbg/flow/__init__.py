@@ -11,7 +11,8 @@
   (``SampleConfig(profile=True)``: stage times, evaluations per sample, peak memory, a trace) lives in
   ``tbg.flow.profile``, the memory model behind ``batch_size="auto"`` in ``tbg.flow.memory`` and the
   batch-size sweep of ``tbg profile`` in ``tbg.flow.sweep``.
-- training by energy: ``train_by_energy`` (reverse KL or importance-weighted) with ``EnergyTrainConfig``.
+- fine-tuning: ``train_by_energy`` (reverse KL, importance-weighted, or maximum likelihood of MD frames)
+  with ``EnergyTrainConfig``.
 - reweighting: ``log_importance_weights``, ``kish_ess``, ``normalized_weights``, ``weighted_mean``,
   the tail diagnostic ``pareto_k`` (can the weighted estimates be trusted?), tail treatments
   ``clip_log_weights`` and ``energy_cutoff_log_weights``, compared with plain importance
