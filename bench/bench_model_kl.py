@@ -39,7 +39,7 @@ from tbg.flow import SolverConfig
 from tbg.flow.ode import integrate
 from tbg.flow.prior import MeanFreeGaussian
 from tbg.flow.runs import checkpoint_dynamics, find_run_model, molecule_topology, split_frames
-from tbg.runfolder import arrays_sha256
+from tbg.flow.sample import flow_record
 
 
 def mean_and_se(values: np.ndarray) -> tuple[float, float]:
@@ -62,9 +62,8 @@ def main() -> None:
         sys.exit(f"{a.checkpoint}: no topology.pdb beside the model")
     samples = Path(a.samples)
     dyn = checkpoint_dynamics(model, topology)
-    recorded = json.loads((samples / "run.json").read_text())["defines"].get("flow", {}).get("parameters_sha256")
-    if recorded != arrays_sha256(*(v.detach() for _, v in sorted(dyn.egnn.state_dict().items()))):
-        sys.exit(f"{samples} was not sampled from the weights of {model}")
+    if json.loads((samples / "run.json").read_text())["defines"].get("flow") != flow_record(dyn):
+        sys.exit(f"{samples} was not sampled from the weights and atom features of {model}")
     energy = EnergyModel(molecule_topology(topology))
     prior = MeanFreeGaussian(dyn.features.shape[0])
     t0 = time.perf_counter()

@@ -366,8 +366,8 @@ OPTION_CASES = {
                             "garbage.pdb: "),
     ("finetune", "--data"): (["finetune", "--checkpoint", "{run}", "--objective", "max-likelihood", "--data",
                               "{two_molecules}", "--out", "{out}"], "holds 2 molecules"),
-    ("finetune", "--topology"): (["finetune", "--checkpoint", "{run}", "--objective", "max-likelihood", "--data", "{md}",
-                                  "--topology", "{out}/none.pdb", "--out", "{out}"],
+    ("finetune", "--topology"): (["finetune", "--checkpoint", "{run}", "--objective", "max-likelihood", "--data",
+                                  "{md}", "--topology", "{out}/none.pdb", "--out", "{out}"],
                                  "--topology {out}/none.pdb: file not found"),
     **{("finetune", flag): (["finetune", "--checkpoint", "{run}", "--out", "{out}", flag, value],
                             f"argument {flag}: invalid")

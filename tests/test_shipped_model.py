@@ -39,7 +39,8 @@ def test_shipped_model_folder_is_complete():
     meta = torch.load(MODEL / "model.pt", map_location="cpu", weights_only=True)["tbg"]
     # The logs end where the shipped weights were taken, and the README names the steps of all three stages.
     assert read_train_log(MODEL)[-1]["step"] == meta["flow_matching_step"]
-    for log, step in (("energy_log.csv", meta["finetune_step"]), ("max_likelihood_log.csv", meta["max_likelihood_step"])):
+    logs = (("energy_log.csv", meta["finetune_step"]), ("max_likelihood_log.csv", meta["max_likelihood_step"]))
+    for log, step in logs:
         with (MODEL / log).open() as fh:
             assert int(list(csv.DictReader(fh))[-1]["step"]) == step
     readme = (MODEL / "README.md").read_text()

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,10 +87,16 @@ SHIPPED_MODELS: dict[str, Path] = {
 }
 
 
+def atom_identities(atoms: Iterable[Any]) -> list[tuple[str, str, str]]:
+    """(residue name, atom name, element) of each atom, in order: what makes two topologies (mdtraj or
+    OpenMM) the same molecule in the same atom order."""
+    return [(a.residue.name, a.name, a.element.symbol if a.element is not None else "") for a in atoms]
+
+
 def molecule_record(topology: mdtraj.Topology, features: torch.Tensor) -> dict[str, Any]:
     """What identifies a molecule to a model: residue sequence, atom names, and SHA-256 of the topology
     (residues, atom names and elements in order, bonds) and of the atom features (float32)."""
-    atoms = [(a.residue.name, a.name, a.element.symbol if a.element is not None else "") for a in topology.atoms]
+    atoms = atom_identities(topology.atoms)
     bonds = np.array(sorted(tuple(sorted((b[0].index, b[1].index))) for b in topology.bonds), dtype=np.int64)
     return {"sequence": "-".join(r.name for r in topology.residues),
             "atom_names": " ".join(a.name for a in topology.atoms),
@@ -254,8 +260,7 @@ def same_molecule(pdb_a: Path, pdb_b: Path) -> bool:
     import openmm.app as app
 
     def atoms(path: Path) -> list[tuple[str, str, str]]:
-        return [(a.residue.name, a.name, a.element.symbol if a.element else "")
-                for a in app.PDBFile(str(path)).topology.atoms()]
+        return atom_identities(app.PDBFile(str(path)).topology.atoms())
 
     return atoms(pdb_a) == atoms(pdb_b)
 
@@ -466,8 +471,7 @@ def _training_frames(md: MDData, topology: mdtraj.Topology, val_fraction: float,
     except ValueError as err:
         raise err if isinstance(err, InputError) else InputError(f"MD data: {err}") from err
     name = frames.names[0]
-    atoms = [(a.residue.name, a.name) for a in frames.topologies[name].atoms]
-    if atoms != [(a.residue.name, a.name) for a in topology.atoms]:
+    if atom_identities(frames.topologies[name].atoms) != atom_identities(topology.atoms):
         raise InputError(f"{md.trajectory}: its atoms are not the fine-tuned molecule's (in the same order)")
     positions = frames.frames_of(name)
     train_idx, val_idx = split_frames(len(positions), val_fraction, seed)

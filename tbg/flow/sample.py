@@ -159,6 +159,16 @@ def _device(dyn: Dynamics, cfg: SampleConfig) -> torch.device:
     return egnn.embedding.weight.device if egnn is not None else torch.device("cpu")
 
 
+def flow_record(dyn: Dynamics) -> dict[str, str]:
+    """For EGNN-backed dynamics the SHA-256 of the network's parameters and of the atom features (what a
+    sampling run records of its flow, ``sampling_manifest``); empty for other dynamics."""
+    egnn, features = getattr(dyn, "egnn", None), getattr(dyn, "features", None)
+    if egnn is None or features is None:
+        return {}
+    return {"parameters_sha256": arrays_sha256(*(v.detach().cpu() for _, v in sorted(egnn.state_dict().items()))),
+            "features_sha256": arrays_sha256(features.detach().cpu())}
+
+
 def sampling_manifest(dyn: Dynamics, n_atoms: int, config: SampleConfig,
                       identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """What defines the chunks of a sampling run (recorded in its run.json): ``identity`` (what the caller
@@ -168,10 +178,7 @@ def sampling_manifest(dyn: Dynamics, n_atoms: int, config: SampleConfig,
     keep = asdict(config)
     for k in ("progress", "memory_budget_gb", "device", "profile"):
         keep.pop(k)
-    egnn, features = getattr(dyn, "egnn", None), getattr(dyn, "features", None)
-    flow = {} if egnn is None or features is None else {"flow": {
-        "parameters_sha256": arrays_sha256(*(v.detach().cpu() for _, v in sorted(egnn.state_dict().items()))),
-        "features_sha256": arrays_sha256(features.detach().cpu())}}
+    flow = {"flow": record} if (record := flow_record(dyn)) else {}
     # Options at their defaults are left out: the records of runs made before the options existed.
     keep["solver"] = config.solver.record()
     if not config.quadrature_panels:
