@@ -81,6 +81,7 @@ NONNEGATIVE_INT = _checked(int, lambda v: v >= 0, "an integer >= 0")
 POSITIVE_FLOAT = _checked(float, lambda v: math.isfinite(v) and v > 0, "a number > 0")
 NONNEGATIVE_FLOAT = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 OPEN_UNIT = _checked(float, lambda v: 0 < v < 1, "a number between 0 and 1 (exclusive)")
+ABOVE_ONE = _checked(float, lambda v: math.isfinite(v) and v > 1, "a number > 1")
 HALF_OPEN_UNIT = _checked(float, lambda v: 0 <= v < 1, "a number >= 0 and < 1")
 QUANTILE = _checked(float, lambda v: 0 < v <= 1, "a number > 0 and <= 1")
 UNIT = _checked(float, lambda v: 0 <= v <= 1, "a number between 0 and 1")
@@ -576,19 +577,24 @@ def _configure_finetune(p: argparse.ArgumentParser) -> None:
                    "(default: 300 for capped peptides such as alanine dipeptide, 310 otherwise)")
     d = FINETUNE_DEFAULTS
     g = p.add_argument_group("objective (tbg.flow.energy)")
-    g.add_argument("--objective", choices=["reverse-kl", "importance", "max-likelihood"], default=None,
+    g.add_argument("--objective", choices=["reverse-kl", "importance", "max-likelihood", "renyi"], default=None,
                    help="reverse-kl: E_q[u + log q] on the flow's samples, backpropagated through the ODE solve; "
                         "importance: importance-weighted maximum likelihood of the flow's own samples; "
                         "max-likelihood: maximum likelihood of MD frames (--data), which covers what the "
-                        f"mode-seeking reverse KL leaves under-sampled (default: {d['objective']})")
-    g.add_argument("--data", metavar="PATH", help=f"MD data of the molecule for --objective max-likelihood: "
+                        "mode-seeking reverse KL leaves under-sampled; renyi: the Renyi divergence of order "
+                        "--renyi-order of the MD frames' distribution from the flow's, maximum likelihood with "
+                        "each frame weighted by (p/q)^(order - 1): order 2 is what the ESS measures "
+                        f"(default: {d['objective']})")
+    g.add_argument("--renyi-order", type=ABOVE_ONE, metavar="ALPHA", help="order of --objective renyi "
+                   "(default: 2, the order the ESS measures)")
+    g.add_argument("--data", metavar="PATH", help=f"MD data of the molecule for --objective max-likelihood or renyi: "
                    f"{DATA_HELP}; the validation frames `tbg train --seed` holds out are left out here too "
                    f"(default: the shipped alanine dipeptide data, {ALA2_DATA})")
     _topology_arg(p)
     g.add_argument("--steps", type=POSITIVE_INT, metavar="N", help="optimizer steps (a rerun continues up to this "
                    f"many) (default: {d['steps']})")
     g.add_argument("--batch-size", type=POSITIVE_INT, metavar="B", help="flow samples (MD frames for "
-                   f"max-likelihood) per step (default: {d['batch_size']})")
+                   f"max-likelihood and renyi) per step (default: {d['batch_size']})")
     g.add_argument("--micro-batch-size", type=POSITIVE_INT, metavar="M", help="differentiate the solves of M "
                    "samples at a time and sum their gradients: the whole batch's gradient in a fraction of the "
                    "memory (must divide --batch-size; default: the whole batch at once)")
@@ -629,15 +635,18 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         raise UsageError(f"--ode-panels sets the steps of a fixed-step --method ({', '.join(FIXED)}); "
                          f"{args.method} chooses its own")
     data = None
-    if args.objective == "max-likelihood":
+    if args.objective in ("max-likelihood", "renyi"):
         data = _one_molecule(args, _md_data(args, [args.data or ALA2_DATA]))
     elif args.data is not None or args.topology is not None:
-        raise UsageError("--data and --topology name the MD frames of --objective max-likelihood only")
+        raise UsageError("--data and --topology name the MD frames of --objective max-likelihood or renyi only")
+    if args.renyi_order is not None and args.objective != "renyi":
+        raise UsageError("--renyi-order is the order of --objective renyi only")
     platform = _openmm_platform(args, fallback=True)  # before _device names the default device
     device = _device(args)
     config = EnergyTrainConfig(objective=args.objective.replace("-", "_"), n_steps=args.steps,
                                batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                               lr=args.lr, grad_clip=args.grad_clip,
+                               lr=args.lr, grad_clip=args.grad_clip, 
+                               renyi_order=args.renyi_order or EnergyTrainConfig.renyi_order,
                                divergence=args.divergence, n_probes=args.probes,
                                solver=SolverConfig(args.method, n_steps=args.ode_steps,
                                                    panels=_increasing(args.ode_panels, "--ode-panels")),

@@ -76,3 +76,15 @@ def test_finetune_max_likelihood_of_md_frames(tmp_path: Path, capsys: pytest.Cap
                         "--data", md, "--steps", "1", *TINY], capsys)
     assert code != 0 and "its atoms are not the fine-tuned molecule's" in err, err
     assert not (tmp_path / "no").exists()
+
+
+def test_finetune_renyi_weights_md_frames(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "renyi"
+    code, _, err = run(["finetune", "--checkpoint", SHIPPED, "--out", out, "--objective", "renyi", "--renyi-order",
+                        "1.5", "--steps", "1", *TINY], capsys)
+    assert code == 0, err
+    (row,) = _log(out)
+    assert -60 < float(row["mean_energy"]) < 0  # the MD frames' reduced energy (MD's mean is -35.5)
+    assert 0 < float(row["ess"]) <= 1 and torch.isfinite(torch.tensor(float(row["loss"])))
+    defines = json.loads((out / "run.json").read_text())["defines"]
+    assert defines["renyi_order"] == 1.5 and defines["data"]["held_out"] == 1000

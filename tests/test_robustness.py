@@ -151,6 +151,8 @@ ISSUE_CASES = {
                                           "--ode-panels", "0.1"], "--ode-panels sets the steps of a fixed-step"),
     "finetune data without max-likelihood": (["finetune", "--checkpoint", "{run}", "--out", "{out}", "--data", "{md}"],
                                              "--data and --topology name the MD frames of --objective max-likelihood"),
+    "renyi order of another objective": (["finetune", "--checkpoint", "{run}", "--out", "{out}", "--renyi-order", "2"],
+                                         "--renyi-order is the order of --objective renyi only"),
     # corrupt or foreign inputs, reported by path
     "data truncated npz": (["train", "--data", "{bad}/trunc-traj-arrays.npz", "--out", "{out}"],
                            "trunc-traj-arrays.npz: not a readable .npz file"),
@@ -372,10 +374,10 @@ OPTION_CASES = {
     **{("finetune", flag): (["finetune", "--checkpoint", "{run}", "--out", "{out}", flag, value],
                             f"argument {flag}: invalid")
        for flag, value in [("--encoding", "x"), ("--backend", "x"), ("--temperature", "0"), ("--objective", "kl"),
-                           ("--steps", "0"), ("--batch-size", "0"), ("--lr", "0"), ("--grad-clip", "-1"),
-                           ("--divergence", "x"), ("--probes", "0"), ("--method", "x"), ("--ode-steps", "0"),
-                           ("--ode-panels", "1"), ("--micro-batch-size", "0"), ("--checkpoint-every", "0"),
-                           ("--keep-checkpoints", "0")]},
+                           ("--renyi-order", "1"), ("--steps", "0"), ("--batch-size", "0"), ("--lr", "0"),
+                           ("--grad-clip", "-1"), ("--divergence", "x"), ("--probes", "0"), ("--method", "x"),
+                           ("--ode-steps", "0"), ("--ode-panels", "1"), ("--micro-batch-size", "0"),
+                           ("--checkpoint-every", "0"), ("--keep-checkpoints", "0")]},
     ("demo", "--out"): (["demo", "--out", "{t76}", "--data", "{md}"], "exists and is not a folder"),
     ("demo", "--device"): (["demo", "--out", "{out}", "--device", "gpu"], "expected cpu, cuda or cuda:N"),
     ("demo", "--seed"): (["demo", "--out", "{out}", "--seed", "-1"], "argument --seed"),

@@ -1,6 +1,6 @@
 """Fine-tuning a trained flow toward exp(-u): by energy, or by the likelihood of MD frames (optional).
 
-Three objectives, all differentiating the log-likelihood through the ODE solve and the divergence:
+Four objectives, all differentiating the log-likelihood through the ODE solve and the divergence:
 
 * ``"reverse_kl"``: KL(q || p) = E_z[u(x) - dlogp] + const, x = flow(z), dlogp = int div v dt. The
   gradient flows through the ODE solver (fixed-step by default), the divergence (Hutchinson probes by
@@ -14,6 +14,12 @@ Three objectives, all differentiating the log-likelihood through the ODE solve a
   to a constant with the target's own samples in place of weights: minimise -mean log q(x) over frames
   drawn uniformly, log q by the same back solve. Mass-covering: it raises the density where the flow
   under-samples the target, which is what makes importance weights heavy-tailed. Uses no energy.
+* ``"renyi"``: the Renyi divergence of order alpha = ``renyi_order`` > 1 of p from q on the same frames,
+  D_alpha(p || q) = log E_p[(p / q)^(alpha - 1)] / (alpha - 1). Its gradient is maximum likelihood with
+  each frame weighted by (p / q)^(alpha - 1), self-normalised over the batch (p / q from u and an exact,
+  undifferentiated back solve): the frames the flow covers worst count most. alpha = 2 is the quantity
+  the ESS measures (the large-sample Kish ESS fraction is exp(-D_2(p || q))); alpha -> 1 is
+  max_likelihood.
 
 Checkpoints every ``checkpoint_every`` steps (published layout + optimizer + RNG + step, the newest
 ``keep_checkpoints`` kept; ``tbg.flow.checkpointing``); a restarted run continues from the newest one.
@@ -41,9 +47,10 @@ from tbg.nn.egnn import EGNN, BoundDynamics
 
 log = logging.getLogger("tbg")
 
-__all__ = ["OBJECTIVES", "EnergyTrainConfig", "train_by_energy"]
+__all__ = ["OBJECTIVES", "DATA_OBJECTIVES", "EnergyTrainConfig", "train_by_energy"]
 
-OBJECTIVES = ("reverse_kl", "importance", "max_likelihood")
+OBJECTIVES = ("reverse_kl", "importance", "max_likelihood", "renyi")
+DATA_OBJECTIVES = ("max_likelihood", "renyi")  # the objectives that fit MD frames
 
 
 @dataclass
@@ -51,7 +58,8 @@ class EnergyTrainConfig:
     """Options of ``train_by_energy``. ``divergence``: "hutchinson" (``n_probes`` Rademacher probes) or
     "exact" for the differentiated log-det; the importance objective's weights always use the exact one."""
 
-    objective: Literal["reverse_kl", "importance", "max_likelihood"] = "reverse_kl"
+    objective: Literal["reverse_kl", "importance", "max_likelihood", "renyi"] = "reverse_kl"
+    renyi_order: float = 2.0  # alpha of the renyi objective
     n_steps: int = 100
     batch_size: int = 64
     micro_batch_size: int | None = None  # differentiated solves of this many samples, gradients summed per step
@@ -70,6 +78,8 @@ class EnergyTrainConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if not (math.isfinite(self.renyi_order) and self.renyi_order > 1):
+            raise ValueError(f"renyi_order must be a number above 1, got {self.renyi_order}")
         if self.divergence not in ("hutchinson", "exact"):
             raise ValueError(f"divergence must be 'hutchinson' or 'exact', got {self.divergence!r}")
         if self.n_steps < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
@@ -90,16 +100,19 @@ def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Ten
     """Fine-tune ``model`` for the molecule encoded by ``features`` [N, F] toward exp(-u).
 
     ``reduced_energy(x [B, 3N] model units) -> u [B]`` (U / kT). ``data`` [M, 3N] (model units): the
-    equilibrium frames of the "max_likelihood" objective (required by it, refused by the others). Writes
-    ``energy_log.csv`` (the max_likelihood objective logs no energy or ESS: NaN), checkpoints under
+    equilibrium frames of the data objectives (``DATA_OBJECTIVES``: required by them, refused by the
+    others). Writes ``energy_log.csv`` (for the data objectives the energy column is the frames' mean and the
+    ESS column the Kish ESS of the frames' weights, NaN for max_likelihood's equal ones), checkpoints under
     ``checkpoints/`` and the final ``model.pt`` to out_dir; returns this call's log rows.
     """
     cfg = config or EnergyTrainConfig()
     device, dtype = model.embedding.weight.device, model.embedding.weight.dtype
     features = features.to(device=device, dtype=dtype)
     prior = MeanFreeGaussian(features.shape[0])
-    if (data is None) != (cfg.objective != "max_likelihood"):
-        raise ValueError("the max_likelihood objective needs data (equilibrium frames) and the others take none")
+    if data is None and cfg.objective in DATA_OBJECTIVES:
+        raise ValueError(f"the {cfg.objective} objective needs data (equilibrium frames)")
+    if data is not None and cfg.objective not in DATA_OBJECTIVES:
+        raise ValueError(f"the {cfg.objective} objective takes no data (only {', '.join(DATA_OBJECTIVES)} do)")
     if data is not None:
         if data.dim() != 2 or data.shape[0] == 0 or data.shape[1] != prior.dim:
             raise ValueError(f"data must be [M >= 1, {prior.dim}] frames of this molecule, got {tuple(data.shape)}")
@@ -157,6 +170,14 @@ def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Ten
                 u = reduced_energy(fwd.x).detach()
                 log_w = log_importance_weights(u, prior.energy(z), fwd.dlogp)
                 x, weights = fwd.x, normalized_weights(log_w).to(dtype)
+            elif cfg.objective == "renyi":
+                x = data[torch.randint(len(data), (cfg.batch_size,), generator=gen, device=device)]
+                u = reduced_energy(x).detach()
+                with torch.no_grad():
+                    back = integrate(exact, x, t0=1.0, t1=0.0, solver=cfg.solver)
+                # log of each frame's weight (p / q)^(alpha - 1), up to a constant (log Z)
+                log_w = (cfg.renyi_order - 1) * (-u - (prior.log_prob(back.x) + back.dlogp))
+                weights = normalized_weights(log_w).to(dtype)
             else:
                 x = data[torch.randint(len(data), (cfg.batch_size,), generator=gen, device=device)]
                 weights = torch.full((cfg.batch_size,), 1 / cfg.batch_size, device=device, dtype=dtype)
@@ -171,7 +192,7 @@ def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Ten
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         step += 1
-        mean_energy, ess = math.nan, math.nan  # not measured on data frames
+        mean_energy, ess = math.nan, math.nan  # max_likelihood: frames of equal weight, no energy
         if u is not None:
             finite = torch.isfinite(u)
             ess = kish_ess(log_w) if torch.isfinite(log_w).any() else 0.0

@@ -52,7 +52,7 @@ from tbg.errors import InputError
 from tbg.flow import distributed as D
 from tbg.flow.checkpointing import CHECKPOINT_DIR, latest_checkpoint
 from tbg.flow.coupling import Coupling
-from tbg.flow.energy import EnergyTrainConfig, train_by_energy
+from tbg.flow.energy import DATA_OBJECTIVES, EnergyTrainConfig, train_by_energy
 from tbg.flow.profile import profile_run, stage
 from tbg.flow.reweight import log_importance_weights, normalized_weights
 from tbg.flow.sample import SampleConfig, sample, sampling_folder, sampling_manifest
@@ -401,9 +401,10 @@ def sample_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, opt
 class FinetuneOptions:
     """What ``finetune_checkpoint`` needs besides its paths: the objective's settings (``config``), the atom
     encoding of the checkpoint (auto: by its input width), the target's temperature (None: the molecule's
-    default, see ``tbg.chem.forcefield.default_temperature``) and, for the max_likelihood objective, the MD
-    frames of the molecule (``data``), of which ``val_fraction`` is held out as ``train_on_md`` holds it out
-    with the same seed (``config.seed``): fine-tuning a model leaves its validation frames unseen."""
+    default, see ``tbg.chem.forcefield.default_temperature``) and, for the objectives on MD frames
+    (``tbg.flow.energy.DATA_OBJECTIVES``), the frames of the molecule (``data``), of which ``val_fraction`` is
+    held out as ``train_on_md`` holds it out with the same seed (``config.seed``): fine-tuning a model leaves
+    its validation frames unseen."""
 
     config: EnergyTrainConfig
     encoding: str = "auto"
@@ -421,7 +422,7 @@ def finetune_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, o
 
     Flow matching leaves the stiff coordinates (bond lengths and angles) loose; the reverse KL objective
     pulls the flow's own samples toward low energy while its log-likelihood term keeps their spread; the
-    max_likelihood objective on MD frames then covers what the reverse KL left under-sampled.
+    max_likelihood and renyi objectives on MD frames then cover what the reverse KL left under-sampled.
     ``record(out)``, if given, is called once the folder is known to hold this run.
     """
     from tbg.chem.energy import EnergyModel
@@ -439,12 +440,14 @@ def finetune_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, o
     if cfg.micro_batch_size is not None:  # recorded only when set: runs from before the option still resume
         defines["micro_batch_size"] = cfg.micro_batch_size
     frames = None
-    if cfg.objective == "max_likelihood":
+    if cfg.objective == "renyi":
+        defines["renyi_order"] = cfg.renyi_order
+    if cfg.objective in DATA_OBJECTIVES:
         if options.data is None:
-            raise InputError("the max_likelihood objective needs the MD frames of the molecule")
+            raise InputError(f"the {cfg.objective} objective needs the MD frames of the molecule")
         frames, defines["data"] = _training_frames(options.data, topology, options.val_fraction, cfg.seed)
     elif options.data is not None:
-        raise InputError(f"MD frames are the data of the max_likelihood objective only, not of {cfg.objective}")
+        raise InputError(f"MD frames are the data of the objectives {DATA_OBJECTIVES} only, not of {cfg.objective}")
     name = molecule.name if isinstance(molecule, Peptide) else Path(molecule).name
     with claimed(out, FINETUNING_RUN, defines, info={"checkpoint": str(checkpoint), "molecule": name},
                  work=(CHECKPOINT_DIR, FINAL_MODEL)):
