@@ -10,7 +10,15 @@ nats, so it cannot rank two close models. The two KL divergences can, each up to
     J = R - F = KL(q || p) + KL(p || q)                    (the symmetric KL, Jeffreys divergence: no log Z)
 
 R is what the reverse-KL fine-tuning lowers and -F what maximum likelihood of MD frames lowers; J counts
-both, with error bars of a fraction of a nat where the ESS has a factor of two. u = U / kT at the molecule's
+both, with error bars of a fraction of a nat where the ESS has a factor of two. A third column is what the
+ESS itself measures, on the same frames:
+
+    Q = log E_p[exp(-u(x) - log q(x))] = D_2(p || q) + log Z   (the large-sample Kish ESS fraction is
+                                                                exp(-D_2(p || q)) = Z exp(-Q))
+
+Q of two models on the same frames differ by minus the log of their ESS ratio. It rests on the frames the
+flow covers worst, so its error bar (a bootstrap over the frames) is wide and itself uncertain: a frame the
+64 do not hold can raise it. u = U / kT at the molecule's
 temperature, p = exp(-u) / Z. The MD frames are the validation frames `tbg train --seed 0` holds out
 (`tbg.flow.runs.split_frames`), so no model trained or fine-tuned with seed 0 has seen them.
 
@@ -44,6 +52,16 @@ from tbg.flow.sample import flow_record
 
 def mean_and_se(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values)))
+
+
+def log_mean_exp_and_se(values: np.ndarray, n_boot: int = 2000) -> tuple[float, float]:
+    """log mean exp(values) and its bootstrap standard error over the values."""
+    def lme(v: np.ndarray) -> np.ndarray:
+        top = v.max(-1, keepdims=True)
+        return (top + np.log(np.exp(v - top).mean(-1, keepdims=True)))[..., 0]
+
+    boot = np.random.default_rng(0).choice(values, size=(n_boot, len(values)))
+    return float(lme(values)), float(lme(boot).std(ddof=1))
 
 
 def main() -> None:
@@ -88,10 +106,12 @@ def main() -> None:
 
     (f, f_se), (r, r_se) = mean_and_se(frame_terms), mean_and_se(sample_terms[finite])
     print(f"# {machine()}; {time.perf_counter() - t0:.0f} s\n# python {' '.join(map(shlex.quote, sys.argv))}")
-    print("| model | MD frames | samples | R = KL(q||p) - log Z | F = -KL(p||q) - log Z | J = R - F [nats] |")
-    print("|---|---|---|---|---|---|")
+    q, q_se = log_mean_exp_and_se(-frame_terms)
+    print("| model | MD frames | samples | R = KL(q||p) - log Z | F = -KL(p||q) - log Z | J = R - F [nats] | "
+          "Q = D_2(p||q) + log Z |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {a.checkpoint} | {len(frame_terms)} | {finite.sum()} of {len(finite)} | {r:.2f} +- {r_se:.2f} | "
-          f"{f:.2f} +- {f_se:.2f} | {r - f:.2f} +- {np.hypot(r_se, f_se):.2f} |")
+          f"{f:.2f} +- {f_se:.2f} | {r - f:.2f} +- {np.hypot(r_se, f_se):.2f} | {q:.2f} +- {q_se:.2f} |")
     if a.save:
         np.savez(a.save, frames=frame_terms, samples=sample_terms)
 
