@@ -33,6 +33,8 @@ from tbg.flow.ode import integrate
 from tbg.flow.prior import MeanFreeGaussian
 from tbg.flow.runs import checkpoint_dynamics, find_run_model, molecule_topology
 
+NEEDS_ARGUMENTS = True  # it measures a checkpoint the caller names: `tbg bench` runs it by name only
+
 
 def parse_grid(spec: str) -> SolverConfig:
     steps, _, panels = spec.partition("@")

@@ -49,6 +49,8 @@ from tbg.flow.prior import MeanFreeGaussian
 from tbg.flow.runs import checkpoint_dynamics, find_run_model, molecule_topology, split_frames
 from tbg.flow.sample import flow_record
 
+NEEDS_ARGUMENTS = True  # it measures a checkpoint the caller names: `tbg bench` runs it by name only
+
 
 def mean_and_se(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values)))

@@ -44,6 +44,8 @@ from tbg.flow.refine import MCMCConfig, SMCConfig
 from tbg.flow.refine.runs import RefineOptions, refine_samples
 from tbg.flow.runs import SamplingOptions, find_run_model, sample_checkpoint
 
+NEEDS_ARGUMENTS = True  # it measures a checkpoint the caller names: `tbg bench` runs it by name only
+
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -12,6 +12,7 @@ line on stderr: bad input exits with status 2, other failures with 1, an interru
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import logging
@@ -854,9 +855,20 @@ def _bench_dir() -> Path:
     return bench
 
 
+def _needs_arguments(script: Path) -> bool:
+    """Whether a bench script sets NEEDS_ARGUMENTS = True (read from its source, without importing it): it
+    measures what the caller names (a checkpoint, samples), so a run of every script leaves it out."""
+    for node in ast.parse(script.read_text(), filename=str(script)).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "NEEDS_ARGUMENTS"
+                                                for t in node.targets):
+            return isinstance(node.value, ast.Constant) and node.value.value is True
+    return False
+
+
 def _configure_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*", metavar="NAME",
-                   help="scripts to run: bench_NAME.py or NAME.py in bench/ (default: every bench_*.py)")
+                   help="scripts to run: bench_NAME.py or NAME.py in bench/ (default: every bench_*.py that "
+                        "runs without arguments; --list marks the others)")
     p.add_argument("--list", action="store_true", help="list the benchmark scripts and exit")
     p.add_argument("--args", metavar="'ARGS'", default="",
                    help="arguments passed on to the script(s), quoted and with '=': --args='--n-samples 8'")
@@ -870,7 +882,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     bench = _bench_dir()
     scripts = sorted(bench.glob("bench_*.py"))
     if args.list:
-        print("\n".join(s.stem.removeprefix("bench_") for s in scripts))
+        print("\n".join(s.stem.removeprefix("bench_") + ("  (needs arguments: `tbg bench NAME --args=...`)"
+                                                         if _needs_arguments(s) else "") for s in scripts))
         return
     if args.names:
         chosen = []
@@ -881,6 +894,10 @@ def _cmd_bench(args: argparse.Namespace) -> None:
                                  f"{', '.join(s.stem.removeprefix('bench_') for s in scripts)}")
             chosen.append(match[0])
         scripts = chosen
+    else:
+        if skipped := [s.stem.removeprefix("bench_") for s in scripts if _needs_arguments(s)]:
+            print(f"== not run, they need arguments (run each by name): {', '.join(skipped)}", flush=True)
+        scripts = [s for s in scripts if not _needs_arguments(s)]
     failed = []
     for script in scripts:
         print(f"== {script.name}", flush=True)

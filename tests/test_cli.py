@@ -347,4 +347,18 @@ def test_info_and_bench_list(capsys: pytest.CaptureFixture) -> None:
     code, out, _ = run(["info"], capsys)
     assert code == 0 and "torch.ops.tbg.egnn_forward" in out and "cpu: C++ CPU kernel" in out
     code, out, _ = run(["bench", "--list"], capsys)
-    assert code == 0 and "validity" in out.split()
+    assert code == 0 and "validity" in out.splitlines()
+    needs = {"model_kl", "refine", "finetune_solver"}  # they measure a checkpoint the caller names
+    assert {line.split()[0] for line in out.splitlines() if "needs arguments" in line} == needs
+
+
+def test_bench_runs_every_script_that_needs_no_arguments(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    ran = []
+    monkeypatch.setattr(subprocess, "run", lambda argv, **kw: ran.append(Path(argv[1]).stem) or
+                        subprocess.CompletedProcess(argv, 0))
+    code, out, _ = run(["bench"], capsys)
+    assert code == 0 and "bench_validity" in ran and "bench_model_kl" not in ran
+    assert "not run, they need arguments (run each by name): finetune_solver, model_kl, refine" in out
+    ran.clear()
+    assert run(["bench", "model_kl", "--args=--help"], capsys)[0] == 0 and ran == ["bench_model_kl"]
