@@ -28,23 +28,27 @@ def shipped() -> tuple[tbg.EGNN, torch.Tensor, md.Topology]:
 def test_shipped_model_folder_is_complete():
     for name in ("model.pt", "topology.pdb", "training.run.json", "training.config.json", "train_log.csv",
                  "finetune.run.json", "finetune.config.json", "energy_log.csv", "max_likelihood.run.json",
-                 "max_likelihood.config.json", "max_likelihood_log.csv", "README.md", "field_check.npz"):
+                 "max_likelihood.config.json", "max_likelihood_log.csv", "max_likelihood_2.run.json",
+                 "max_likelihood_2.config.json", "max_likelihood_2_log.csv", "README.md", "field_check.npz"):
         assert (MODEL / name).is_file(), name
     assert (MODEL / "model.pt").stat().st_size < 2**20
     training = json.loads((MODEL / "training.run.json").read_text())
     assert training["kind"] == TRAINING_RUN and training["defines"]["coupling"] == "aligned"
     assert json.loads((MODEL / "finetune.run.json").read_text())["kind"] == FINETUNING_RUN
-    max_likelihood = json.loads((MODEL / "max_likelihood.run.json").read_text())
-    assert max_likelihood["kind"] == FINETUNING_RUN and max_likelihood["defines"]["objective"] == "max_likelihood"
+    for stage in ("max_likelihood", "max_likelihood_2"):
+        record = json.loads((MODEL / f"{stage}.run.json").read_text())
+        assert record["kind"] == FINETUNING_RUN and record["defines"]["objective"] == "max_likelihood"
     meta = torch.load(MODEL / "model.pt", map_location="cpu", weights_only=True)["tbg"]
-    # The logs end where the shipped weights were taken, and the README names the steps of all three stages.
+    # The logs end where the shipped weights were taken, and the README names the steps of all four stages.
     assert read_train_log(MODEL)[-1]["step"] == meta["flow_matching_step"]
-    logs = (("energy_log.csv", meta["finetune_step"]), ("max_likelihood_log.csv", meta["max_likelihood_step"]))
+    logs = (("energy_log.csv", meta["finetune_step"]), ("max_likelihood_log.csv", meta["max_likelihood_step"]),
+            ("max_likelihood_2_log.csv", meta["max_likelihood_2_step"]))
     for log, step in logs:
         with (MODEL / log).open() as fh:
             assert int(list(csv.DictReader(fh))[-1]["step"]) == step
     readme = (MODEL / "README.md").read_text()
-    for step in (meta["flow_matching_step"], meta["finetune_step"], meta["max_likelihood_step"]):
+    for step in (meta["flow_matching_step"], meta["finetune_step"], meta["max_likelihood_step"],
+                 meta["max_likelihood_2_step"]):
         assert f"step {step}" in readme
 
 
