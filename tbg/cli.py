@@ -646,7 +646,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     device = _device(args)
     config = EnergyTrainConfig(objective=args.objective.replace("-", "_"), n_steps=args.steps,
                                batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                               lr=args.lr, grad_clip=args.grad_clip, 
+                               lr=args.lr, grad_clip=args.grad_clip,
                                renyi_order=args.renyi_order or EnergyTrainConfig.renyi_order,
                                divergence=args.divergence, n_probes=args.probes,
                                solver=SolverConfig(args.method, n_steps=args.ode_steps,

@@ -118,7 +118,8 @@ def test_linear_field_log_likelihood(mode: str) -> None:
     m = torch.linalg.matrix_exp(a / 2)
     assert_close(res.x, z @ m.T, atol=1e-6, rtol=1e-6)
     # log q(x) = log N(z; 0, I) - dlogp must be the density of x = M z, N(0, M M^T)
-    logq = torch.distributions.MultivariateNormal(torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64))
+    logq = torch.distributions.MultivariateNormal(torch.zeros(d, dtype=torch.float64),
+                                                  torch.eye(d, dtype=torch.float64))
     logq_x = logq.log_prob(z) - res.dlogp
     exact = torch.distributions.MultivariateNormal(torch.zeros(d, dtype=torch.float64), m @ m.T).log_prob(res.x)
     assert_close(logq_x, exact, atol=1e-5, rtol=0)
@@ -201,7 +202,8 @@ def test_kish_ess_known_answers() -> None:
     assert kish_ess(torch.tensor([3.0, -math.inf, -math.inf, -math.inf])) == pytest.approx(0.25)
     # weights 1 (n1 times) and c (n2 times): (n1 + c n2)^2 / (n (n1 + c^2 n2))
     n1, n2, c = 30, 10, 5.0
-    lw = torch.cat([torch.zeros(n1, dtype=torch.float64), torch.full((n2,), math.log(c), dtype=torch.float64)]) + 1e4  # offset: must stay stable
+    offset = 1e4  # must stay stable
+    lw = torch.cat([torch.zeros(n1, dtype=torch.float64), torch.full((n2,), math.log(c), dtype=torch.float64)]) + offset
     assert kish_ess(lw) == pytest.approx((n1 + c * n2) ** 2 / ((n1 + n2) * (n1 + c * c * n2)), rel=1e-12)
     assert_close(normalized_weights(lw).sum(), torch.tensor(1.0, dtype=torch.float64))
     with pytest.raises(ValueError, match="no sample"):
@@ -554,7 +556,8 @@ def test_fixed_step_grid_on_panels() -> None:
         [np.linspace(0, .1, 5)[:-1], np.linspace(.1, .3, 5)[:-1], np.linspace(.3, 1, 5)])))
     assert_close(torch.from_numpy(step_grid(12, 1.0, 0.0, (0.1, 0.3))), torch.from_numpy(grid[::-1].copy()))
     assert np.diff(step_grid(5, 0.0, 1.0, (0.1, 0.3))).tolist() == pytest.approx([.05, .05, .1, .1, .7])
-    assert_close(torch.from_numpy(step_grid(2, 0.0, 1.0, (0.1, 0.3))), torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
+    assert_close(torch.from_numpy(step_grid(2, 0.0, 1.0, (0.1, 0.3))),
+                 torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
     assert_close(torch.from_numpy(step_grid(3, 0.0, 1.0)), torch.linspace(0, 1, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="at least one step"):
         step_grid(0, 0.0, 1.0)

@@ -170,18 +170,18 @@ def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Ten
                 u = reduced_energy(fwd.x).detach()
                 log_w = log_importance_weights(u, prior.energy(z), fwd.dlogp)
                 x, weights = fwd.x, normalized_weights(log_w).to(dtype)
-            elif cfg.objective == "renyi":
-                x = data[torch.randint(len(data), (cfg.batch_size,), generator=gen, device=device)]
-                u = reduced_energy(x).detach()
-                with torch.no_grad():
-                    back = integrate(exact, x, t0=1.0, t1=0.0, solver=cfg.solver)
-                # log of each frame's weight (p / q)^(alpha - 1), up to a constant (log Z)
-                log_w = (cfg.renyi_order - 1) * (-u - (prior.log_prob(back.x) + back.dlogp))
-                weights = normalized_weights(log_w).to(dtype)
             else:
                 x = data[torch.randint(len(data), (cfg.batch_size,), generator=gen, device=device)]
-                weights = torch.full((cfg.batch_size,), 1 / cfg.batch_size, device=device, dtype=dtype)
-                u = log_w = None
+                if cfg.objective == "renyi":
+                    u = reduced_energy(x).detach()
+                    with torch.no_grad():
+                        back = integrate(exact, x, t0=1.0, t1=0.0, solver=cfg.solver)
+                    # log of each frame's weight (p / q)^(alpha - 1), up to a constant (log Z)
+                    log_w = (cfg.renyi_order - 1) * (-u - (prior.log_prob(back.x) + back.dlogp))
+                    weights = normalized_weights(log_w).to(dtype)
+                else:
+                    weights = torch.full((cfg.batch_size,), 1 / cfg.batch_size, device=device, dtype=dtype)
+                    u = log_w = None
             for xs, ws in zip(x.split(size), weights.split(size)):
                 back = integrate(field_, xs, t0=1.0, t1=0.0, solver=cfg.solver, differentiable=True)
                 log_q = prior.log_prob(back.x) + back.dlogp  # back.dlogp = -int_0^1 div v dt
