@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import tbg
+import tbg.chem.energy as energy_module
 import tbg.flow.refine.runs as refine_runs
 from tbg.chem.energy import EnergyModel
 from tbg.chem.units import SCALE
@@ -122,10 +123,12 @@ def test_refine_writes_the_refined_samples(flow_samples, tmp_path: Path, capsys:
 def test_refine_resumes_after_an_interruption(flow_samples, tmp_path: Path, capsys: pytest.CaptureFixture,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Stopped during the annealed scheme (after 5 steps, checkpoint after each), a rerun continues from the
-    checkpoint and ends where an uninterrupted run ends, up to OpenMM's CPU summation order: its threads add
-    forces in a varying order, so the same positions give reduced energies that differ by up to ~2e-5 kT
-    between calls (measured: 7e-6 at the first stage), which moves the adaptive beta steps and so the final
-    log weights by up to ~4e-6 relative (measured), and the samples by ~1e-8."""
+    checkpoint and ends where an uninterrupted run ends. OpenMM's CPU platform runs on one thread here: its
+    threads add forces in a varying order (the same positions give reduced energies ~2e-6 kT apart between
+    calls), and the adaptive beta steps can turn such differences into log weights 5e-4 apart (it happened
+    in one CI run); on one thread the energies repeat exactly."""
+    single = energy_module.platform_properties
+    monkeypatch.setattr(energy_module, "platform_properties", lambda plat, threads=None: single(plat, threads=1))
     _, _, samples = flow_samples
     argv = ["refine", "--samples", samples, "--scheme", "adaptive", "--target-cess", "0.5", *REFINE, "--particles", "12",
             "--n-moves", "2"]
@@ -140,11 +143,11 @@ def test_refine_resumes_after_an_interruption(flow_samples, tmp_path: Path, caps
         if len(calls) == 5:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(refine_runs._Checkpointer, "__call__", interrupt)
-    code, _, err = run([*argv, "--out", tmp_path / "cut"], capsys)
+    with monkeypatch.context() as patch:
+        patch.setattr(refine_runs._Checkpointer, "__call__", interrupt)
+        code, _, err = run([*argv, "--out", tmp_path / "cut"], capsys)
     assert code == 130 and "rerun the same command to resume" in err
     assert (tmp_path / "cut" / "state" / "smc.npz").is_file() and not (tmp_path / "cut" / "smc.npz").exists()
-    monkeypatch.undo()
     code, _, err = run([*argv, "--out", tmp_path / "cut"], capsys)
     assert code == 0, err
     (whole, s_whole), (cut, s_cut) = _result(tmp_path / "whole"), _result(tmp_path / "cut")
