@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import logsumexp
 from common import machine
 
 from tbg.chem import ALANINE_DIPEPTIDE_DIR
@@ -58,12 +59,9 @@ def mean_and_se(values: np.ndarray) -> tuple[float, float]:
 
 def log_mean_exp_and_se(values: np.ndarray, n_boot: int = 2000) -> tuple[float, float]:
     """log mean exp(values) and its bootstrap standard error over the values."""
-    def lme(v: np.ndarray) -> np.ndarray:
-        top = v.max(-1, keepdims=True)
-        return (top + np.log(np.exp(v - top).mean(-1, keepdims=True)))[..., 0]
-
     boot = np.random.default_rng(0).choice(values, size=(n_boot, len(values)))
-    return float(lme(values)), float(lme(boot).std(ddof=1))
+    lme = logsumexp(np.vstack([values, boot]), axis=1) - np.log(len(values))
+    return float(lme[0]), float(lme[1:].std(ddof=1))
 
 
 def main() -> None:

@@ -623,6 +623,7 @@ def _configure_finetune(p: argparse.ArgumentParser) -> None:
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
     from tbg.flow import EnergyTrainConfig, SolverConfig
+    from tbg.flow.energy import DATA_OBJECTIVES
     from tbg.flow.runs import FinetuneOptions, finetune_checkpoint
 
     _resolve(args, FINETUNE_DEFAULTS)
@@ -635,8 +636,9 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     if args.ode_panels and args.method not in FIXED:
         raise UsageError(f"--ode-panels sets the steps of a fixed-step --method ({', '.join(FIXED)}); "
                          f"{args.method} chooses its own")
+    objective = args.objective.replace("-", "_")
     data = None
-    if args.objective in ("max-likelihood", "renyi"):
+    if objective in DATA_OBJECTIVES:
         data = _one_molecule(args, _md_data(args, [args.data or ALA2_DATA]))
     elif args.data is not None or args.topology is not None:
         raise UsageError("--data and --topology name the MD frames of --objective max-likelihood or renyi only")
@@ -644,7 +646,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         raise UsageError("--renyi-order is the order of --objective renyi only")
     platform = _openmm_platform(args, fallback=True)  # before _device names the default device
     device = _device(args)
-    config = EnergyTrainConfig(objective=args.objective.replace("-", "_"), n_steps=args.steps,
+    config = EnergyTrainConfig(objective=objective, n_steps=args.steps,
                                batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                                lr=args.lr, grad_clip=args.grad_clip,
                                renyi_order=args.renyi_order or EnergyTrainConfig.renyi_order,
@@ -895,9 +897,11 @@ def _cmd_bench(args: argparse.Namespace) -> None:
             chosen.append(match[0])
         scripts = chosen
     else:
-        if skipped := [s.stem.removeprefix("bench_") for s in scripts if _needs_arguments(s)]:
-            print(f"== not run, they need arguments (run each by name): {', '.join(skipped)}", flush=True)
-        scripts = [s for s in scripts if not _needs_arguments(s)]
+        needs = {s for s in scripts if _needs_arguments(s)}
+        if needs:
+            print("== not run, they need arguments (run each by name): "
+                  + ", ".join(s.stem.removeprefix("bench_") for s in sorted(needs)), flush=True)
+        scripts = [s for s in scripts if s not in needs]
     failed = []
     for script in scripts:
         print(f"== {script.name}", flush=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -28,6 +30,9 @@ from tbg.flow import (
     sample_ragged,
     weighted_mean,
 )
+
+if TYPE_CHECKING:
+    from tbg.flow import EnergyTrainConfig
 from tbg.nn.layout import mol_ptr_from_sizes
 
 TIGHT = SolverConfig(atol=1e-9, rtol=1e-9)
@@ -355,6 +360,35 @@ def test_train_by_energy_micro_batches_give_the_whole_batch_step(tmp_path, monke
         EnergyTrainConfig(batch_size=6, micro_batch_size=4)
 
 
+def _frames_problem() -> tuple[tbg.EGNN, torch.Tensor, MeanFreeGaussian, torch.Tensor]:
+    """A small EGNN for 3 atoms and 37 mean-free frames drawn from the prior x 3: the untrained flow (~identity,
+    its density the prior) is 3 x too narrow for them."""
+    torch.manual_seed(0)
+    prior = MeanFreeGaussian(3)
+    data = prior.center(3 * torch.randn(37, 9, generator=torch.Generator().manual_seed(1)))
+    return tbg.EGNN(1, hidden=8, n_layers=2), torch.ones(3, 1), prior, data
+
+
+def _hand_written_frames_step(model: tbg.EGNN, feats: torch.Tensor, prior: MeanFreeGaussian, data: torch.Tensor,
+                              cfg: EnergyTrainConfig,
+                              frame_weights: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of an objective on frames, written out: the frames train_by_energy draws for cfg, log q by the
+    differentiated exact back solve, loss -sum(w * log q) with w = frame_weights(x, log q without gradient),
+    then clipping and plain SGD (standing in for Adam). Returns the loss, the frames and their weights."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = data[torch.randint(len(data), (cfg.batch_size,), generator=gen)]
+    back = integrate(tbg.nn.BoundDynamics(model, feats, divergence_options={"method": "exact"}), x, t0=1.0, t1=0.0,
+                     solver=cfg.solver, differentiable=True)
+    log_q = prior.log_prob(back.x) + back.dlogp
+    weights = frame_weights(x, log_q.detach())
+    loss = -(weights * log_q).sum()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    torch.optim.SGD(model.parameters(), lr=cfg.lr).step()
+    return loss.detach(), x, weights
+
+
 def test_train_by_energy_max_likelihood_of_data(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     """The max_likelihood objective: a step is -mean log q of frames drawn uniformly from the data (checked
     against a hand-written step, plain SGD standing in for Adam), micro-batches give the same step, training
@@ -363,10 +397,7 @@ def test_train_by_energy_max_likelihood_of_data(tmp_path, monkeypatch) -> None: 
 
     from tbg.flow import EnergyTrainConfig, train_by_energy
 
-    torch.manual_seed(0)
-    start = tbg.EGNN(1, hidden=8, n_layers=2)
-    feats, prior = torch.ones(3, 1), MeanFreeGaussian(3)
-    data = prior.center(3 * torch.randn(37, 9, generator=torch.Generator().manual_seed(1)))  # the prior x 3
+    start, feats, prior, data = _frames_problem()
 
     def no_energy(x: torch.Tensor) -> torch.Tensor:
         raise AssertionError("max_likelihood must not evaluate the energy")
@@ -382,15 +413,9 @@ def test_train_by_energy_max_likelihood_of_data(tmp_path, monkeypatch) -> None: 
             (row,) = train_by_energy(steps[micro], feats, no_energy, tmp_path / f"ml{micro}", cfg, data=data)
             assert math.isnan(row["mean_energy"]) and math.isnan(row["ess"])
         ref = copy.deepcopy(start)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        x = data[torch.randint(len(data), (6,), generator=gen)]
-        back = integrate(tbg.nn.BoundDynamics(ref, feats, divergence_options={"method": "exact"}), x, t0=1.0, t1=0.0,
-                         solver=solver, differentiable=True)
-        loss = -(prior.log_prob(back.x) + back.dlogp).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.grad_clip)
-        torch.optim.SGD(ref.parameters(), lr=cfg.lr).step()
-        assert row["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+        loss, _, _ = _hand_written_frames_step(ref, feats, prior, data, cfg,
+                                               lambda x, log_q: torch.full_like(log_q, 1 / len(log_q)))
+        assert row["loss"] == pytest.approx(float(loss), rel=1e-5)
         for micro in (None, 2):
             for got, want in zip(steps[micro].parameters(), ref.parameters()):
                 assert_close(got, want, atol=1e-6, rtol=1e-5)
@@ -420,10 +445,7 @@ def test_train_by_energy_renyi_weights_the_frames_the_flow_covers_worst(tmp_path
 
     from tbg.flow import EnergyTrainConfig, train_by_energy
 
-    torch.manual_seed(0)
-    start = tbg.EGNN(1, hidden=8, n_layers=2)
-    feats, prior = torch.ones(3, 1), MeanFreeGaussian(3)
-    data = prior.center(3 * torch.randn(37, 9, generator=torch.Generator().manual_seed(1)))  # the prior x 3
+    start, feats, prior, data = _frames_problem()
 
     def wide_gaussian(x: torch.Tensor) -> torch.Tensor:  # the density the data were drawn from
         return 0.5 * prior.center(x).pow(2).sum(1) / 9
@@ -439,19 +461,10 @@ def test_train_by_energy_renyi_weights_the_frames_the_flow_covers_worst(tmp_path
             steps[micro] = copy.deepcopy(start)
             (row,) = train_by_energy(steps[micro], feats, wide_gaussian, tmp_path / f"r{micro}", cfg, data=data)
         ref = copy.deepcopy(start)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        x = data[torch.randint(len(data), (6,), generator=gen)]
-        back = integrate(tbg.nn.BoundDynamics(ref, feats, divergence_options={"method": "exact"}), x, t0=1.0, t1=0.0,
-                         solver=solver, differentiable=True)
-        log_q = prior.log_prob(back.x) + back.dlogp
-        log_w = (order - 1) * (-wide_gaussian(x) - log_q.detach())
-        weights = torch.softmax(log_w, 0)
+        loss, x, weights = _hand_written_frames_step(
+            ref, feats, prior, data, cfg, lambda x, log_q: torch.softmax((order - 1) * (-wide_gaussian(x) - log_q), 0))
         assert weights.max() > 2 / 6  # the step is not plain maximum likelihood
-        loss = -(weights * log_q).sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.grad_clip)
-        torch.optim.SGD(ref.parameters(), lr=cfg.lr).step()
-        assert row["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+        assert row["loss"] == pytest.approx(float(loss), rel=1e-5)
         assert row["mean_energy"] == pytest.approx(float(wide_gaussian(x).mean()), rel=1e-6)
         assert row["ess"] == pytest.approx(float(weights.sum() ** 2 / (6 * weights.pow(2).sum())), rel=1e-5)
         for micro in (None, 2):

@@ -447,7 +447,8 @@ def finetune_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, o
             raise InputError(f"the {cfg.objective} objective needs the MD frames of the molecule")
         frames, defines["data"] = _training_frames(options.data, topology, options.val_fraction, cfg.seed)
     elif options.data is not None:
-        raise InputError(f"MD frames are the data of the objectives {DATA_OBJECTIVES} only, not of {cfg.objective}")
+        raise InputError(f"MD frames are the data of the objectives {', '.join(DATA_OBJECTIVES)} only, "
+                         f"not of {cfg.objective}")
     name = molecule.name if isinstance(molecule, Peptide) else Path(molecule).name
     with claimed(out, FINETUNING_RUN, defines, info={"checkpoint": str(checkpoint), "molecule": name},
                  work=(CHECKPOINT_DIR, FINAL_MODEL)):
