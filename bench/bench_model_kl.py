@@ -19,8 +19,9 @@ ESS itself measures, on the same frames:
 Q of two models on the same frames differ by minus the log of their ESS ratio. It rests on the frames the
 flow covers worst, so its error bar (a bootstrap over the frames) is wide and itself uncertain: a frame the
 64 do not hold can raise it. u = U / kT at the molecule's
-temperature, p = exp(-u) / Z. The MD frames are the validation frames `tbg train --seed 0` holds out
-(`tbg.flow.runs.split_frames`), so no model trained or fine-tuned with seed 0 has seen them.
+temperature, p = exp(-u) / Z. The MD frames are those no stage of the model's training has seen, as its
+checkpoint records them (`tbg.flow.runs.held_out_record`; for a checkpoint without the record, the
+validation frames `tbg train --seed 0` holds out).
 
     python bench/bench_model_kl.py --checkpoint tbg/data/models/alanine-dipeptide --samples SAMPLE_DIR \
         [--frames 64] [--data tbg/data/alanine-dipeptide] [--threads 2] [--save per_point.npz]
@@ -47,8 +48,9 @@ from tbg.chem.energy import EnergyModel
 from tbg.flow import SolverConfig
 from tbg.flow.ode import integrate
 from tbg.flow.prior import MeanFreeGaussian
-from tbg.flow.runs import checkpoint_dynamics, find_run_model, molecule_topology, split_frames
+from tbg.flow.runs import checkpoint_dynamics, find_run_model, held_out_record, molecule_topology, split_frames
 from tbg.flow.sample import flow_record
+from tbg.runfolder import arrays_sha256
 
 NEEDS_ARGUMENTS = True  # it measures a checkpoint the caller names: `tbg bench` runs it by name only
 
@@ -88,7 +90,13 @@ def main() -> None:
 
     data = PeptideDataset(a.data, encoding="atoms")
     frames = data.frames_of(data.names[0])
-    _, held_out = split_frames(len(frames), 0.1, 0)
+    train_idx, held_out = split_frames(len(frames), 0.1, 0)
+    recorded = held_out_record(model).get(arrays_sha256(frames.numpy()))
+    if recorded is not None:  # the frames no stage of the model's training has seen, in the order of seed 0
+        unseen = set(recorded["indices"].tolist())
+        held_out = [i for i in held_out + train_idx if i in unseen]
+    else:
+        print(f"{model} does not record which frames its training held out: taking those of seed 0")
     x = frames[torch.as_tensor(held_out[:a.frames])].reshape(min(a.frames, len(held_out)), -1)
     with torch.no_grad():
         back = integrate(dyn, x, t0=1.0, t1=0.0,

@@ -589,7 +589,8 @@ def _configure_finetune(p: argparse.ArgumentParser) -> None:
     g.add_argument("--renyi-order", type=ABOVE_ONE, metavar="ALPHA", help="order of --objective renyi "
                    "(default: 2, the order the ESS measures)")
     g.add_argument("--data", metavar="PATH", help=f"MD data of the molecule for --objective max-likelihood or renyi: "
-                   f"{DATA_HELP}; the validation frames `tbg train --seed` holds out are left out here too "
+                   f"{DATA_HELP}; the frames the checkpoint records as unseen by its training are left out "
+                   "(a checkpoint without that record: the 10%% `tbg train` would hold out with --seed) "
                    f"(default: the shipped alanine dipeptide data, {ALA2_DATA})")
     _topology_arg(p)
     g.add_argument("--steps", type=POSITIVE_INT, metavar="N", help="optimizer steps (a rerun continues up to this "

@@ -18,6 +18,7 @@ from tbg.chem.energy import EnergyModel
 from tbg.chem.trajectory import layout_source, write_trajectory
 from tbg.chem.units import SCALE
 from tbg.cli import COMMANDS, main
+from tbg.flow.runs import held_out_record, split_frames
 from tbg.evaluate.runs import thin_evenly
 from tbg.runfolder import file_sha256
 
@@ -189,6 +190,30 @@ def test_train_from_initial_weights(md_dir: Path, tmp_path: Path, capsys: pytest
     moved = torch.load(tmp_path / "moved" / "model.pt", weights_only=True)["model_state_dict"]
     delta = max(float((moved[k] - state[0][k]).abs().max()) for k in moved)
     assert 0 < delta < 1e-4
+
+
+def test_training_records_the_frames_it_held_out(md_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Every checkpoint names the frames no stage of its training has seen; a stage from --init with
+    another seed trains on some of them, which then no longer count as unseen."""
+    tiny = ["--data", md_dir, "--hidden", "8", "--layers", "1", "--batch-size", "8", "--checkpoint-every", "1",
+            "--no-progress"]
+    first = tmp_path / "first"
+    assert run(["train", "--out", first, "--steps", "1", *tiny], capsys)[0] == 0
+    (molecule,) = json.loads((first / "run.json").read_text())["defines"]["molecules"]
+    n = molecule["frames"]
+
+    def unseen(checkpoint: Path) -> list[int]:
+        record = held_out_record(checkpoint)
+        assert list(record) == [molecule["positions_sha256"]] and record[molecule["positions_sha256"]]["frames"] == n
+        return record[molecule["positions_sha256"]]["indices"].tolist()
+
+    seed0, seed1 = (set(split_frames(n, 0.1, seed)[1]) for seed in (0, 1))
+    assert len(seed0) == n // 10 and seed0 != seed1
+    assert unseen(first / "model.pt") == unseen(first / "checkpoints" / "step_00000001.pt") == sorted(seed0)
+    second = tmp_path / "second"
+    assert run(["train", "--out", second, "--steps", "1", "--seed", "1", "--init", first / "model.pt", *tiny],
+               capsys)[0] == 0
+    assert unseen(second / "model.pt") == sorted(seed0 & seed1)
 
 
 @pytest.fixture(scope="module")

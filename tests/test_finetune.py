@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tbg.chem import ALANINE_DIPEPTIDE_DIR
-from tbg.flow.runs import FINETUNING_RUN, SHIPPED_MODELS
+from tbg.flow.runs import FINETUNING_RUN, SHIPPED_MODELS, held_out_record, split_frames
 from cli_helpers import FAST_SAMPLE, run
 
 SHIPPED = SHIPPED_MODELS["alanine-dipeptide"]
@@ -62,7 +62,8 @@ def test_finetune_max_likelihood_of_md_frames(tmp_path: Path, capsys: pytest.Cap
     assert row["mean_energy"] == "nan" and row["ess"] == "nan"  # no energy on MD frames
     assert torch.isfinite(torch.tensor(float(row["loss"])))
     data = json.loads((out / "run.json").read_text())["defines"]["data"]
-    assert data["frames"] == 10000 and data["held_out"] == 1000  # the validation frames of `tbg train --seed 0`
+    assert data["frames"] == 10000 and data["held_out"] == 1000 and data["held_out_by"] == "checkpoint"
+    assert _unseen(out / "model.pt") == _unseen(SHIPPED / "model.pt")  # still unseen: not trained on
 
     # Frames whose atoms are not the molecule's, in its order, are refused before anything is written.
     md = tmp_path / "swapped"
@@ -76,6 +77,37 @@ def test_finetune_max_likelihood_of_md_frames(tmp_path: Path, capsys: pytest.Cap
                         "--data", md, "--steps", "1", *TINY], capsys)
     assert code != 0 and "its atoms are not the fine-tuned molecule's" in err, err
     assert not (tmp_path / "no").exists()
+
+
+def _unseen(checkpoint: Path) -> list[int]:
+    """The shipped MD frames that no stage of ``checkpoint``'s training has seen, by index."""
+    (record,) = held_out_record(checkpoint).values()
+    return record["indices"].tolist()
+
+
+def test_finetune_leaves_the_frames_its_checkpoint_held_out_unseen(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Another --seed than the flow-matching run's does not train on that run's validation frames; a
+    checkpoint without the record (published, or from an older tbg) falls back to the seed's 10%."""
+    assert _unseen(SHIPPED / "model.pt") == sorted(split_frames(10000, 0.1, 0)[1])  # stage 1: seed 0
+    out = tmp_path / "seed3"
+    code, _, err = run(["finetune", "--checkpoint", SHIPPED, "--out", out, "--objective", "max-likelihood",
+                        "--seed", "3", "--steps", "1", *TINY], capsys)
+    assert code == 0, err
+    assert _unseen(out / "model.pt") == _unseen(SHIPPED / "model.pt")
+
+    bare = tmp_path / "bare" / "model.pt"
+    bare.parent.mkdir()
+    checkpoint = torch.load(SHIPPED / "model.pt", weights_only=True)
+    del checkpoint["tbg"]["held_out"]
+    torch.save(checkpoint, bare)
+    code, _, err = run(["finetune", "--checkpoint", bare, "--pdb", SHIPPED / "topology.pdb", "--out", tmp_path / "b",
+                        "--objective", "max-likelihood", "--seed", "3", "--steps", "1", *TINY], capsys)
+    assert code == 0, err
+    assert "does not record which MD frames its training held out: holding out 10% of the frames by seed 3" in caplog.text
+    data = json.loads((tmp_path / "b" / "run.json").read_text())["defines"]["data"]
+    assert data["val_fraction"] == 0.1 and "held_out_by" not in data
+    assert _unseen(tmp_path / "b" / "model.pt") == sorted(split_frames(10000, 0.1, 3)[1])
 
 
 def test_finetune_renyi_weights_md_frames(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,12 @@ class Checkpoints:
     """The numbered checkpoints of one training loop; ``description`` names them in errors, e.g. "an
     energy-training checkpoint"."""
 
-    def __init__(self, out_dir: str | Path, state_key: str, description: str, keep: int = 3) -> None:
+    def __init__(self, out_dir: str | Path, state_key: str, description: str, keep: int = 3,
+                 meta: Mapping[str, Any] | None = None) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.out, self.state_key, self.description, self.keep = Path(out_dir), state_key, description, keep
+        self.meta = dict(meta or {})  # further "tbg" metadata of every checkpoint
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.out)
@@ -74,7 +76,7 @@ class Checkpoints:
         epoch), then delete all but the newest ``keep``."""
         path = self.out / CHECKPOINT_DIR / f"step_{step:08d}.pt"
         save_published(path, model, optimizer_state_dict=optimizer.state_dict(), global_it=step,
-                       tbg={self.state_key: state}, **extra)
+                       tbg={**self.meta, self.state_key: state}, **extra)
         for old in sorted((self.out / CHECKPOINT_DIR).glob("step_*.pt"))[:-self.keep]:
             old.unlink()
         return path

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -96,14 +96,15 @@ class EnergyTrainConfig:
 
 def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Tensor], Tensor],
                     out_dir: str | Path, config: EnergyTrainConfig | None = None, *,
-                    data: Tensor | None = None) -> list[dict[str, float]]:
+                    data: Tensor | None = None, meta: Mapping[str, Any] | None = None) -> list[dict[str, float]]:
     """Fine-tune ``model`` for the molecule encoded by ``features`` [N, F] toward exp(-u).
 
     ``reduced_energy(x [B, 3N] model units) -> u [B]`` (U / kT). ``data`` [M, 3N] (model units): the
     equilibrium frames of the data objectives (``DATA_OBJECTIVES``: required by them, refused by the
     others). Writes ``energy_log.csv`` (for the data objectives the energy column is the frames' mean and the
     ESS column the Kish ESS of the frames' weights, NaN for max_likelihood's equal ones), checkpoints under
-    ``checkpoints/`` and the final ``model.pt`` to out_dir; returns this call's log rows.
+    ``checkpoints/`` and the final ``model.pt`` to out_dir, each with ``meta`` added to its "tbg" metadata;
+    returns this call's log rows.
     """
     cfg = config or EnergyTrainConfig()
     device, dtype = model.embedding.weight.device, model.embedding.weight.dtype
@@ -122,7 +123,8 @@ def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Ten
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     step = 0
-    checkpoints = Checkpoints(out, "energy_state", "an energy-training checkpoint", keep=cfg.keep_checkpoints)
+    checkpoints = Checkpoints(out, "energy_state", "an energy-training checkpoint", keep=cfg.keep_checkpoints,
+                              meta=meta)
     if (found := checkpoints.load_latest()) is not None:
         ckpt, state = found
         model.load_state_dict(egnn_state(state))
@@ -204,5 +206,5 @@ def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Ten
             checkpoint()
     if step % cfg.checkpoint_every != 0:
         checkpoint()
-    save_published(out / "model.pt", model, global_it=step)
+    save_published(out / "model.pt", model, global_it=step, tbg=dict(meta or {}))
     return rows

@@ -23,7 +23,12 @@ anything in the folder changes. While a run works, its folder is locked against 
   SHA-256 and the sampler's settings (``tbg.flow.sample.sampling_manifest``).
 - Fine-tuning by energy (``finetune_checkpoint``, `tbg finetune`): the molecule, the starting checkpoint's
   SHA-256, the temperature of the target and the objective's settings (objective, batch size, learning
-  rate, gradient clipping, divergence estimator, ODE solver, seed); the number of steps may grow on a rerun.
+  rate, gradient clipping, divergence estimator, ODE solver, seed) and the MD frames of the data objectives;
+  the number of steps may grow on a rerun.
+
+Every checkpoint of a training or fine-tuning run names, in its "tbg" metadata, the MD frames that no stage
+of its training has seen (``held_out_record``), so that a later stage on the same frames (`tbg finetune
+--objective max-likelihood`, `tbg train --init`) keeps them unseen and they stay fair to measure on.
   The folder holds what ``tbg.flow.energy.train_by_energy`` writes (checkpoints/, energy_log.csv, model.pt)
   and topology.pdb, so that it samples like a training run folder.
 
@@ -68,7 +73,7 @@ log = logging.getLogger("tbg")
 
 __all__ = ["FINETUNING_RUN", "SHIPPED_MODELS", "TOPOLOGY_FILE", "TRAINING_RUN", "TRAIN_LOG", "WEIGHTS_FILE",
            "FinetuneOptions", "SamplingOptions", "TrainingOptions", "checkpoint_dynamics", "export_samples",
-           "find_run_model", "find_shipped_model", "finetune_checkpoint",
+           "find_run_model", "find_shipped_model", "finetune_checkpoint", "held_out_record",
            "molecule_record", "molecule_topology", "random_dynamics", "read_train_log", "same_molecule",
            "sample_checkpoint", "split_frames", "train_on_md"]
 
@@ -78,6 +83,7 @@ TOPOLOGY_FILE = "topology.pdb"
 FINAL_MODEL = "model.pt"
 WEIGHTS_FILE = "samples_weights.csv"
 TRAIN_LOG = "train_log.csv"
+HELD_OUT = "held_out"  # the key of the frames no training stage has seen, in a checkpoint's "tbg" metadata
 
 # Trained models shipped in the package: model.pt and topology.pdb as `tbg train` / `tbg finetune` write
 # them, the runs' records (run.json, config.json, train_log.csv, energy_log.csv) and a README with the
@@ -135,6 +141,29 @@ class TrainingOptions:
     init_from: Path | None = None
 
 
+def held_out_record(checkpoint: Path) -> dict[str, dict[str, Any]]:
+    """The MD frames no stage of ``checkpoint``'s training has seen, by molecule: {SHA-256 of the molecule's
+    frames (as ``molecule_record`` hashes them): {"frames": their count, "indices": int64 tensor}}, as
+    `tbg train` and `tbg finetune` record it in their checkpoints' "tbg" metadata; {} for a checkpoint
+    without the record (published checkpoints, runs of tbg before it)."""
+    from tbg.nn.checkpoint import read_checkpoint
+
+    return dict(read_checkpoint(checkpoint).get("tbg", {}).get(HELD_OUT, {}))
+
+
+def _still_held_out(record: dict[str, dict[str, Any]], frames_sha256: str, n_frames: int,
+                    held_out: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """``record`` after a stage that trained on the molecule whose frames hash to ``frames_sha256`` except
+    ``held_out``: unseen now are the frames that no stage has used."""
+    indices = torch.as_tensor(sorted(held_out), dtype=torch.int64)
+    if (previous := record.get(frames_sha256)) is not None:
+        if previous["frames"] != n_frames:
+            raise InputError(f"the checkpoint's record of held-out frames is for {previous['frames']} frames of "
+                             f"this molecule's data, which has {n_frames}")
+        indices = indices[torch.isin(indices, previous["indices"])]
+    return {**record, frames_sha256: {"frames": n_frames, "indices": indices}}
+
+
 def split_frames(n_frames: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """(training, validation) frame indices: a random ``val_fraction`` of the frames, fixed by ``seed``."""
     if not 0 <= val_fraction < 1:
@@ -188,10 +217,17 @@ def train_on_md(data: Sequence[MDData], out: Path, options: TrainingOptions, dev
                "seed": options.seed, "lr": config.lr, "lr_milestones": config.lr_milestones,
                "lr_gamma": config.lr_gamma, "ema_decay": config.ema_decay, "sigma": config.sigma,
                "coupling": config.coupling, "grad_clip": config.grad_clip}
-    initial = None
+    initial, held_out = None, {}
     if options.init_from is not None:  # recorded only when given, so that older run folders still resume
         initial = _initial_weights(options.init_from, n_features, options)
         defines["init_sha256"] = file_sha256(options.init_from)
+        held_out = held_out_record(options.init_from)
+    first = 0
+    for molecule in molecules:  # the dataset's frames are the molecules' frames one after another
+        n = molecule["frames"]
+        held_out = _still_held_out(held_out, molecule["positions_sha256"], n,
+                                   [i - first for i in val_idx if first <= i < first + n])
+        first += n
     info = {"data": [{"trajectory": str(d.trajectory), "topology": str(d.topology)} for d in data]}
     with ExitStack() as stack:
         D.init_distributed()
@@ -211,7 +247,7 @@ def train_on_md(data: Sequence[MDData], out: Path, options: TrainingOptions, dev
             if record is not None:
                 record(out)
 
-        result = train(model, loader, out, config, val_data=val, on_start=start)
+        result = train(model, loader, out, config, val_data=val, on_start=start, meta={HELD_OUT: held_out})
     if result.history:
         log.info("trained to step %d: loss %.4g, validation loss %s -> %s", result.step, result.train_loss,
                  "-" if result.val_loss is None else f"{result.val_loss:.4g}", result.model_path)
@@ -402,9 +438,9 @@ class FinetuneOptions:
     """What ``finetune_checkpoint`` needs besides its paths: the objective's settings (``config``), the atom
     encoding of the checkpoint (auto: by its input width), the target's temperature (None: the molecule's
     default, see ``tbg.chem.forcefield.default_temperature``) and, for the objectives on MD frames
-    (``tbg.flow.energy.DATA_OBJECTIVES``), the frames of the molecule (``data``), of which ``val_fraction`` is
-    held out as ``train_on_md`` holds it out with the same seed (``config.seed``): fine-tuning a model leaves
-    its validation frames unseen."""
+    (``tbg.flow.energy.DATA_OBJECTIVES``), the frames of the molecule (``data``). Fine-tuning leaves unseen
+    the frames the checkpoint records as unseen by its training (``held_out_record``); for a checkpoint
+    without that record, ``val_fraction`` of them as ``train_on_md`` holds it out with ``config.seed``."""
 
     config: EnergyTrainConfig
     encoding: str = "auto"
@@ -439,13 +475,14 @@ def finetune_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, o
                "sample_solver": cfg.sample_solver.record(), "seed": cfg.seed}
     if cfg.micro_batch_size is not None:  # recorded only when set: runs from before the option still resume
         defines["micro_batch_size"] = cfg.micro_batch_size
-    frames = None
+    frames, held_out = None, held_out_record(checkpoint)
     if cfg.objective == "renyi":
         defines["renyi_order"] = cfg.renyi_order
     if cfg.objective in DATA_OBJECTIVES:
         if options.data is None:
             raise InputError(f"the {cfg.objective} objective needs the MD frames of the molecule")
-        frames, defines["data"] = _training_frames(options.data, topology, options.val_fraction, cfg.seed)
+        frames, defines["data"], held_out = _training_frames(options.data, topology, held_out,
+                                                             options.val_fraction, cfg.seed)
     elif options.data is not None:
         raise InputError(f"MD frames are the data of the objectives {', '.join(DATA_OBJECTIVES)} only, "
                          f"not of {cfg.objective}")
@@ -458,16 +495,20 @@ def finetune_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, o
         log.info("fine-tuning %s on %s by %s at %.1f K for %d steps", checkpoint, name, cfg.objective,
                  energy.temperature, cfg.n_steps)
         try:
-            train_by_energy(dyn.egnn, dyn.features, energy.torch_reduced_energy, out, cfg, data=frames)
+            train_by_energy(dyn.egnn, dyn.features, energy.torch_reduced_energy, out, cfg, data=frames,
+                            meta={HELD_OUT: held_out} if held_out else None)
         except FloatingPointError as err:  # the flow's samples include broken molecules
             raise InputError(f"{checkpoint}: {err}") from err
     return out / FINAL_MODEL
 
 
-def _training_frames(md: MDData, topology: mdtraj.Topology, val_fraction: float,
-                     seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The frames of ``md`` [M, 3N] (model units) less the validation fraction ``split_frames`` holds out
-    with ``seed``, and their record; the atoms must be ``topology``'s, in its order."""
+def _training_frames(md: MDData, topology: mdtraj.Topology, held_out: dict[str, dict[str, Any]],
+                     val_fraction: float, seed: int) -> tuple[torch.Tensor, dict[str, Any], dict[str, dict[str, Any]]]:
+    """The frames of ``md`` [M, 3N] (model units) to train on, their record and the held-out record after
+    training on them. Left out are the frames the checkpoint's record ``held_out`` (``held_out_record``) names
+    for these data, which no stage of its training has seen; data it names no frames of (or a checkpoint
+    without the record) lose the ``val_fraction`` that ``split_frames`` holds out with ``seed``, as `tbg
+    train` would. The atoms must be ``topology``'s, in its order."""
     from tbg.chem.data import PeptideDataset
 
     try:
@@ -478,10 +519,27 @@ def _training_frames(md: MDData, topology: mdtraj.Topology, val_fraction: float,
     if atom_identities(frames.topologies[name].atoms) != atom_identities(topology.atoms):
         raise InputError(f"{md.trajectory}: its atoms are not the fine-tuned molecule's (in the same order)")
     positions = frames.frames_of(name)
+    sha = arrays_sha256(positions.numpy())
     train_idx, val_idx = split_frames(len(positions), val_fraction, seed)
-    record = {"frames": len(positions), "held_out": len(val_idx), "val_fraction": val_fraction,
-              "positions_sha256": arrays_sha256(positions.numpy())}
-    return positions[torch.as_tensor(train_idx)].reshape(len(train_idx), -1), record
+    record = {"frames": len(positions), "positions_sha256": sha}
+    if sha in held_out:  # recorded by the checkpoint's training: the same frames stay unseen
+        recorded = set(held_out[sha]["indices"].tolist())
+        train_idx = [i for i in val_idx + train_idx if i not in recorded]  # in split_frames' order for seed
+        val_idx = sorted(recorded)
+        record.update(held_out=len(val_idx), held_out_by="checkpoint")
+    else:
+        if held_out:
+            log.info("the checkpoint records no held-out frames of %s: holding out %.0f%% of them by seed %d",
+                     md.trajectory, 100 * val_fraction, seed)
+        else:
+            log.warning("the checkpoint does not record which MD frames its training held out: holding out "
+                        "%.0f%% of the frames by seed %d, as `tbg train --seed %d` does", 100 * val_fraction, seed,
+                        seed)
+        record.update(held_out=len(val_idx), val_fraction=val_fraction)
+    if not train_idx:
+        raise InputError(f"{md.trajectory}: every frame is held out from training, none is left to train on")
+    held_out = _still_held_out(held_out, sha, len(positions), val_idx)
+    return positions[torch.as_tensor(train_idx)].reshape(len(train_idx), -1), record, held_out
 
 
 def _write_topology(molecule: Path | Peptide, path: Path) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -248,7 +248,8 @@ def _validate(model: EGNN, val_data: Iterable[Any], cfg: TrainConfig, device: to
 
 
 def train(model: EGNN, train_data: Iterable[Any], out_dir: str | Path, config: TrainConfig | None = None, *,
-          val_data: Iterable[Any] | None = None, on_start: Callable[[int], None] | None = None) -> TrainResult:
+          val_data: Iterable[Any] | None = None, on_start: Callable[[int], None] | None = None,
+          meta: Mapping[str, Any] | None = None) -> TrainResult:
     """Train ``model`` by flow matching on ragged batches from ``train_data`` (re-iterated every epoch;
     ``set_epoch`` is called when present) and write to ``out_dir``:
 
@@ -259,8 +260,9 @@ def train(model: EGNN, train_data: Iterable[Any], out_dir: str | Path, config: T
 
     With ``config.resume`` an existing run in out_dir continues from its newest (readable) checkpoint
     exactly; one past ``n_steps`` is refused (InputError). ``on_start(step)``, if given, is called on rank 0
-    with the step the run starts from, once the run is known to go ahead. Under torchrun, wraps the model in
-    DistributedDataParallel (the loader must shard by rank).
+    with the step the run starts from, once the run is known to go ahead. ``meta``: entries added to the
+    "tbg" metadata of every checkpoint and of model.pt (e.g. the frames held out). Under torchrun, wraps the
+    model in DistributedDataParallel (the loader must shard by rank).
     """
     cfg = config or TrainConfig()
     D.init_distributed()
@@ -275,7 +277,8 @@ def train(model: EGNN, train_data: Iterable[Any], out_dir: str | Path, config: T
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + rank)
     step = epoch = batch_in_epoch = 0
 
-    checkpoints = Checkpoints(out, "train_state", "a flow-matching training checkpoint", keep=cfg.keep_checkpoints)
+    checkpoints = Checkpoints(out, "train_state", "a flow-matching training checkpoint", keep=cfg.keep_checkpoints,
+                              meta=meta)
     if not cfg.resume and (ckpt := checkpoints.latest()) is not None:
         raise FileExistsError(f"{out} already holds checkpoints ({ckpt.name}); pass resume=True to continue that "
                               f"run or use another output folder")
@@ -393,7 +396,7 @@ def train(model: EGNN, train_data: Iterable[Any], out_dir: str | Path, config: T
     if rank == 0:
         if ema is not None:
             ema.swap(model)
-        save_published(model_path, model, global_it=step, tbg={"ema": ema is not None})
+        save_published(model_path, model, global_it=step, tbg={**(meta or {}), "ema": ema is not None})
         if ema is not None:
             ema.swap(model)
     D.barrier()
