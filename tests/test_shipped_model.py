@@ -12,7 +12,7 @@ import tbg
 from tbg.chem import ALANINE_DIPEPTIDE_DIR, SCALE, encode_atoms, load_trajectory
 from tbg.evaluate.validity import ValidityChecker
 from tbg.flow import MeanFreeGaussian, SolverConfig, integrate
-from tbg.flow.runs import FINETUNING_RUN, SHIPPED_MODELS, TRAINING_RUN, read_train_log
+from tbg.flow.runs import FINETUNING_RUN, SHIPPED_MODELS, TRAINING_RUN, held_out_record, read_train_log, split_frames
 
 MODEL = SHIPPED_MODELS["alanine-dipeptide"]
 # Issue 14's target for 64 samples; the shipped model gave 96.9-100% over seeds 0-4 (seed 0: 96.9%).
@@ -25,31 +25,37 @@ def shipped() -> tuple[tbg.EGNN, torch.Tensor, md.Topology]:
     return tbg.nn.load_egnn(MODEL / "model.pt"), encode_atoms(topology), topology
 
 
+# The stages after flow matching: (record name, its log, the step of the shipped weights in model.pt's meta).
+FINETUNING_STAGES = (("finetune", "energy_log.csv", "finetune_step"),
+                     ("max_likelihood", "max_likelihood_log.csv", "max_likelihood_step"),
+                     ("max_likelihood_2", "max_likelihood_2_log.csv", "max_likelihood_2_step"),
+                     ("max_likelihood_3", "max_likelihood_3_log.csv", "max_likelihood_3_step"))
+
+
 def test_shipped_model_folder_is_complete():
-    for name in ("model.pt", "topology.pdb", "training.run.json", "training.config.json", "train_log.csv",
-                 "finetune.run.json", "finetune.config.json", "energy_log.csv", "max_likelihood.run.json",
-                 "max_likelihood.config.json", "max_likelihood_log.csv", "max_likelihood_2.run.json",
-                 "max_likelihood_2.config.json", "max_likelihood_2_log.csv", "README.md", "field_check.npz"):
+    records = [f"{name}.{kind}.json" for name, *_ in (("training",), *FINETUNING_STAGES) for kind in ("run", "config")]
+    for name in ("model.pt", "topology.pdb", "train_log.csv", "README.md", "field_check.npz", *records,
+                 *(log for _, log, _ in FINETUNING_STAGES)):
         assert (MODEL / name).is_file(), name
     assert (MODEL / "model.pt").stat().st_size < 2**20
     training = json.loads((MODEL / "training.run.json").read_text())
     assert training["kind"] == TRAINING_RUN and training["defines"]["coupling"] == "aligned"
-    assert json.loads((MODEL / "finetune.run.json").read_text())["kind"] == FINETUNING_RUN
-    for stage in ("max_likelihood", "max_likelihood_2"):
-        record = json.loads((MODEL / f"{stage}.run.json").read_text())
-        assert record["kind"] == FINETUNING_RUN and record["defines"]["objective"] == "max_likelihood"
+    for name, *_ in FINETUNING_STAGES:
+        record = json.loads((MODEL / f"{name}.run.json").read_text())
+        assert record["kind"] == FINETUNING_RUN
+        assert record["defines"]["objective"] == ("reverse_kl" if name == "finetune" else "max_likelihood")
     meta = torch.load(MODEL / "model.pt", map_location="cpu", weights_only=True)["tbg"]
-    # The logs end where the shipped weights were taken, and the README names the steps of all four stages.
+    # The logs end where the shipped weights were taken, and the README names the steps of every stage.
     assert read_train_log(MODEL)[-1]["step"] == meta["flow_matching_step"]
-    logs = (("energy_log.csv", meta["finetune_step"]), ("max_likelihood_log.csv", meta["max_likelihood_step"]),
-            ("max_likelihood_2_log.csv", meta["max_likelihood_2_step"]))
-    for log, step in logs:
+    for _, log, key in FINETUNING_STAGES:
         with (MODEL / log).open() as fh:
-            assert int(list(csv.DictReader(fh))[-1]["step"]) == step
+            assert int(list(csv.DictReader(fh))[-1]["step"]) == meta[key], log
     readme = (MODEL / "README.md").read_text()
-    for step in (meta["flow_matching_step"], meta["finetune_step"], meta["max_likelihood_step"],
-                 meta["max_likelihood_2_step"]):
-        assert f"step {step}" in readme
+    for key in ("flow_matching_step", *(key for *_, key in FINETUNING_STAGES)):
+        assert f"step {meta[key]}" in readme, key
+    # No stage has trained on the MD frames stage 1 held out for validation.
+    (held_out,) = held_out_record(MODEL / "model.pt").values()
+    assert held_out["frames"] == 10000 and held_out["indices"].tolist() == sorted(split_frames(10000, 0.1, 0)[1])
 
 
 def test_shipped_model_matches_the_shipped_data(shipped):
