@@ -104,7 +104,8 @@ def test_finetune_leaves_the_frames_its_checkpoint_held_out_unseen(tmp_path: Pat
     code, _, err = run(["finetune", "--checkpoint", bare, "--pdb", SHIPPED / "topology.pdb", "--out", tmp_path / "b",
                         "--objective", "max-likelihood", "--seed", "3", "--steps", "1", *TINY], capsys)
     assert code == 0, err
-    assert "does not record which MD frames its training held out: holding out 10% of the frames by seed 3" in caplog.text
+    assert ("does not record which MD frames its training held out: holding out 10% of the frames by seed 3"
+            in caplog.text)
     data = json.loads((tmp_path / "b" / "run.json").read_text())["defines"]["data"]
     assert data["val_fraction"] == 0.1 and "held_out_by" not in data
     assert _unseen(tmp_path / "b" / "model.pt") == sorted(split_frames(10000, 0.1, 3)[1])
