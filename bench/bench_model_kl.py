@@ -18,7 +18,7 @@ ESS itself measures, on the same frames:
 
 Q of two models on the same frames differ by minus the log of their ESS ratio. It rests on the frames the
 flow covers worst, so its error bar (a bootstrap over the frames) is wide and itself uncertain: a frame the
-64 do not hold can raise it. u = U / kT at the molecule's
+64 do not hold can raise it. The script names the frames it rests on, with their share of its mean. u = U / kT at the molecule's
 temperature, p = exp(-u) / Z. The MD frames are those no stage of the model's training has seen, as its
 checkpoint records them (`tbg.flow.runs.held_out_record`; for a checkpoint without the record, the
 validation frames `tbg train --seed 0` holds out).
@@ -120,6 +120,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     print(f"| {a.checkpoint} | {len(frame_terms)} | {finite.sum()} of {len(finite)} | {r:.2f} +- {r_se:.2f} | "
           f"{f:.2f} +- {f_se:.2f} | {r - f:.2f} +- {np.hypot(r_se, f_se):.2f} | {q:.2f} +- {q_se:.2f} |")
+    share = np.exp(-frame_terms - logsumexp(-frame_terms))  # each frame's part of Q's mean
+    largest = np.argsort(-share)[:3]
+    print("Q rests on the frames " + ", ".join(f"{held_out[i]} ({share[i]:.0%})" for i in largest)
+          + " of the data (index, share of the mean)" + ("; with one frame holding most of it, more frames can "
+          "raise Q and its error bar is not to be trusted" if share[largest[0]] > 0.5 else ""))
     if a.save:
         np.savez(a.save, frames=frame_terms, samples=sample_terms)
 
