@@ -18,10 +18,10 @@ ESS itself measures, on the same frames:
 
 Q of two models on the same frames differ by minus the log of their ESS ratio. It rests on the frames the
 flow covers worst, so its error bar (a bootstrap over the frames) is wide and itself uncertain: a frame the
-64 do not hold can raise it. The script names the frames it rests on, with their share of its mean. u = U / kT at the molecule's
-temperature, p = exp(-u) / Z. The MD frames are those no stage of the model's training has seen, as its
-checkpoint records them (`tbg.flow.runs.held_out_record`; for a checkpoint without the record, the
-validation frames `tbg train --seed 0` holds out).
+64 do not hold can raise it. The script names the frames it rests on, with their share of its mean.
+u = U / kT at the molecule's temperature, p = exp(-u) / Z. The MD frames are those no stage of the model's
+training has seen, as its checkpoint records them (`tbg.flow.runs.held_out_record`; for a checkpoint
+without the record, the validation frames `tbg train --seed 0` holds out).
 
     python bench/bench_model_kl.py --checkpoint tbg/data/models/alanine-dipeptide --samples SAMPLE_DIR \
         [--frames 64] [--data tbg/data/alanine-dipeptide] [--threads 2] [--save per_point.npz]
@@ -48,7 +48,8 @@ from tbg.chem.energy import EnergyModel
 from tbg.flow import SolverConfig
 from tbg.flow.ode import integrate
 from tbg.flow.prior import MeanFreeGaussian
-from tbg.flow.runs import checkpoint_dynamics, find_run_model, held_out_record, molecule_topology, split_frames
+from tbg.flow.runs import (checkpoint_dynamics, find_run_model, held_out_record, molecule_topology, split_frames,
+                           split_recorded_frames)
 from tbg.flow.sample import flow_record
 from tbg.runfolder import arrays_sha256
 
@@ -90,13 +91,11 @@ def main() -> None:
 
     data = PeptideDataset(a.data, encoding="atoms")
     frames = data.frames_of(data.names[0])
-    train_idx, held_out = split_frames(len(frames), 0.1, 0)
-    recorded = held_out_record(model).get(arrays_sha256(frames.numpy()))
-    if recorded is not None:  # the frames no stage of the model's training has seen, in the order of seed 0
-        unseen = set(recorded["indices"].tolist())
-        held_out = [i for i in held_out + train_idx if i in unseen]
-    else:
+    split = split_recorded_frames(held_out_record(model), arrays_sha256(frames.numpy()), len(frames), 0.1, 0)
+    if split is None:
         print(f"{model} does not record which frames its training held out: taking those of seed 0")
+        split = split_frames(len(frames), 0.1, 0)
+    held_out = split[1]  # in the order of seed 0
     x = frames[torch.as_tensor(held_out[:a.frames])].reshape(min(a.frames, len(held_out)), -1)
     with torch.no_grad():
         back = integrate(dyn, x, t0=1.0, t1=0.0,

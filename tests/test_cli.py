@@ -18,8 +18,8 @@ from tbg.chem.energy import EnergyModel
 from tbg.chem.trajectory import layout_source, write_trajectory
 from tbg.chem.units import SCALE
 from tbg.cli import COMMANDS, main
-from tbg.flow.runs import held_out_record, split_frames
 from tbg.evaluate.runs import thin_evenly
+from tbg.flow.runs import held_out_record, split_frames
 from tbg.runfolder import file_sha256
 
 from cli_helpers import FAST_SAMPLE, random_egnn, run, simulate_md

@@ -25,12 +25,12 @@ anything in the folder changes. While a run works, its folder is locked against 
   SHA-256, the temperature of the target and the objective's settings (objective, batch size, learning
   rate, gradient clipping, divergence estimator, ODE solver, seed) and the MD frames of the data objectives;
   the number of steps may grow on a rerun.
+  The folder holds what ``tbg.flow.energy.train_by_energy`` writes (checkpoints/, energy_log.csv, model.pt)
+  and topology.pdb, so that it samples like a training run folder.
 
 Every checkpoint of a training or fine-tuning run names, in its "tbg" metadata, the MD frames that no stage
 of its training has seen (``held_out_record``), so that a later stage on the same frames (`tbg finetune
 --objective max-likelihood`, `tbg train --init`) keeps them unseen and they stay fair to measure on.
-  The folder holds what ``tbg.flow.energy.train_by_energy`` writes (checkpoints/, energy_log.csv, model.pt)
-  and topology.pdb, so that it samples like a training run folder.
 
 Refusing is the honest answer for every recorded option: a resumed run cannot take, say, a new learning
 rate without becoming a run that is neither the old nor the new one.
@@ -75,7 +75,7 @@ __all__ = ["FINETUNING_RUN", "SHIPPED_MODELS", "TOPOLOGY_FILE", "TRAINING_RUN", 
            "FinetuneOptions", "SamplingOptions", "TrainingOptions", "checkpoint_dynamics", "export_samples",
            "find_run_model", "find_shipped_model", "finetune_checkpoint", "held_out_record",
            "molecule_record", "molecule_topology", "random_dynamics", "read_train_log", "same_molecule",
-           "sample_checkpoint", "split_frames", "train_on_md"]
+           "sample_checkpoint", "split_frames", "split_recorded_frames", "train_on_md"]
 
 TRAINING_RUN = "training"  # the kinds of run in run.json
 FINETUNING_RUN = "fine-tuning"
@@ -162,6 +162,19 @@ def _still_held_out(record: dict[str, dict[str, Any]], frames_sha256: str, n_fra
                              f"this molecule's data, which has {n_frames}")
         indices = indices[torch.isin(indices, previous["indices"])]
     return {**record, frames_sha256: {"frames": n_frames, "indices": indices}}
+
+
+def split_recorded_frames(record: dict[str, dict[str, Any]], frames_sha256: str, n_frames: int, val_fraction: float,
+                          seed: int) -> tuple[list[int], list[int]] | None:
+    """(training, held-out) frame indices of the molecule whose frames hash to ``frames_sha256``, both in
+    ``split_frames``' order for ``seed``, the held-out ones those ``record`` (``held_out_record``) names; None
+    when it names none of these frames. With the split the record came from, it is ``split_frames``'."""
+    if frames_sha256 not in record:
+        return None
+    recorded = set(record[frames_sha256]["indices"].tolist())
+    train_idx, val_idx = split_frames(n_frames, val_fraction, seed)
+    order = val_idx + train_idx
+    return [i for i in order if i not in recorded], [i for i in order if i in recorded]
 
 
 def split_frames(n_frames: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -502,8 +515,8 @@ def finetune_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, o
     return out / FINAL_MODEL
 
 
-def _training_frames(md: MDData, topology: mdtraj.Topology, held_out: dict[str, dict[str, Any]],
-                     val_fraction: float, seed: int) -> tuple[torch.Tensor, dict[str, Any], dict[str, dict[str, Any]]]:
+def _training_frames(md: MDData, topology: mdtraj.Topology, held_out: dict[str, dict[str, Any]], val_fraction: float,
+                     seed: int) -> tuple[torch.Tensor, dict[str, Any], dict[str, dict[str, Any]]]:
     """The frames of ``md`` [M, 3N] (model units) to train on, their record and the held-out record after
     training on them. Left out are the frames the checkpoint's record ``held_out`` (``held_out_record``) names
     for these data, which no stage of its training has seen; data it names no frames of (or a checkpoint
@@ -520,12 +533,9 @@ def _training_frames(md: MDData, topology: mdtraj.Topology, held_out: dict[str, 
         raise InputError(f"{md.trajectory}: its atoms are not the fine-tuned molecule's (in the same order)")
     positions = frames.frames_of(name)
     sha = arrays_sha256(positions.numpy())
-    train_idx, val_idx = split_frames(len(positions), val_fraction, seed)
     record = {"frames": len(positions), "positions_sha256": sha}
-    if sha in held_out:  # recorded by the checkpoint's training: the same frames stay unseen
-        recorded = set(held_out[sha]["indices"].tolist())
-        train_idx = [i for i in val_idx + train_idx if i not in recorded]  # in split_frames' order for seed
-        val_idx = sorted(recorded)
+    if (split := split_recorded_frames(held_out, sha, len(positions), val_fraction, seed)) is not None:
+        train_idx, val_idx = split  # recorded by the checkpoint's training: the same frames stay unseen
         record.update(held_out=len(val_idx), held_out_by="checkpoint")
     else:
         if held_out:
@@ -535,6 +545,7 @@ def _training_frames(md: MDData, topology: mdtraj.Topology, held_out: dict[str, 
             log.warning("the checkpoint does not record which MD frames its training held out: holding out "
                         "%.0f%% of the frames by seed %d, as `tbg train --seed %d` does", 100 * val_fraction, seed,
                         seed)
+        train_idx, val_idx = split_frames(len(positions), val_fraction, seed)
         record.update(held_out=len(val_idx), val_fraction=val_fraction)
     if not train_idx:
         raise InputError(f"{md.trajectory}: every frame is held out from training, none is left to train on")
