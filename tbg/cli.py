@@ -131,7 +131,7 @@ DEMO_PRESETS: dict[str, dict[str, Any]] = {
               "sample_batch_size": 64, "likelihood": "decoupled", "quadrature": 4, "method": "rk4", "ode_steps": 8,
               "md_frames": 300, "bootstrap": 20, "out": "tbg-demo-quick"},
     "default": {"model": "shipped", **SHIPPED_RECIPE, "steps": 200, "checkpoint_every": 100, "n": 2000,
-                "sample_batch_size": 500, "likelihood": "decoupled", "quadrature": 33, "quadrature_panels": [0.1, 0.3],
+                "sample_batch_size": 500, "likelihood": "decoupled", "quadrature": 48, "quadrature_panels": [0.1, 0.3],
                 "atol": 1e-5, "rtol": 1e-5,
                 "md_frames": 2000, "out": "tbg-demo"},
     # 1e5 samples as a multi-model PDB would take ~200 MB: DCD (with sample/topology.pdb) only.
