@@ -15,12 +15,12 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 # The repository's text files: sources, scripts, build files and documentation.
 TEXT_SUFFIXES = {".py", ".md", ".cpp", ".h", ".cu", ".sh", ".toml", ".in", ".txt"}
 TOP_FILES = ("README.md", "Makefile", "CMakeLists.txt", "pyproject.toml", ".ci/run")
-SOURCE_DIRS = ("tbg", "csrc", "tests", "bench", "docs", "cmake")
+SOURCE_DIRS = ("tbg", "csrc", "tests", "bench", "tools", "docs", "cmake")
 # Spelled in pieces so that this file does not cite them itself.
 OUTSIDE_SOURCES = ("../" + "shared", "shared/" + "reference", "tbg-" + "model.md")
 
 DOCS_PATH = re.compile(r"(?<![\w/.-])docs/[\w.-]+\.md")
-REPO_PATH = re.compile(r"(?<![\w/.-])(?:tbg|csrc|tests|bench|docs|cmake|\.ci)/[\w./-]*\w")
+REPO_PATH = re.compile(r"(?<![\w/.-])(?:tbg|csrc|tests|bench|tools|docs|cmake|\.ci)/[\w./-]*\w")
 TEST_NAME = re.compile(r"(tests/\w+\.py)::(\w+)")
 DOTTED_NAME = re.compile(r"(?<![\w.])tbg(?:\.[A-Za-z_]\w*)+")
 MARKDOWN_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
