@@ -86,7 +86,6 @@ ABOVE_ONE = _checked(float, lambda v: math.isfinite(v) and v > 1, "a number > 1"
 HALF_OPEN_UNIT = _checked(float, lambda v: 0 <= v < 1, "a number >= 0 and < 1")
 QUANTILE = _checked(float, lambda v: 0 < v <= 1, "a number > 0 and <= 1")
 UNIT = _checked(float, lambda v: 0 <= v <= 1, "a number between 0 and 1")
-NONNEGATIVE_FLOAT = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 AT_LEAST_TWO = _checked(int, lambda v: v >= 2, "an integer >= 2")
 HYDROGEN_MASS = _checked(float, lambda v: 1 <= v <= 4, "a mass between 1 and 4 amu")
 
@@ -558,12 +557,12 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 FINETUNE_DEFAULTS: dict[str, Any] = {"objective": "reverse-kl", "steps": 100, "batch_size": 16, "lr": 1e-4,
                                      "grad_clip": 1.0, "divergence": "hutchinson", "probes": 1, "method": "rk4",
                                      "ode_steps": 8, "ode_panels": [], "micro_batch_size": None, "checkpoint_every": 10,
-                                     "keep_checkpoints": 3}
+                                     "keep_checkpoints": 3, "validation_frames": 64}
 
 
 def _configure_finetune(p: argparse.ArgumentParser) -> None:
-    _common(p, "run folder for model.pt, energy_log.csv, checkpoints/ and topology.pdb (required; a rerun "
-               "continues up to --steps)")
+    _common(p, "run folder for model.pt, energy_log.csv, validation_log.csv, checkpoints/ and topology.pdb "
+               "(required; a rerun continues up to --steps)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="PATH", help="the flow to start from: a `tbg train` run folder or one "
                      "of its .pt files")
@@ -620,6 +619,10 @@ def _configure_finetune(p: argparse.ArgumentParser) -> None:
                    f"(default: {d['checkpoint_every']})")
     g.add_argument("--keep-checkpoints", type=POSITIVE_INT, metavar="N", help="newest checkpoints kept on disk "
                    f"(default: {d['keep_checkpoints']})")
+    g.add_argument("--validation-frames", type=NONNEGATIVE_INT, metavar="N", help="max-likelihood and renyi: score "
+                   "N of the held-out frames at the start and at every checkpoint, their mean negative "
+                   "log-likelihood into validation_log.csv, to see whether the flow generalises (0: none) "
+                   f"(default: {d['validation_frames']})")
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
@@ -627,6 +630,7 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     from tbg.flow.energy import DATA_OBJECTIVES
     from tbg.flow.runs import FinetuneOptions, finetune_checkpoint
 
+    validation_given = args.validation_frames is not None
     _resolve(args, FINETUNE_DEFAULTS)
     checkpoint, default_topology = _checkpoint_source(args)
     if args.pdb is None and default_topology is None:
@@ -645,6 +649,8 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         raise UsageError("--data and --topology name the MD frames of --objective max-likelihood or renyi only")
     if args.renyi_order is not None and args.objective != "renyi":
         raise UsageError("--renyi-order is the order of --objective renyi only")
+    if validation_given and objective not in DATA_OBJECTIVES:
+        raise UsageError("--validation-frames scores held-out MD frames of --objective max-likelihood or renyi only")
     platform = _openmm_platform(args, fallback=True)  # before _device names the default device
     device = _device(args)
     config = EnergyTrainConfig(objective=objective, n_steps=args.steps,
@@ -657,7 +663,8 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
                                seed=args.seed,
                                checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                                backend=args.backend, progress=not args.no_progress)
-    options = FinetuneOptions(config, encoding=args.encoding, temperature=args.temperature, data=data)
+    options = FinetuneOptions(config, encoding=args.encoding, temperature=args.temperature, data=data,
+                              validation_frames=args.validation_frames)
     path = finetune_checkpoint(checkpoint, molecule, _out_dir(args), options, device=device, platform=platform,
                                record=partial(write_resolved_config, args))
     print(f"fine-tuned model: {path}")

@@ -64,6 +64,14 @@ def test_finetune_max_likelihood_of_md_frames(tmp_path: Path, capsys: pytest.Cap
     data = json.loads((out / "run.json").read_text())["defines"]["data"]
     assert data["frames"] == 10000 and data["held_out"] == 1000 and data["held_out_by"] == "checkpoint"
     assert _unseen(out / "model.pt") == _unseen(SHIPPED / "model.pt")  # still unseen: not trained on
+    with (out / "validation_log.csv").open() as fh:  # 64 held-out frames scored at the start and the checkpoint
+        scored = list(csv.DictReader(fh))
+    assert [(int(r["step"]), int(r["frames"])) for r in scored] == [(0, 64), (1, 64)]
+    assert all(torch.isfinite(torch.tensor([float(r["nll"]), float(r["nll_stderr"])])).all() for r in scored)
+    code, _, err = run(["finetune", "--checkpoint", SHIPPED, "--out", tmp_path / "unscored", "--objective",
+                        "max-likelihood", "--validation-frames", "0", "--steps", "1", *TINY], capsys)
+    assert code == 0, err
+    assert not (tmp_path / "unscored" / "validation_log.csv").exists()
 
     # Frames whose atoms are not the molecule's, in its order, are refused before anything is written.
     md = tmp_path / "swapped"

@@ -32,6 +32,8 @@ from tbg.flow import (
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from tbg.flow import EnergyTrainConfig
 from tbg.nn.layout import mol_ptr_from_sizes
 
@@ -434,6 +436,50 @@ def test_train_by_energy_max_likelihood_of_data(tmp_path, monkeypatch) -> None: 
     with pytest.raises(ValueError, match=r"data must be \[M >= 1, 9\]"):
         train_by_energy(copy.deepcopy(start), feats, no_energy, tmp_path / "none", cfg, data=data[:, :6])
     assert not (tmp_path / "none").exists()
+
+
+def test_train_by_energy_scores_held_out_frames(tmp_path) -> None:  # noqa: ANN001
+    """validation_log.csv holds, at the start and at every checkpoint, the held-out frames' mean -log q by an
+    exact back solve of the weights of that step (checked by hand); scoring them changes no step of the
+    training, a resumed run continues the log, and frames of another molecule are refused."""
+    import copy
+    import csv
+
+    from tbg.flow import EnergyTrainConfig, train_by_energy
+
+    start, feats, prior, data = _frames_problem()
+    train, held_out = data[:30], data[30:]
+    cfg = EnergyTrainConfig(objective="max_likelihood", n_steps=3, batch_size=4, micro_batch_size=2, lr=3e-3,
+                            solver=SolverConfig(method="rk4", n_steps=2), checkpoint_every=2, progress=False)
+    plain, scored = copy.deepcopy(start), copy.deepcopy(start)
+    rows = train_by_energy(plain, feats, None, tmp_path / "plain", cfg, data=train)
+    assert train_by_energy(scored, feats, None, tmp_path / "scored", cfg, data=train, validation=held_out) == rows
+    for got, want in zip(scored.parameters(), plain.parameters()):
+        assert torch.equal(got, want)
+    assert not (tmp_path / "plain" / "validation_log.csv").exists()
+
+    def by_hand(model: tbg.EGNN) -> list[float]:
+        back = integrate(tbg.nn.BoundDynamics(model, feats, divergence_options={"method": "exact"}), held_out,
+                         t0=1.0, t1=0.0, solver=cfg.solver)
+        nll = -(prior.log_prob(back.x) + back.dlogp)
+        return [float(nll.mean()), float(nll.std() / math.sqrt(len(nll)))]
+
+    def log_rows(folder: Path) -> list[dict[str, str]]:
+        with (folder / "validation_log.csv").open() as fh:
+            return list(csv.DictReader(fh))
+
+    logged = log_rows(tmp_path / "scored")
+    assert [(int(r["step"]), int(r["frames"])) for r in logged] == [(0, 7), (2, 7), (3, 7)]
+    assert [float(logged[0]["nll"]), float(logged[0]["nll_stderr"])] == pytest.approx(by_hand(start), rel=1e-5)
+    assert [float(logged[-1]["nll"]), float(logged[-1]["nll_stderr"])] == pytest.approx(by_hand(scored), rel=1e-5)
+
+    resumed = copy.deepcopy(start)
+    more = replace(cfg, n_steps=4)
+    train_by_energy(resumed, feats, None, tmp_path / "scored", more, data=train, validation=held_out)
+    assert [int(r["step"]) for r in log_rows(tmp_path / "scored")] == [0, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"validation must be \[M >= 1, 9\]"):
+        train_by_energy(copy.deepcopy(start), feats, None, tmp_path / "none", cfg, data=train,
+                        validation=held_out[:, :6])
 
 
 def test_train_by_energy_renyi_weights_the_frames_the_flow_covers_worst(tmp_path, monkeypatch) -> None:  # noqa: ANN001

@@ -21,6 +21,11 @@ Four objectives, all differentiating the log-likelihood through the ODE solve an
   the ESS measures (the large-sample Kish ESS fraction is exp(-D_2(p || q))); alpha -> 1 is
   max_likelihood.
 
+Held-out frames (``validation``, any objective) are scored at the start and at every checkpoint: their mean
+negative log-likelihood under the flow (exact divergence, the differentiated solve's solver, no gradient) goes
+to ``validation_log.csv``. For the data objectives it is the loss on frames no step has drawn: falling, the
+flow generalises; rising while the loss falls, it over-fits the training frames.
+
 Checkpoints every ``checkpoint_every`` steps (published layout + optimizer + RNG + step, the newest
 ``keep_checkpoints`` kept; ``tbg.flow.checkpointing``); a restarted run continues from the newest one.
 """
@@ -96,15 +101,18 @@ class EnergyTrainConfig:
 
 def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Tensor], Tensor],
                     out_dir: str | Path, config: EnergyTrainConfig | None = None, *,
-                    data: Tensor | None = None, meta: Mapping[str, Any] | None = None) -> list[dict[str, float]]:
+                    data: Tensor | None = None, validation: Tensor | None = None,
+                    meta: Mapping[str, Any] | None = None) -> list[dict[str, float]]:
     """Fine-tune ``model`` for the molecule encoded by ``features`` [N, F] toward exp(-u).
 
     ``reduced_energy(x [B, 3N] model units) -> u [B]`` (U / kT). ``data`` [M, 3N] (model units): the
     equilibrium frames of the data objectives (``DATA_OBJECTIVES``: required by them, refused by the
-    others). Writes ``energy_log.csv`` (for the data objectives the energy column is the frames' mean and the
-    ESS column the Kish ESS of the frames' weights, NaN for max_likelihood's equal ones), checkpoints under
-    ``checkpoints/`` and the final ``model.pt`` to out_dir, each with ``meta`` added to its "tbg" metadata;
-    returns this call's log rows.
+    others); ``validation`` [V, 3N]: held-out equilibrium frames to score at the start and at every checkpoint
+    into ``validation_log.csv`` (step, frames, mean negative log-likelihood and its standard error). Writes
+    ``energy_log.csv`` (for the data objectives the energy column is the frames' mean and the ESS column the
+    Kish ESS of the frames' weights, NaN for max_likelihood's equal ones), checkpoints under ``checkpoints/``
+    and the final ``model.pt`` to out_dir, each with ``meta`` added to its "tbg" metadata; returns this
+    call's log rows.
     """
     cfg = config or EnergyTrainConfig()
     device, dtype = model.embedding.weight.device, model.embedding.weight.dtype
@@ -114,10 +122,13 @@ def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Ten
         raise ValueError(f"the {cfg.objective} objective needs data (equilibrium frames)")
     if data is not None and cfg.objective not in DATA_OBJECTIVES:
         raise ValueError(f"the {cfg.objective} objective takes no data (only {', '.join(DATA_OBJECTIVES)} do)")
+    for name, frames in (("data", data), ("validation", validation)):
+        if frames is not None and (frames.dim() != 2 or frames.shape[0] == 0 or frames.shape[1] != prior.dim):
+            raise ValueError(f"{name} must be [M >= 1, {prior.dim}] frames of this molecule, got {tuple(frames.shape)}")
     if data is not None:
-        if data.dim() != 2 or data.shape[0] == 0 or data.shape[1] != prior.dim:
-            raise ValueError(f"data must be [M >= 1, {prior.dim}] frames of this molecule, got {tuple(data.shape)}")
         data = prior.center(data.to(device=device, dtype=dtype))
+    if validation is not None:
+        validation = prior.center(validation.to(device=device, dtype=dtype))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -139,13 +150,26 @@ def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Ten
     exact = BoundDynamics(model, features, backend=cfg.backend, divergence_options={"method": "exact"})
     csv_log = CsvLog(out / "energy_log.csv", ("step", "loss", "mean_energy", "ess"), step)
     rows: list[dict[str, float]] = []
-
-    def checkpoint() -> None:
-        checkpoints.save(step, model, optimizer, {"step": step, "rng": gen.get_state(), "config": asdict(cfg)})
-
     # A step's differentiated solves run micro_batch_size samples at a time (their graphs are what costs
     # memory); the gradients of the parts add up to the whole batch's.
     parts, size = cfg.n_micro_batches, cfg.batch_size // cfg.n_micro_batches
+    validation_log = None
+    if validation is not None:
+        validation_log = CsvLog(out / "validation_log.csv", ("step", "frames", "nll", "nll_stderr"), step,
+                                int_fields=("step", "frames"))
+
+    def validate() -> None:
+        if validation_log is not None:
+            nll, stderr = _mean_nll(exact, prior, validation, cfg.solver, size)
+            validation_log.write({"step": step, "frames": len(validation), "nll": nll, "nll_stderr": stderr})
+            log.info("step %d: held-out frames' mean -log q %.3f +- %.3f nats", step, nll, stderr)
+
+    def checkpoint() -> None:
+        validate()  # first: a restart from this checkpoint finds the step's row written
+        checkpoints.save(step, model, optimizer, {"step": step, "rng": gen.get_state(), "config": asdict(cfg)})
+
+    if step == 0:
+        validate()  # the starting point, on the same scale
     model.train()
     for _ in tqdm(range(step, cfg.n_steps), disable=not cfg.progress, desc=f"energy ({cfg.objective})"):
         optimizer.zero_grad(set_to_none=True)
@@ -208,3 +232,13 @@ def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Ten
         checkpoint()
     save_published(out / "model.pt", model, global_it=step, tbg=dict(meta or {}))
     return rows
+
+
+def _mean_nll(field_: BoundDynamics, prior: MeanFreeGaussian, frames: Tensor, solver: SolverConfig,
+              chunk: int) -> tuple[float, float]:
+    """Mean and standard error of -log q over ``frames``, by back solves of ``chunk`` frames without gradient."""
+    with torch.no_grad():
+        backs = (integrate(field_, xs, t0=1.0, t1=0.0, solver=solver) for xs in frames.split(chunk))
+        nll = torch.cat([-(prior.log_prob(back.x) + back.dlogp) for back in backs])
+    stderr = float(nll.std() / math.sqrt(len(nll))) if len(nll) > 1 else math.nan
+    return float(nll.mean()), stderr

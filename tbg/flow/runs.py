@@ -453,13 +453,16 @@ class FinetuneOptions:
     default, see ``tbg.chem.forcefield.default_temperature``) and, for the objectives on MD frames
     (``tbg.flow.energy.DATA_OBJECTIVES``), the frames of the molecule (``data``). Fine-tuning leaves unseen
     the frames the checkpoint records as unseen by its training (``held_out_record``); for a checkpoint
-    without that record, ``val_fraction`` of them as ``train_on_md`` holds it out with ``config.seed``."""
+    without that record, ``val_fraction`` of them as ``train_on_md`` holds it out with ``config.seed``.
+    ``validation_frames`` of the held-out frames, spread evenly over them, are scored at the start and at
+    every checkpoint (validation_log.csv, see ``tbg.flow.energy``); 0 scores none."""
 
     config: EnergyTrainConfig
     encoding: str = "auto"
     temperature: float | None = None
     data: MDData | None = None
     val_fraction: float = 0.1
+    validation_frames: int = 64
 
 
 def finetune_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, options: FinetuneOptions, *,
@@ -488,14 +491,14 @@ def finetune_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, o
                "sample_solver": cfg.sample_solver.record(), "seed": cfg.seed}
     if cfg.micro_batch_size is not None:  # recorded only when set: runs from before the option still resume
         defines["micro_batch_size"] = cfg.micro_batch_size
-    frames, held_out = None, held_out_record(checkpoint)
+    frames, validation, held_out = None, None, held_out_record(checkpoint)
     if cfg.objective == "renyi":
         defines["renyi_order"] = cfg.renyi_order
     if cfg.objective in DATA_OBJECTIVES:
         if options.data is None:
             raise InputError(f"the {cfg.objective} objective needs the MD frames of the molecule")
-        frames, defines["data"], held_out = _training_frames(options.data, topology, held_out,
-                                                             options.val_fraction, cfg.seed)
+        frames, validation, defines["data"], held_out = _training_frames(
+            options.data, topology, held_out, options.val_fraction, cfg.seed, options.validation_frames)
     elif options.data is not None:
         raise InputError(f"MD frames are the data of the objectives {', '.join(DATA_OBJECTIVES)} only, "
                          f"not of {cfg.objective}")
@@ -509,16 +512,18 @@ def finetune_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, o
                  energy.temperature, cfg.n_steps)
         try:
             train_by_energy(dyn.egnn, dyn.features, energy.torch_reduced_energy, out, cfg, data=frames,
-                            meta={HELD_OUT: held_out} if held_out else None)
+                            validation=validation, meta={HELD_OUT: held_out} if held_out else None)
         except FloatingPointError as err:  # the flow's samples include broken molecules
             raise InputError(f"{checkpoint}: {err}") from err
     return out / FINAL_MODEL
 
 
 def _training_frames(md: MDData, topology: mdtraj.Topology, held_out: dict[str, dict[str, Any]], val_fraction: float,
-                     seed: int) -> tuple[torch.Tensor, dict[str, Any], dict[str, dict[str, Any]]]:
-    """The frames of ``md`` [M, 3N] (model units) to train on, their record and the held-out record after
-    training on them. Left out are the frames the checkpoint's record ``held_out`` (``held_out_record``) names
+                     seed: int, n_validation: int) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any],
+                                                            dict[str, dict[str, Any]]]:
+    """The frames of ``md`` [M, 3N] (model units) to train on, ``n_validation`` of the held-out ones spread
+    evenly over them (None for 0), the training frames' record and the held-out record after training on
+    them. Left out are the frames the checkpoint's record ``held_out`` (``held_out_record``) names
     for these data, which no stage of its training has seen; data it names no frames of (or a checkpoint
     without the record) lose the ``val_fraction`` that ``split_frames`` holds out with ``seed``, as `tbg
     train` would. The atoms must be ``topology``'s, in its order."""
@@ -550,7 +555,12 @@ def _training_frames(md: MDData, topology: mdtraj.Topology, held_out: dict[str, 
     if not train_idx:
         raise InputError(f"{md.trajectory}: every frame is held out from training, none is left to train on")
     held_out = _still_held_out(held_out, sha, len(positions), val_idx)
-    return positions[torch.as_tensor(train_idx)].reshape(len(train_idx), -1), record, held_out
+    validation = None
+    if n_validation > 0 and val_idx:
+        spread = torch.linspace(0, len(val_idx) - 1, min(n_validation, len(val_idx))).round().long()
+        chosen = torch.as_tensor(sorted(val_idx))[spread]
+        validation = positions[chosen].reshape(len(chosen), -1)
+    return positions[torch.as_tensor(train_idx)].reshape(len(train_idx), -1), validation, record, held_out
 
 
 def _write_topology(molecule: Path | Peptide, path: Path) -> None:
