@@ -63,6 +63,7 @@ def folders(tmp_path: Path) -> tuple[Path, Path]:
         writer = csv.writer(fh)
         writer.writerow(["step", "loss", "reduced_energy", "ess"])
         writer.writerows([[step, 2.0, "nan", "nan"] for step in (1, 2, 3)])
+    (run / "validation_log.csv").write_text("step,frames,nll,nll_stderr\n0,64,-30.0,0.5\n3,64,-30.5,0.5\n")
     record = json.loads((SHIPPED / f"{LAST_STAGE}.run.json").read_text())
     record["info"]["checkpoint"] = str(start / "model.pt")
     (run / "run.json").write_text(json.dumps(record))
@@ -88,7 +89,9 @@ def test_a_run_becomes_the_next_stage(folders: tuple[Path, Path]) -> None:
     assert not np.allclose(recorded, np.load(SHIPPED / "field_check.npz")["velocity"])
     assert json.loads((model_dir / "max_likelihood_9.run.json").read_text())["info"]["checkpoint"] == "ML8/model.pt"
     assert json.loads((model_dir / "max_likelihood_9.config.json").read_text())["checkpoint"] == "ML8"
-    assert (model_dir / "max_likelihood_9_log.csv").read_bytes() == (run / "energy_log.csv").read_bytes()
+    for log, shipped_log in (("energy_log.csv", "max_likelihood_9_log.csv"),
+                             ("validation_log.csv", "max_likelihood_9_validation_log.csv")):
+        assert (model_dir / shipped_log).read_bytes() == (run / log).read_bytes()
     with pytest.raises(InputError, match="already has a stage"):
         ship_stage(run, "max_likelihood_9", "ML8", model_dir)
 

@@ -10,7 +10,8 @@ model's README gives the folder the run started from (``ML4``). The tool
   the folder its record names is at hand), and that NAME is new;
 - writes RUN's weights as the shipped model.pt with the shipped ``"tbg"`` entry plus ``<NAME>_step``;
 - writes ``<NAME>.run.json`` and ``<NAME>.config.json`` with the starting point named PREV (the records
-  otherwise hold this machine's paths), and copies the log as ``<NAME>_log.csv``;
+  otherwise hold this machine's paths), and copies the logs as ``<NAME>_log.csv`` and (where the run has
+  one) ``<NAME>_validation_log.csv``;
 - recomputes field_check.npz's field with the reference backend in float64 on its stored inputs.
 
 The README's stage list, its commands and tests/test_shipped_model.py's stage table are edited by hand:
@@ -88,7 +89,10 @@ def ship_stage(run: Path, name: str, previous: str, model_dir: Path) -> dict[str
     config = read_json(run / "config.json", "a run configuration")
     config["checkpoint"] = previous
     write_json(model_dir / f"{name}.config.json", config)
-    write_atomically(model_dir / f"{name}_log.csv", lambda tmp: shutil.copyfile(run / "energy_log.csv", tmp))
+    logs = {"energy_log.csv": f"{name}_log.csv", "validation_log.csv": f"{name}_validation_log.csv"}
+    for log, shipped_log in logs.items():
+        if (run / log).is_file():  # runs of tbg before the validation log have none
+            write_atomically(model_dir / shipped_log, lambda tmp: shutil.copyfile(run / log, tmp))
 
     check = dict(np.load(model_dir / "field_check.npz"))
     topology = md.load(str(model_dir / "topology.pdb")).topology
