@@ -30,7 +30,8 @@ FINETUNING_STAGES = (("finetune", "energy_log.csv", "finetune_step"),
                      ("max_likelihood", "max_likelihood_log.csv", "max_likelihood_step"),
                      ("max_likelihood_2", "max_likelihood_2_log.csv", "max_likelihood_2_step"),
                      ("max_likelihood_3", "max_likelihood_3_log.csv", "max_likelihood_3_step"),
-                     ("max_likelihood_4", "max_likelihood_4_log.csv", "max_likelihood_4_step"))
+                     ("max_likelihood_4", "max_likelihood_4_log.csv", "max_likelihood_4_step"),
+                     ("max_likelihood_5", "max_likelihood_5_log.csv", "max_likelihood_5_step"))
 
 
 def test_shipped_model_folder_is_complete():
