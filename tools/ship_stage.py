@@ -26,41 +26,35 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import mdtraj as md
 import numpy as np
 import torch
 
-import tbg
-from tbg.chem import encode_atoms
 from tbg.errors import InputError
-from tbg.flow.runs import SHIPPED_MODELS, held_out_record
+from tbg.flow.runs import SHIPPED_MODELS, checkpoint_dynamics, held_out_record
+from tbg.nn.checkpoint import read_checkpoint
 from tbg.runfolder import read_json, write_atomically, write_json
 
 DEFAULT_MODEL = "alanine-dipeptide"
 RUN_FILES = ("model.pt", "run.json", "config.json", "energy_log.csv")
 
 
-def _load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _check_run(run: Path, name: str, model_dir: Path, shipped: dict[str, Any], new: dict[str, Any]) -> None:
+def _check_run(run: Path, name: str, model_dir: Path, shipped: dict[str, Any], new: dict[str, Any],
+               record: dict[str, Any]) -> None:
     if f"{name}_step" in shipped["tbg"] or (model_dir / f"{name}.run.json").exists():
         raise InputError(f"the shipped model already has a stage named {name!r}")
     with (run / "energy_log.csv").open() as fh:
         last_step = int(list(csv.DictReader(fh))[-1]["step"])
     if last_step != new["global_it"]:
         raise InputError(f"{run}/model.pt holds step {new['global_it']} but the log ends at step {last_step}")
-    record = read_json(run / "run.json", "a fine-tuning record")
     for stage in sorted(model_dir.glob("*.run.json")):
         molecule = read_json(stage, "a stage record")["defines"].get("molecule")
         if molecule is not None and molecule != record["defines"]["molecule"]:
             raise InputError(f"{run} fine-tuned another molecule than {stage.name} names")
-    old_held, new_held = held_out_record(model_dir / "model.pt"), held_out_record(run / "model.pt")
+    old_held, new_held = held_out_record(shipped), held_out_record(new)
     if old_held.keys() != new_held.keys() or any(
             not torch.equal(old_held[k]["indices"], new_held[k]["indices"]) for k in old_held):
         raise InputError(f"{run} left out other frames than the shipped model records")
@@ -70,20 +64,20 @@ def _check_run(run: Path, name: str, model_dir: Path, shipped: dict[str, Any], n
     if not start.is_file():
         print(f"warning: {start} (where the run started) is not here; not checked against the shipped weights",
               file=sys.stderr)
-    elif not _same_weights(_load(start)["model_state_dict"], shipped["model_state_dict"]):
+    elif not _same_weights(read_checkpoint(start)["model_state_dict"], shipped["model_state_dict"]):
         raise InputError(f"{run} started from {start}, whose weights are not the shipped ones")
 
 
 def ship_stage(run: Path, name: str, previous: str, model_dir: Path) -> dict[str, Any]:
     """Ship ``run`` as stage ``name`` into ``model_dir``; returns the new model's ``"tbg"`` entry."""
-    if not all((run / name).is_file() for name in RUN_FILES):
+    if not all((run / file).is_file() for file in RUN_FILES):
         raise InputError(f"{run} is not a finished tbg finetune run folder (it lacks one of {', '.join(RUN_FILES)})")
-    shipped, new = _load(model_dir / "model.pt"), _load(run / "model.pt")
-    _check_run(run, name, model_dir, shipped, new)
+    shipped, new = read_checkpoint(model_dir / "model.pt"), read_checkpoint(run / "model.pt")
+    record = read_json(run / "run.json", "a fine-tuning record")
+    _check_run(run, name, model_dir, shipped, new, record)
 
     new["tbg"] = {**shipped["tbg"], f"{name}_step": new["global_it"]}
     write_atomically(model_dir / "model.pt", lambda tmp: torch.save(new, tmp))
-    record = read_json(run / "run.json", "a fine-tuning record")
     record["info"]["checkpoint"] = f"{previous}/model.pt"
     write_json(model_dir / f"{name}.run.json", record)
     config = read_json(run / "config.json", "a run configuration")
@@ -95,9 +89,8 @@ def ship_stage(run: Path, name: str, previous: str, model_dir: Path) -> dict[str
             write_atomically(model_dir / shipped_log, lambda tmp: shutil.copyfile(run / log, tmp))
 
     check = dict(np.load(model_dir / "field_check.npz"))
-    topology = md.load(str(model_dir / "topology.pdb")).topology
-    egnn = tbg.nn.load_egnn(model_dir / "model.pt").double()
-    field = tbg.BoundDynamics(egnn, encode_atoms(topology).double(), backend="reference")
+    field = checkpoint_dynamics(model_dir / "model.pt", model_dir / "topology.pdb", backend="reference",
+                                dtype=torch.float64)
     with torch.no_grad():
         check["velocity"] = field(torch.from_numpy(check["t"]), torch.from_numpy(check["x"])).numpy()
     write_atomically(model_dir / "field_check.npz", lambda tmp: np.savez(tmp, **check))

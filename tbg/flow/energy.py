@@ -201,17 +201,15 @@ def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Ten
                 if cfg.objective == "renyi":
                     u = reduced_energy(x).detach()
                     with torch.no_grad():
-                        back = integrate(exact, x, t0=1.0, t1=0.0, solver=cfg.solver)
+                        log_q = _log_q(exact, prior, x, cfg.solver)
                     # log of each frame's weight (p / q)^(alpha - 1), up to a constant (log Z)
-                    log_w = (cfg.renyi_order - 1) * (-u - (prior.log_prob(back.x) + back.dlogp))
+                    log_w = (cfg.renyi_order - 1) * (-u - log_q)
                     weights = normalized_weights(log_w).to(dtype)
                 else:
                     weights = torch.full((cfg.batch_size,), 1 / cfg.batch_size, device=device, dtype=dtype)
                     u = log_w = None
             for xs, ws in zip(x.split(size), weights.split(size)):
-                back = integrate(field_, xs, t0=1.0, t1=0.0, solver=cfg.solver, differentiable=True)
-                log_q = prior.log_prob(back.x) + back.dlogp  # back.dlogp = -int_0^1 div v dt
-                part = -(ws * log_q).sum()
+                part = -(ws * _log_q(field_, prior, xs, cfg.solver, differentiable=True)).sum()
                 part.backward()
                 loss += float(part.detach())
         if cfg.grad_clip is not None:
@@ -234,11 +232,18 @@ def train_by_energy(model: EGNN, features: Tensor, reduced_energy: Callable[[Ten
     return rows
 
 
+def _log_q(field_: BoundDynamics, prior: MeanFreeGaussian, x: Tensor, solver: SolverConfig, *,
+           differentiable: bool = False) -> Tensor:
+    """log q(x) [B] of the flow: the prior's log-density where the back solve from t = 1 to 0 lands, plus its
+    dlogp (= -int_0^1 div v dt)."""
+    back = integrate(field_, x, t0=1.0, t1=0.0, solver=solver, differentiable=differentiable)
+    return prior.log_prob(back.x) + back.dlogp
+
+
 def _mean_nll(field_: BoundDynamics, prior: MeanFreeGaussian, frames: Tensor, solver: SolverConfig,
               chunk: int) -> tuple[float, float]:
     """Mean and standard error of -log q over ``frames``, by back solves of ``chunk`` frames without gradient."""
     with torch.no_grad():
-        backs = (integrate(field_, xs, t0=1.0, t1=0.0, solver=solver) for xs in frames.split(chunk))
-        nll = torch.cat([-(prior.log_prob(back.x) + back.dlogp) for back in backs])
+        nll = -torch.cat([_log_q(field_, prior, xs, solver) for xs in frames.split(chunk)])
     stderr = float(nll.std() / math.sqrt(len(nll))) if len(nll) > 1 else math.nan
     return float(nll.mean()), stderr

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,11 +141,11 @@ class TrainingOptions:
     init_from: Path | None = None
 
 
-def held_out_record(checkpoint: Path) -> dict[str, dict[str, Any]]:
-    """The MD frames no stage of ``checkpoint``'s training has seen, by molecule: {SHA-256 of the molecule's
-    frames (as ``molecule_record`` hashes them): {"frames": their count, "indices": int64 tensor}}, as
-    `tbg train` and `tbg finetune` record it in their checkpoints' "tbg" metadata; {} for a checkpoint
-    without the record (published checkpoints, runs of tbg before it)."""
+def held_out_record(checkpoint: Path | Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The MD frames no stage of ``checkpoint``'s training (a path, or a checkpoint dict already read) has seen,
+    by molecule: {SHA-256 of the molecule's frames (as ``molecule_record`` hashes them): {"frames": their
+    count, "indices": int64 tensor}}, as `tbg train` and `tbg finetune` record it in their checkpoints' "tbg"
+    metadata; {} for a checkpoint without the record (published checkpoints, runs of tbg before it)."""
     from tbg.nn.checkpoint import read_checkpoint
 
     return dict(read_checkpoint(checkpoint).get("tbg", {}).get(HELD_OUT, {}))
