@@ -32,6 +32,7 @@ from tbg.chem.trajectory import WRITE_FORMATS
 from tbg.chem.units import SCALE
 from tbg.errors import InputError
 from tbg.flow.ode import ADAPTIVE, FIXED
+from tbg.flow.sample import LIKELIHOOD_CHECK_TOL
 from tbg.runfolder import write_json
 
 if TYPE_CHECKING:
@@ -115,6 +116,8 @@ DEFAULTS: dict[str, Any] = {
     "scheme": "resample-move", "particles": None, "n_moves": 5, "step_size": 1e-3, "target_cess": 0.9,
     "resample_threshold": 0.5, "mcmc_chains": 10, "mcmc_burn_in": 10, "mcmc_local_steps": 0,
     "checkpoint_interval": 60.0, "refine": "off",
+    # `tbg demo`: samples whose likelihood is checked against a tight joint solve
+    "likelihood_check": 16,
     # simulation (published: 0.5 fs Langevin, frames every 10000 steps)
     "frames": 1000, "frame_interval": 10000, "equilibration": 20000, "timestep_fs": 0.5,
 }
@@ -128,7 +131,7 @@ SHIPPED_RECIPE: dict[str, Any] = {"hidden": 32, "layers": 5, "batch_size": 128, 
 DEMO_PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"model": "shipped", **SHIPPED_RECIPE, "steps": 20, "checkpoint_every": 10, "n": 64,
               "sample_batch_size": 64, "likelihood": "decoupled", "quadrature": 4, "method": "rk4", "ode_steps": 8,
-              "md_frames": 300, "bootstrap": 20, "out": "tbg-demo-quick"},
+              "md_frames": 300, "bootstrap": 20, "likelihood_check": 2, "out": "tbg-demo-quick"},
     "default": {"model": "shipped", **SHIPPED_RECIPE, "steps": 200, "checkpoint_every": 100, "n": 2000,
                 "sample_batch_size": 500, "likelihood": "decoupled", "quadrature": 48, "quadrature_panels": [0.1, 0.3],
                 "atol": 1e-5, "rtol": 1e-5,
@@ -830,6 +833,9 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
                         "shows the refined numbers beside the reweighted ones (default: off)")
     _refine_args(p)
     _eval_args(p)
+    _opt(p, "--likelihood-check", "samples whose likelihood is measured against a tight joint solve (dopri5 at "
+         f"atol = rtol = {LIKELIHOOD_CHECK_TOL:g}, exact divergence): the summary reports the mean |dlogp error| "
+         "(0: no check; --quick: 2)", type=NONNEGATIVE_INT, metavar="N")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -852,7 +858,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     model = find_shipped_model(data[0], out) if args.model == "shipped" else None
     log.info("== tbg demo (%s) on %s -> %s", preset, data[0].name, out)
     summary = run_demo(data[0], out, training, sampling, evaluation, device=device, md_frames=args.md_frames,
-                       platform=platform, model=model, refinement=refinement,
+                       platform=platform, model=model, refinement=refinement, likelihood_check=args.likelihood_check,
                        record=partial(write_resolved_config, args))
     print(summary)
 

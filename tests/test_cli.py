@@ -284,6 +284,14 @@ def test_demo_quick(md_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture)
     if report["energy"]["wasserstein_model"] is not None:
         assert float(w1[1]) == pytest.approx(report["energy"]["wasserstein_model"], abs=0.005)
     assert re.search(r"likelihood\s+decoupled: x by rk4", out)
+    # The likelihood check (2 samples in --quick) is reported as measured.
+    check = json.loads((tmp_path / "demo" / "likelihood_check.json").read_text())
+    assert check["n"] == 2 and check["tol"] == 1e-6 and 0 <= check["mean"] <= check["max"]
+    error = re.search(r"likelihood error\s+mean ([\d.]+) \+- ([\d.]+), max ([\d.]+) nats on (\d+) samples "
+                      r"\(\|dlogp - joint dopri5 at 1e-06\|\)", out)
+    assert error and int(error[4]) == 2
+    assert [float(error[i]) for i in (1, 2, 3)] == pytest.approx([check["mean"], check["stderr"], check["max"]],
+                                                                abs=5e-4)
     assert re.search(r"training( demonstration)?\s+(not the sampled model.*\n\s+)?20 steps in", out)
     # The summary names each basin and, where MD defines Delta F (alpha_R vs beta/PII on the shipped data),
     # prints MD, model and reweighted values with the differences to MD.
@@ -301,9 +309,11 @@ def test_demo_quick(md_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture)
     stamp = (tmp_path / "demo" / "sample" / "samples.npz").stat().st_mtime_ns
     chunks = sorted((tmp_path / "demo" / "sample" / "chunks").iterdir())
     chunk_stamps = [c.stat().st_mtime_ns for c in chunks]
+    check_stamp = (tmp_path / "demo" / "likelihood_check.json").stat().st_mtime_ns
     code, _, err = run(argv, capsys)
     assert code == 0, err
     assert [c.stat().st_mtime_ns for c in chunks] == chunk_stamps  # no chunk was sampled again
+    assert (tmp_path / "demo" / "likelihood_check.json").stat().st_mtime_ns == check_stamp  # nor checked again
     assert (tmp_path / "demo" / "sample" / "samples.npz").stat().st_mtime_ns >= stamp
 
 

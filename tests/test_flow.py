@@ -172,6 +172,26 @@ def test_sampling_without_likelihood_is_cheaper() -> None:
     assert_close(plain.x, joint.x, atol=1e-7, rtol=0)
 
 
+
+def test_likelihood_error_against_a_known_divergence() -> None:
+    """The sampler's dlogp is compared with a tight joint solve: on a linear field, whose dlogp is exact
+    (tr(A) / 2), the reported errors are the offsets put into dlogp."""
+    from tbg.flow.sample import likelihood_error
+
+    a = torch.randn(5, 5, dtype=torch.float64) * 0.7
+    field, z = TimeLinear(a), torch.randn(11, 5, dtype=torch.float64)
+    offsets = torch.linspace(-0.3, 0.3, 11, dtype=torch.float64)
+    err = likelihood_error(field, z, torch.trace(a) / 2 + offsets, batch_size=4, progress=False)
+    assert err["n"] == 11 and err["tol"] == 1e-6
+    assert err["mean"] == pytest.approx(offsets.abs().mean().item(), abs=1e-5)
+    assert err["max"] == pytest.approx(0.3, abs=1e-5)
+    assert err["stderr"] == pytest.approx(offsets.abs().std().item() / math.sqrt(11), rel=1e-3)
+    one = likelihood_error(field, z[:1], (torch.trace(a) / 2).reshape(1), progress=False)
+    assert one["mean"] < 1e-5 and one["stderr"] is None
+    for latents, dlogp in ((z, torch.zeros(3)), (z[:0], torch.zeros(0)), (z[0], torch.zeros(1))):
+        with pytest.raises(ValueError, match="need latents"):
+            likelihood_error(field, latents, dlogp, progress=False)
+
 def test_solver_config_errors() -> None:
     with pytest.raises(ValueError, match="unknown ODE method"):
         SolverConfig(method="rk45")

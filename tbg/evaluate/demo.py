@@ -35,8 +35,8 @@ from tbg.evaluate.report import EvaluationOptions
 from tbg.evaluate.runs import evaluate_samples_file
 from tbg.flow.ode import ADAPTIVE
 from tbg.flow.refine.runs import RefineOptions, method_name, refine_samples
-from tbg.flow.runs import (TOPOLOGY_FILE, SamplingOptions, TrainingOptions, find_run_model, read_train_log,
-                           sample_checkpoint, train_on_md)
+from tbg.flow.runs import (TOPOLOGY_FILE, SamplingOptions, TrainingOptions, check_sample_likelihood,
+                           find_run_model, read_train_log, sample_checkpoint, train_on_md)
 from tbg.runfolder import exclusive, write_atomically
 
 log = logging.getLogger("tbg")
@@ -44,6 +44,7 @@ log = logging.getLogger("tbg")
 __all__ = ["FEW_EFFECTIVE_SAMPLES", "SUMMARY_FILE", "TrainingRecord", "demo_summary", "run_demo"]
 
 SUMMARY_FILE = "summary.txt"
+LIKELIHOOD_CHECK_FILE = "likelihood_check.json"
 # Below this Kish effective sample size the bootstrap errors of reweighted estimates mean little.
 FEW_EFFECTIVE_SAMPLES = 30
 # Tail shapes of the weights (tbg.flow.reweight.pareto_k) at which the verdict changes, as in PSIS.
@@ -83,9 +84,12 @@ class TrainingRecord:
 def run_demo(md: MDData, out: Path, training: TrainingOptions, sampling: SamplingOptions,
              evaluation: EvaluationOptions, *, device: torch.device | str, md_frames: int,
              platform: openmm.Platform | str | None = None, model: Path | None = None,
-             refinement: RefineOptions | None = None, record: Callable[[Path], None] | None = None) -> str:
+             refinement: RefineOptions | None = None, likelihood_check: int = 0,
+             record: Callable[[Path], None] | None = None) -> str:
     """Train (a demonstration in out/train-demo when ``model`` is given, else the model in out/train), sample
-    ``model`` or the trained one (out/sample) and evaluate against ``md_frames`` MD frames (out/evaluate,
+    ``model`` or the trained one (out/sample), measure the likelihood error of its first ``likelihood_check``
+    samples (out/likelihood_check.json, ``tbg.flow.runs.check_sample_likelihood``; 0: not measured) and
+    evaluate against ``md_frames`` MD frames (out/evaluate,
     energies at the sampling temperature on the OpenMM ``platform``), with ``refinement`` refining the
     samples first (out/refine) and evaluating the refined samples beside IS; every stage resumes from what
     is on disk, and ``out`` is held against other processes meanwhile. Writes out/summary.txt (the report's table
@@ -110,6 +114,10 @@ def run_demo(md: MDData, out: Path, training: TrainingOptions, sampling: Samplin
             trained = TrainingRecord(out / "train-demo", demonstration=True, shipped=model)
         log.info("== 2/3 sample %s with likelihood=%s", checkpoint, sampling.config.likelihood)
         samples = sample_checkpoint(checkpoint, topology, out / "sample", sampling, record=record)
+        checked = None
+        if likelihood_check and sampling.config.likelihood != "none":
+            checked = check_sample_likelihood(checkpoint, topology, samples, out / LIKELIHOOD_CHECK_FILE, sampling,
+                                              n=likelihood_check)
         if refinement is not None:
             log.info("== refine the samples (%s)", ", ".join(
                 method_name(kind, config) for kind, config in (("smc", refinement.smc), ("mcmc", refinement.mcmc))
@@ -121,7 +129,7 @@ def run_demo(md: MDData, out: Path, training: TrainingOptions, sampling: Samplin
         report, table = evaluate_samples_file(samples, md, out / "evaluate", evaluation, md_frames=md_frames,
                                               temperature=sampling.temperature, platform=platform, record=record)
         summary = demo_summary(report, time.perf_counter() - t0, model=checkpoint, sampling=sampling,
-                               training=trained)
+                               likelihood_check=checked, training=trained)
         write_atomically(out / SUMMARY_FILE, lambda tmp: tmp.write_text(table + "\n\n" + summary + "\n"))
     return summary
 
@@ -164,9 +172,11 @@ def _refined_lines(report: dict[str, Any]) -> list[str]:
 
 
 def demo_summary(report: dict[str, Any], wall_s: float, *, model: Path | None = None,
-                 sampling: SamplingOptions | None = None, training: TrainingRecord | None = None) -> str:
+                 sampling: SamplingOptions | None = None, likelihood_check: dict[str, Any] | None = None,
+                 training: TrainingRecord | None = None) -> str:
     """The demo's closing lines: correct configurations, ESS, energy distance to MD, every basin's Delta F
-    against MD, then what was sampled and how, and the training stage."""
+    against MD, then what was sampled and how (with the measured ``likelihood_check``:
+    ``tbg.flow.runs.check_sample_likelihood``), and the training stage."""
     ess, energy = report["ess"], report["energy"]
     few = ess["kish_n"] is not None and ess["kish_n"] < FEW_EFFECTIVE_SAMPLES
     ess_text = "-" if ess["kish_fraction"] is None else \
@@ -216,6 +226,11 @@ def demo_summary(report: dict[str, Any], wall_s: float, *, model: Path | None = 
                "joint": f"joint: {solver} on (x, dlogp)",
                "none": "none"}[cfg.likelihood]
         lines.append(f"  likelihood              {how}")
+    if likelihood_check is not None:
+        c = likelihood_check
+        spread = "" if c["stderr"] is None else f" +- {c['stderr']:.3f}"
+        lines.append(f"  likelihood error        mean {c['mean']:.3f}{spread}, max {c['max']:.3f} nats on {c['n']} "
+                     f"samples (|dlogp - joint dopri5 at {c['tol']:g}|)")
         if cfg.prior_scale != 1.0:
             lines.append(f"  latents                 N(0, {cfg.prior_scale:g}^2), the prior scaled (the weights use "
                          "its density)")

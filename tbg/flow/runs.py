@@ -38,6 +38,7 @@ rate without becoming a run that is neither the old nor the new one.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
@@ -60,7 +61,8 @@ from tbg.flow.coupling import Coupling
 from tbg.flow.energy import DATA_OBJECTIVES, EnergyTrainConfig, train_by_energy
 from tbg.flow.profile import profile_run, stage
 from tbg.flow.reweight import log_importance_weights, normalized_weights
-from tbg.flow.sample import SampleConfig, sample, sampling_folder, sampling_manifest
+from tbg.flow.sample import (LIKELIHOOD_CHECK_TOL, SampleConfig, likelihood_error, sample, sampling_folder,
+                             sampling_manifest)
 from tbg.flow.train import RaggedLoader, TrainConfig, train
 from tbg.runfolder import arrays_sha256, claimed, file_sha256, write_atomically
 
@@ -73,7 +75,7 @@ log = logging.getLogger("tbg")
 
 __all__ = ["FINETUNING_RUN", "SHIPPED_MODELS", "TOPOLOGY_FILE", "TRAINING_RUN", "TRAIN_LOG", "WEIGHTS_FILE",
            "FinetuneOptions", "SamplingOptions", "TrainingOptions", "checkpoint_dynamics", "export_samples",
-           "find_run_model", "find_shipped_model", "finetune_checkpoint", "held_out_record",
+           "check_sample_likelihood", "find_run_model", "find_shipped_model", "finetune_checkpoint", "held_out_record",
            "molecule_record", "molecule_topology", "random_dynamics", "read_train_log", "same_molecule",
            "sample_checkpoint", "split_frames", "split_recorded_frames", "train_on_md"]
 
@@ -445,6 +447,33 @@ def sample_checkpoint(checkpoint: Path, molecule: Path | Peptide, out: Path, opt
             export_samples(samples, out / TOPOLOGY_FILE, options.trajectory_formats, options.temperature)
     return samples
 
+
+
+def check_sample_likelihood(checkpoint: Path, molecule: Path | Peptide, samples_npz: Path, out: Path,
+                            options: SamplingOptions, *, n: int,
+                            tol: float = LIKELIHOOD_CHECK_TOL) -> dict[str, Any]:
+    """Measure the likelihood error of the first ``n`` samples of ``samples_npz`` (drawn from ``checkpoint``
+    with ``options``) against a tight joint solve (``tbg.flow.sample.likelihood_error``) and write it to
+    ``out`` (JSON); returns it. A result on disk for the same samples, n and tol is returned as it is."""
+    with np.load(samples_npz) as npz:
+        if "dlogp" not in npz.files:
+            raise InputError(f"{samples_npz} holds no likelihoods (sampled with likelihood 'none'): nothing to check")
+        latents, dlogp = npz["latents"][:n], npz["dlogp"][:n]
+    identity = {"checkpoint_sha256": file_sha256(checkpoint), "samples_sha256": arrays_sha256(latents, dlogp),
+                "n": len(dlogp), "tol": tol}
+    if out.is_file():
+        found = json.loads(out.read_text())
+        if {k: found.get(k) for k in identity} == identity:
+            return found
+    config = options.config
+    dyn = checkpoint_dynamics(checkpoint, molecule, encoding=options.encoding, backend=options.backend,
+                              device=config.device or "cpu", dtype=getattr(torch, config.dtype))
+    log.info("likelihood check: %d samples against a joint dopri5 solve at atol = rtol = %g", len(dlogp), tol)
+    error = likelihood_error(dyn, torch.from_numpy(latents).to(dyn.features), torch.from_numpy(dlogp), tol=tol,
+                             progress=config.progress)
+    result = {**identity, **error}
+    write_atomically(out, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
+    return result
 
 @dataclass(frozen=True)
 class FinetuneOptions:
